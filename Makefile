@@ -1,0 +1,45 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEB_STAMP := $(VENV)/.debian
+# Debian packages the project uses: the default English corpus (fortunes),
+# headless Chromium for the dashboard test, LLVM + lld to build the Solana program.
+DEB_PACKAGES := fortunes chromium llvm lld
+
+.PHONY: demo test install debian bench clean
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+$(DEB_STAMP): | $(VENV)/bin/python
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	touch $@
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q --upgrade pip
+	# A CPU build of torch for this machine; pyproject.toml stays liberal for GPU users.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,solana]'
+	touch $@
+
+install: $(STAMP) $(DEB_STAMP)
+
+demo: install
+	$(BIN)/psyche demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/distro_codec.py
+	$(BIN)/python bench/coordinator.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

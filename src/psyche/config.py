@@ -1,0 +1,217 @@
+"""The run config: one TOML file describes a whole training run.
+
+A run config is a tree of small pydantic models, one per component (coordinator,
+model, data, LR schedule, optimizer), in the style of torchtitan: each field says
+its unit and how it interacts with others. Validation happens once, when the tree
+is built, by :func:`load_config` / :func:`parse_config`; every problem is reported
+with the dotted path of the field and the rule it broke, all at once:
+
+    >>> parse_config({"name": "x", "coordinator": {"warmup_time": 0}})  # doctest: +SKIP
+    ConfigError: 2 problems in run config:
+      coordinator.warmup_time: must be > 0 (got 0)
+      ...
+
+This module imports no torch: the coordinator, the server and the CLI read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CoordinatorConfig(_Section):
+    """Timing, membership and batch-size rules the coordinator enforces. Times are seconds."""
+
+    warmup_time: int = Field(30, gt=0, description="Seconds for warmup (model download) before round 1.")
+    cooldown_time: int = Field(10, gt=0, description="Seconds at the end of an epoch for checkpointing.")
+    max_round_train_time: int = Field(30, gt=0, description="Upper bound on one round's training phase.")
+    round_witness_time: int = Field(5, gt=0, description="Seconds witnesses have to report after training.")
+    epoch_time: int = Field(600, gt=0, description="Wall time of one epoch; must exceed warmup_time + cooldown_time.")
+    total_steps: int = Field(100, gt=0, description="The run is Finished after this many optimizer steps.")
+    init_min_clients: int = Field(1, ge=1, description="Clients needed before the first epoch starts.")
+    min_clients: int = Field(1, ge=1, description="Below this many healthy clients the epoch ends.")
+    witness_nodes: int = Field(0, ge=0, description="Witnesses per round; 0 means every client, up to 32.")
+    global_batch_size_start: int = Field(16, gt=0, description="Sequences per step at the start of the run.")
+    global_batch_size_end: int = Field(16, gt=0, description="Sequences per step once warmup tokens are reached.")
+    global_batch_size_warmup_tokens: int = Field(0, ge=0, description="Tokens over which the batch size ramps from start to end (0 = no ramp).")
+    waiting_for_members_extra_time: int = Field(3, ge=0, description="Seconds to wait for more members once init_min_clients joined.")
+    cold_start_warmup_steps: int = Field(0, ge=0, description="Steps after a (re)start during which the LR warms up again.")
+    epoch_reward: int = Field(1000, ge=0, description="Points shared equally by the healthy clients at each epoch end.")
+    checkpointers: int = Field(1, ge=0, description="How many clients write a checkpoint at cooldown (0 = none).")
+
+
+class ModelConfig(_Section):
+    """A LLaMA-style causal LM, built fresh from these sizes or loaded from ``checkpoint``."""
+
+    architecture: Literal["llama"] = "llama"
+    checkpoint: str | None = Field(None, description="A save_pretrained folder to start from; sizes then come from it.")
+    vocab_size: int = Field(4096, gt=0, description="Must be >= the tokenizer's vocabulary size.")
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(352, gt=0)
+    num_hidden_layers: int = Field(4, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(4, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = False
+    seq_len: int = Field(128, gt=1, description="Tokens per training sequence (each sample holds seq_len + 1).")
+    init_seed: int = Field(0, description="Seed of the fresh initialisation in epoch 0 (same on every client).")
+
+
+class DataConfig(_Section):
+    """Where the pre-tokenized training data lives."""
+
+    location: str = Field("data/fortunes", description="A folder with train.bin/val.bin/meta.json, an http(s) URL of one, or a data server URL.")
+    provider: Literal["auto", "local", "http", "server"] = Field("auto", description="'auto' picks by the location's form.")
+    shuffle_seed: int = Field(0, description="Seed that maps sample indices onto sequences of the token file.")
+
+
+class LRScheduleConfig(_Section):
+    """The learning rate as a function of the step (see :mod:`psyche.train.schedule`)."""
+
+    kind: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
+    peak_lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    final_lr: float = Field(1e-4, ge=0, description="LR reached at total_steps (linear, cosine, wsd).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of steps spent decaying.")
+
+
+class OptimizerConfig(_Section):
+    """The optimizer each client runs; ``distro`` exchanges compressed results between peers."""
+
+    kind: Literal["distro", "adamw"] = "distro"
+    compression_decay: float = Field(0.999, ge=0, lt=1, description="Momentum decay β of DisTrO.")
+    chunk: int = Field(64, gt=0, description="DCT tile edge (largest divisor of each dim <= chunk).")
+    topk: int = Field(8, gt=0, description="Coefficients kept per DCT tile.")
+    one_bit: bool = Field(True, description="Send only the sign of each kept coefficient.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0 = off).")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one device.")
+    overlapped: bool = Field(True, description="Apply step t-1's results while training step t.")
+
+
+class RunConfig(_Section):
+    """The whole run: what ``psyche server``/``psyche demo`` read and clients receive."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lr: LRScheduleConfig = LRScheduleConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @property
+    def run_id(self) -> str:
+        """The run's id: its name (unique per coordinator)."""
+        return self.name
+
+    def digest(self) -> str:
+        """A stable hex digest of the config, so peers can check they train the same run."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One violated rule: ``field`` is the dotted path, ``message`` the rule."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """A run config broke one or more rules; ``problems`` lists every one."""
+
+    def __init__(self, problems: list[ConfigProblem], source: str = "run config"):
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def rule_violations(cfg: RunConfig) -> list[ConfigProblem]:
+    """Cross-field rules, checked after every field passed its own checks."""
+    c = cfg.coordinator
+    out: list[ConfigProblem] = []
+
+    def rule(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            out.append(ConfigProblem(field, message))
+
+    rule(c.warmup_time < c.epoch_time, "coordinator.warmup_time", f"warmup_time must be < epoch_time ({c.warmup_time} >= {c.epoch_time})")
+    rule(c.warmup_time + c.cooldown_time < c.epoch_time, "coordinator.epoch_time",
+         f"epoch_time must be > warmup_time + cooldown_time ({c.epoch_time} <= {c.warmup_time + c.cooldown_time})")
+    rule(c.max_round_train_time + c.round_witness_time <= c.epoch_time, "coordinator.max_round_train_time",
+         "max_round_train_time + round_witness_time must be <= epoch_time")
+    rule(c.min_clients <= c.init_min_clients, "coordinator.min_clients",
+         f"min_clients must be <= init_min_clients ({c.min_clients} > {c.init_min_clients})")
+    rule(c.witness_nodes <= c.min_clients, "coordinator.witness_nodes",
+         f"witness_nodes must be <= min_clients ({c.witness_nodes} > {c.min_clients})")
+    rule(c.witness_nodes <= 32, "coordinator.witness_nodes", "witness_nodes must be <= 32")
+    rule(c.global_batch_size_start <= c.global_batch_size_end, "coordinator.global_batch_size_start",
+         "global_batch_size_start must be <= global_batch_size_end")
+    rule(c.global_batch_size_start >= c.init_min_clients, "coordinator.global_batch_size_start",
+         f"global_batch_size_start must be >= init_min_clients so every trainer gets a sample ({c.global_batch_size_start} < {c.init_min_clients})")
+    rule(c.checkpointers <= c.min_clients, "coordinator.checkpointers", "checkpointers must be <= min_clients")
+    m = cfg.model
+    rule(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+         "hidden_size must be divisible by num_attention_heads")
+    rule(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
+         "num_attention_heads must be divisible by num_key_value_heads")
+    lr = cfg.lr
+    rule(lr.final_lr <= lr.peak_lr, "lr.final_lr", "final_lr must be <= peak_lr")
+    rule(lr.warmup_steps < c.total_steps, "lr.warmup_steps", "warmup_steps must be < coordinator.total_steps")
+    return out
+
+
+def _pydantic_problems(exc: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see config/*.toml for the known ones)"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        out.append(ConfigProblem(field, msg))
+    return out
+
+
+def parse_config(data: dict[str, Any], source: str = "run config") -> RunConfig:
+    """Build a :class:`RunConfig` from a dict, or raise :class:`ConfigError` listing every problem."""
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(exc), source) from None
+    problems = rule_violations(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run config; a relative ``data.location``/``model.checkpoint``
+    is resolved against the config file's folder only if it exists there."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("<file>", f"cannot read {path}: {exc.strerror}")], str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem("<toml>", str(exc))], str(path)) from None
+    return parse_config(data, str(path))
