@@ -1,0 +1,80 @@
+"""``psyche data-server``: serve a token folder to clients on other machines.
+
+Endpoints:
+
+- ``GET /meta.json``                               the folder's metadata
+- ``GET /{split}.bin``                             the raw file (byte ``Range`` requests honoured)
+- ``GET /v1/{split}/tokens?offset=O&count=N``      ``N`` tokens from token ``O`` (raw little-endian)
+- ``GET /v1/{split}/samples?start=A&end=B&seq_len=L&shuffle_seed=S``
+                                                   samples ``[A, B)`` by sample index, ``(B-A)×(L+1)`` int32
+
+A client normally reads it with the ``server`` provider (``data.location =
+"psyche://host:port"``), which maps sample indices to tokens with the very same
+code as a local file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, Response
+
+from psyche.data.errors import DataError
+from psyche.data.provider import SampleProvider, TokenFile, open_token_folder_split, read_meta
+
+MAX_TOKENS_PER_REQUEST = 1 << 22
+MAX_SAMPLES_PER_REQUEST = 4096
+
+
+def create_data_app(folder: str | Path) -> FastAPI:
+    """An app serving the token folder ``folder`` (checked once, at start)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    splits: dict[str, TokenFile] = {name: open_token_folder_split(folder, name) for name in meta["splits"]}
+    app = FastAPI(title="Psyche data server")
+
+    def split_or_404(split: str) -> TokenFile:
+        if split not in splits:
+            raise HTTPException(404, f"no split {split!r}; this folder has {sorted(splits)}")
+        return splits[split]
+
+    @app.get("/meta.json")
+    def get_meta() -> dict:
+        return meta
+
+    @app.get("/v1/{split}/tokens")
+    def get_tokens(split: str, offset: int, count: int) -> Response:
+        source = split_or_404(split)
+        if not 0 <= count <= MAX_TOKENS_PER_REQUEST:
+            raise HTTPException(400, f"count must be in [0, {MAX_TOKENS_PER_REQUEST}]")
+        try:
+            tokens = source.read_tokens(offset, count)
+        except DataError as exc:
+            raise HTTPException(416, str(exc)) from None
+        return Response(tokens.tobytes(), media_type="application/octet-stream")
+
+    @app.get("/v1/{split}/samples")
+    def get_samples(split: str, start: int, end: int, seq_len: int, shuffle_seed: int = 0) -> Response:
+        source = split_or_404(split)
+        if not 0 <= start <= end or end - start > MAX_SAMPLES_PER_REQUEST or seq_len < 1:
+            raise HTTPException(400, f"need 0 <= start <= end, end - start <= {MAX_SAMPLES_PER_REQUEST}, seq_len >= 1")
+        try:
+            provider = SampleProvider(source, seq_len=seq_len, shuffle_seed=shuffle_seed, repeat=(split == "train"))
+            rows = [provider.sample(i) for i in range(start, end)]
+        except DataError as exc:
+            raise HTTPException(416, str(exc)) from None
+        body = np.stack(rows).astype("<i4").tobytes() if rows else b""
+        return Response(body, media_type="application/octet-stream")
+
+    @app.get("/{name}")
+    def get_file(name: str) -> FileResponse:
+        for source in splits.values():
+            if source.path.name == name:
+                return FileResponse(source.path, media_type="application/octet-stream")
+        if name == "tokenizer.json" and (folder / name).is_file():
+            return FileResponse(folder / name, media_type="application/json")
+        raise HTTPException(404, f"no file {name!r}")
+
+    return app

@@ -1,0 +1,37 @@
+"""The embedded ledger: the coordinator lives in this process (tests, single-process tools)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from psyche.coordinator import Coordinator, Instruction
+from psyche.ledger.base import InstructionRefused, Ledger
+from psyche.ledger.envelope import Signer
+from psyche.ledger.host import RunHost
+
+
+class EmbeddedLedger(Ledger):
+    """One participant's view of a :class:`RunHost` in the same process.
+
+    Instructions are attributed to ``signer.public_key`` without a signature
+    check: in-process there is nobody to impersonate.
+    """
+
+    def __init__(self, host: RunHost, signer: Signer):
+        self.host = host
+        self.signer = signer
+        self.run_id = host.run_id
+
+    async def submit(self, instruction: Instruction) -> None:
+        err = self.host.apply(instruction, self.signer.public_key)
+        if err is not None:
+            raise InstructionRefused(type(err).__name__, str(err))
+
+    async def state(self) -> Coordinator:
+        # A copy, so a caller can never change the host's state by accident.
+        return Coordinator.from_bytes(self.host.coordinator.to_bytes())
+
+    async def watch(self) -> AsyncIterator[Coordinator]:
+        while True:
+            yield await self.state()
+            await self.host.wait_changed()

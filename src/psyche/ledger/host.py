@@ -1,0 +1,128 @@
+"""Hosting one run's coordinator: the clock, the seed, persistence and change notices.
+
+The coordinator itself is pure; a host supplies what it lacks. :class:`RunHost`
+is shared by the embedded ledger (in-process, no database) and the coordinator
+server (SQLite): it applies an instruction with the host's ``now`` and a fresh
+seed, writes the applied instruction and the new state in one transaction when
+a store is attached, and wakes everyone waiting for a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Callable
+
+from psyche.coordinator import Coordinator, CoordinatorError, Instruction, Tick, encode_instruction
+from psyche.ledger.store import Store
+
+
+def derive_seed(secret: bytes, run_id: str, seq: int) -> bytes:
+    """The seed handed to the coordinator for log entry ``seq``.
+
+    Derived from a host secret so participants cannot predict committees in
+    advance; recorded in the log so a replay needs no secret.
+    """
+    return hashlib.sha256(b"psyche-seed" + secret + run_id.encode() + seq.to_bytes(8, "little")).digest()
+
+
+class RunHost:
+    """One run's coordinator and its log, as held by a host process.
+
+    Not thread-safe: call from one event loop. ``listeners`` are called with the
+    coordinator after every change (the server pushes to WebSockets from there).
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        *,
+        store: Store | None = None,
+        seq: int = 0,
+        clock: Callable[[], float] = time.time,
+        secret: bytes | None = None,
+        host_key: bytes = bytes(32),
+    ):
+        self.coordinator = coordinator
+        self.store = store
+        self.seq = seq
+        self.clock = clock
+        self.secret = secret if secret is not None else os.urandom(32)
+        self.host_key = host_key
+        self.listeners: list[Callable[[Coordinator], None]] = []
+        self._changed = asyncio.Event()
+        self.refused: dict[str, int] = {}
+
+    @property
+    def run_id(self) -> str:
+        return self.coordinator.state.run_id
+
+    def now(self) -> int:
+        """The host clock in whole seconds, as the coordinator takes it."""
+        return int(self.clock())
+
+    def apply(self, instruction: Instruction, signer: bytes, *, nonce: int | None = None) -> CoordinatorError | None:
+        """Apply one authenticated instruction; persist and notify if the state changed.
+
+        Returns the coordinator's refusal (state untouched) or ``None``.
+        """
+        now = self.now()
+        seed = derive_seed(self.secret, self.run_id, self.seq + 1)
+        before = self.coordinator.digest()
+        step_before = self.coordinator.state.step
+        err = self.coordinator.apply(instruction, signer, now, seed)
+        if err is not None:
+            name = type(err).__name__
+            self.refused[name] = self.refused.get(name, 0) + 1
+            if self.store is not None and nonce is not None:
+                self.store.record_nonce(self.run_id, signer, nonce)
+            return err
+        digest = self.coordinator.digest()
+        if digest == before:
+            # A tick that moved nothing (the common case) is not worth a log entry.
+            if self.store is not None and nonce is not None:
+                self.store.record_nonce(self.run_id, signer, nonce)
+            return None
+        self.seq += 1
+        if self.store is not None:
+            step = self.coordinator.state.step
+            self.store.append(
+                self.run_id,
+                self.seq,
+                signer=signer,
+                body=encode_instruction(instruction),
+                now=now,
+                seed=seed,
+                state=self.coordinator.to_bytes(),
+                digest=digest,
+                nonce=nonce,
+                step_started=(step, self.clock()) if step != step_before else None,
+            )
+        for listener in list(self.listeners):
+            listener(self.coordinator)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return None
+
+    def tick(self) -> bool:
+        """Let time pass for the coordinator; True if the state changed."""
+        seq = self.seq
+        self.apply(Tick(), self.host_key)
+        return self.seq != seq
+
+    async def wait_changed(self, timeout: float | None = None) -> bool:
+        """Wait until the next state change (True) or the timeout (False)."""
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def run_clock(self, interval: float = 0.25) -> None:
+        """Tick forever every ``interval`` seconds (the host owns the clock)."""
+        while True:
+            self.tick()
+            await asyncio.sleep(interval)

@@ -1,0 +1,225 @@
+"""``psyche server``: one coordinator service over HTTP + WebSocket, persisted in SQLite.
+
+Endpoints (JSON unless noted):
+
+- ``GET  /api/runs``                         every run's summary
+- ``GET  /api/runs/{run_id}``                a run's status: state, epoch, step, clients, history
+- ``GET  /api/runs/{run_id}/state``          the coordinator state (msgpack bytes, for clients)
+- ``WS   /api/runs/{run_id}/ws``             the coordinator state pushed on every change (binary)
+- ``POST /api/runs/{run_id}/instructions``   a signed instruction (msgpack :class:`SignedRequest`)
+- ``POST /api/runs/{run_id}/reports``        a member's signed metrics for a step
+- ``GET  /metrics``                          Prometheus text format
+- ``GET  /healthz``
+
+The server ticks the coordinator on its own clock. Every applied instruction is
+written to SQLite with the state it produced in one transaction, so a server
+restarted with the same ``--db`` continues the run where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+
+from psyche.config import RunConfig, parse_config
+from psyche.coordinator import Coordinator, decode_instruction
+from psyche.ledger.envelope import open_request
+from psyche.ledger.host import RunHost
+from psyche.ledger.status import run_status, run_summary
+from psyche.ledger.store import Store
+
+log = logging.getLogger("psyche.server")
+
+
+class CoordinatorServer:
+    """The runs a server hosts, their database, and counters of what it refused."""
+
+    def __init__(self, store: Store, *, host_key: bytes = bytes(32), tick_interval: float = 0.25):
+        self.store = store
+        self.host_key = host_key
+        self.tick_interval = tick_interval
+        self.hosts: dict[str, RunHost] = {}
+        self.configs: dict[str, RunConfig] = {}
+        self.rejected: Counter[str] = Counter()
+        for stored in store.runs():
+            cfg = parse_config(stored.config)
+            coord = Coordinator.from_bytes(stored.state)
+            self._add(cfg, RunHost(coord, store=store, seq=stored.seq, host_key=host_key))
+            log.info("resumed run %s at seq %d (step %d)", cfg.run_id, stored.seq, coord.state.step)
+
+    def _add(self, cfg: RunConfig, host: RunHost) -> None:
+        self.hosts[cfg.run_id] = host
+        self.configs[cfg.run_id] = cfg
+
+    def create_run(self, cfg: RunConfig, authority: bytes) -> RunHost:
+        """Host a new run (or return the existing one of that id, unchanged)."""
+        if cfg.run_id in self.hosts:
+            if self.configs[cfg.run_id].digest() != cfg.digest():
+                log.warning("run %s exists in the database with another config; keeping the stored one", cfg.run_id)
+            return self.hosts[cfg.run_id]
+        coord = Coordinator.new(cfg.run_id, cfg, authority=authority, now=int(time.time()))
+        host = RunHost(coord, store=self.store, host_key=self.host_key)
+        self.store.create_run(cfg.run_id, cfg.model_dump(mode="json"), authority, host.coordinator.to_bytes(), host.coordinator.digest())
+        self._add(cfg, host)
+        log.info("created run %s", cfg.run_id)
+        return host
+
+    async def run_clocks(self) -> None:
+        """Tick every hosted run forever."""
+        while True:
+            for host in list(self.hosts.values()):
+                try:
+                    host.tick()
+                except Exception:  # a bug in one run must not stop the others' clocks
+                    log.exception("tick failed for run %s", host.run_id)
+            await asyncio.sleep(self.tick_interval)
+
+
+def _error(status: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message}, status_code=status)
+
+
+def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
+    """The FastAPI application serving ``server``'s runs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        clock = asyncio.create_task(server.run_clocks())
+        try:
+            yield
+        finally:
+            clock.cancel()
+
+    app = FastAPI(title="Psyche coordinator", lifespan=lifespan)
+    app.state.server = server
+
+    def host_or_404(run_id: str) -> RunHost | JSONResponse:
+        host = server.hosts.get(run_id)
+        if host is None:
+            return _error(404, "UnknownRun", f"no run {run_id!r} here; GET /api/runs lists them")
+        return host
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True, "runs": len(server.hosts)}
+
+    @app.get("/api/runs")
+    async def list_runs() -> list[dict]:
+        return [run_summary(h.coordinator, server.configs[rid]) for rid, h in server.hosts.items()]
+
+    @app.get("/api/runs/{run_id}")
+    async def get_run(run_id: str):
+        host = host_or_404(run_id)
+        if isinstance(host, JSONResponse):
+            return host
+        return run_status(host, server.configs[run_id], server.store)
+
+    @app.get("/api/runs/{run_id}/state")
+    async def get_state(run_id: str):
+        host = host_or_404(run_id)
+        if isinstance(host, JSONResponse):
+            return host
+        return Response(host.coordinator.to_bytes(), media_type="application/msgpack",
+                        headers={"x-psyche-seq": str(host.seq)})
+
+    @app.websocket("/api/runs/{run_id}/ws")
+    async def state_feed(ws: WebSocket, run_id: str):
+        host = server.hosts.get(run_id)
+        if host is None:
+            await ws.close(code=4404)
+            return
+        await ws.accept()
+        try:
+            seq = -1
+            while True:
+                if host.seq != seq:
+                    seq = host.seq
+                    await ws.send_bytes(host.coordinator.to_bytes())
+                await host.wait_changed(timeout=10)
+        except (WebSocketDisconnect, RuntimeError, ConnectionError):
+            return
+
+    @app.post("/api/runs/{run_id}/instructions")
+    async def post_instruction(run_id: str, request: Request):
+        host = host_or_404(run_id)
+        if isinstance(host, JSONResponse):
+            return host
+        try:
+            req = open_request(await request.body(), run_id=run_id, kind="instruction")
+            instruction = decode_instruction(req.body)
+        except ValueError as exc:
+            server.rejected["bad_request"] += 1
+            return _error(400, "BadRequest", str(exc))
+        if req.nonce <= server.store.last_nonce(run_id, req.signer):
+            server.rejected["stale_nonce"] += 1
+            return _error(409, "StaleNonce", "nonce not above the signer's last one (a replayed request?)")
+        err = host.apply(instruction, req.signer, nonce=req.nonce)
+        if err is not None:
+            return _error(409, type(err).__name__, str(err))
+        return {"ok": True, "seq": host.seq, "step": host.coordinator.state.step}
+
+    @app.post("/api/runs/{run_id}/reports")
+    async def post_report(run_id: str, request: Request):
+        host = host_or_404(run_id)
+        if isinstance(host, JSONResponse):
+            return host
+        try:
+            req = open_request(await request.body(), run_id=run_id, kind="report")
+            report = json.loads(req.body)
+            if not isinstance(report, dict) or not isinstance(report.get("step"), int):
+                raise ValueError("a report is a JSON object with an integer 'step'")
+        except ValueError as exc:
+            server.rejected["bad_report"] += 1
+            return _error(400, "BadRequest", str(exc))
+        if not host.coordinator.is_member(req.signer):
+            server.rejected["non_member_report"] += 1
+            return _error(403, "NotAMember", "only members of the run may report metrics")
+        if req.nonce <= server.store.last_nonce(run_id, req.signer):
+            server.rejected["stale_nonce"] += 1
+            return _error(409, "StaleNonce", "nonce not above the signer's last one (a replayed request?)")
+        server.store.add_report(run_id, req.signer, report["step"], _clean_report(report), req.nonce)
+        return {"ok": True}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from psyche.ledger.prometheus import render_metrics
+
+        body, content_type = render_metrics(server)
+        return Response(body, media_type=content_type)
+
+    if extra_routes is not None:
+        extra_routes(app)
+    return app
+
+
+# Only these report fields are kept, as numbers: the dashboard and demo read them.
+REPORT_FIELDS = ("loss", "val_loss", "tokens", "train_seconds", "tokens_per_sec", "result_bytes",
+                 "bytes_sent", "bytes_received", "applied_results", "peers")
+
+
+def _clean_report(report: dict) -> dict:
+    out: dict = {"step": int(report["step"])}
+    for key in REPORT_FIELDS:
+        value = report.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out[key] = value
+    return out
+
+
+def open_server(config_path: str | Path | None, db: str | Path, *, authority: bytes,
+                host_key: bytes = bytes(32), tick_interval: float = 0.25) -> CoordinatorServer:
+    """Open (or create) the database and host the config's run in it."""
+    from psyche.config import load_config
+
+    server = CoordinatorServer(Store(db), host_key=host_key, tick_interval=tick_interval)
+    if config_path is not None:
+        server.create_run(load_config(config_path), authority)
+    return server
