@@ -1,0 +1,15 @@
+"""DisTrO: DeMo-style decoupled momentum with chunked-DCT top-k compression.
+
+- :mod:`psyche.distro.dct` — chunking rule and batched orthonormal DCT-II.
+- :mod:`psyche.distro.indexcode` — kept positions packed in ceil(log2 C(n, k)) bits per tile.
+- :mod:`psyche.distro.codec` — :class:`DCTCodec` and the :class:`SparseResult` wire form.
+- :mod:`psyche.distro.payload` — one peer's results for one step as one blob.
+- :mod:`psyche.distro.optimizer` — :class:`DisTrO` (``generate`` / ``apply``) and :class:`Overlap`.
+- :mod:`psyche.distro.simulate` — W peers in one process vs AdamW (``psyche bench distro``).
+"""
+
+from psyche.distro.codec import DCTCodec, SparseResult
+from psyche.distro.optimizer import DisTrO, Overlap
+from psyche.distro.payload import decode_payload, encode_payload
+
+__all__ = ["DCTCodec", "DisTrO", "Overlap", "SparseResult", "decode_payload", "encode_payload"]

@@ -1,0 +1,248 @@
+"""The DisTrO codec: tensor ⇄ top-k of its chunked DCT (:class:`SparseResult`) ⇄ bytes.
+
+``DCTCodec(chunk).encode(t, topk)`` keeps, in every DCT tile of ``t`` (see
+:mod:`psyche.distro.dct`), the ``topk`` coefficients of largest magnitude (all of
+them when the tile is smaller). ``decode(results, shape)`` scatters every
+result's coefficients back into the tile grid, averages each coefficient over
+the results that chose it, and applies the inverse DCT.
+
+Wire form of one result (``SparseResult.to_bytes``), version 1::
+
+    u8 version (=1) | u8 flags (bit 0: one_bit) | u8 dtype (1 f32, 2 bf16, 3 f16)
+    uvarint chunk | uvarint topk | uvarint ndim | uvarint dim × ndim
+    index block  : every tile's sorted kept positions, ceil(log2 C(n, k)) bits a tile
+                   (:mod:`psyche.distro.indexcode`), zero-padded to a byte
+    value block  : one_bit → one sign bit per kept coefficient (1 = negative), zero-padded;
+                   else the values, little-endian, in the recorded dtype
+
+``from_bytes`` accepts exactly the bytes ``to_bytes`` produces (the encoding is
+canonical) and raises ``ValueError`` naming the problem for anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from psyche.distro import dct, indexcode
+
+WIRE_VERSION = 1
+_FLAG_ONE_BIT = 0x01
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+_NUMPY_VIEW = {torch.float32: "<f4", torch.bfloat16: "<i2", torch.float16: "<f2"}
+_MAX_NDIM = 8
+_MAX_NUMEL = 1 << 40  # sanity bound on a header's claimed tensor size
+
+
+@dataclass(frozen=True, eq=False)
+class SparseResult:
+    """One tensor's top-k DCT coefficients, as sent by one peer.
+
+    ``indices`` ``(T, k)`` int64: positions inside each tile, strictly increasing per
+    row; ``values`` ``(T, k)`` in ``dtype``: the coefficients (``±1`` when
+    ``one_bit``). ``k = min(topk, tile size)``; ``T`` and the tile size follow from
+    ``shape`` and ``chunk`` (:func:`psyche.distro.dct.tile_grid`).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunk: int
+    topk: int
+    one_bit: bool
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def grid(self) -> dct.TileGrid:
+        """The tiling this result's coefficients live in."""
+        return dct.tile_grid(self.shape, self.chunk)
+
+    def to_one_bit(self) -> SparseResult:
+        """The same coefficients with only their signs kept (``+0.0`` → ``+1``, ``-0.0`` → ``-1``)."""
+        signs = torch.where(torch.signbit(self.values), -1.0, 1.0).to(self.dtype)
+        return SparseResult(self.shape, self.dtype, self.chunk, self.topk, True, self.indices, signs)
+
+    def to_bytes(self) -> bytes:
+        """The canonical wire form (see the module docstring)."""
+        header = bytearray([WIRE_VERSION, _FLAG_ONE_BIT if self.one_bit else 0, _DTYPE_CODES[self.dtype]])
+        for v in (self.chunk, self.topk, len(self.shape), *self.shape):
+            _put_uvarint(header, v)
+        grid = self.grid
+        idx = self.indices.detach().cpu().numpy()
+        index_block = indexcode.pack(idx, grid.tile_numel)
+        vals = self.values.detach().cpu()
+        if self.one_bit:
+            bits = torch.signbit(vals).numpy().reshape(-1).astype(np.uint8)
+            value_block = np.packbits(bits, bitorder="little").tobytes()
+        else:
+            vals = vals.to(self.dtype).contiguous()
+            if self.dtype == torch.bfloat16:
+                vals = vals.view(torch.int16)
+            value_block = vals.numpy().astype(_NUMPY_VIEW[self.dtype], copy=False).tobytes()
+        return bytes(header) + index_block + value_block
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> SparseResult:
+        """Parse :meth:`to_bytes` output; ``ValueError`` saying what is wrong for anything else."""
+        try:
+            return _parse(memoryview(bytes(data)))
+        except ValueError:
+            raise
+        except Exception as exc:  # a bug-shaped failure on hostile bytes is still bad input
+            raise ValueError(f"malformed SparseResult: {type(exc).__name__}: {exc}") from exc
+
+
+def _put_uvarint(buf: bytearray, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"cannot encode negative {value}")
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            buf.append(byte | 0x80)
+        else:
+            buf.append(byte)
+            return
+
+
+def _get_uvarint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    for i in range(10):
+        if pos + i >= len(data):
+            raise ValueError(f"truncated header: {what} runs past the end")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise ValueError(f"non-canonical varint for {what}")
+            return value, pos + i + 1
+    raise ValueError(f"varint for {what} is longer than 10 bytes")
+
+
+def _parse(data: memoryview) -> SparseResult:
+    if len(data) < 3:
+        raise ValueError(f"SparseResult too short: {len(data)} bytes")
+    version, flags, code = data[0], data[1], data[2]
+    if version != WIRE_VERSION:
+        raise ValueError(f"unsupported SparseResult version {version} (this build reads {WIRE_VERSION})")
+    if flags & ~_FLAG_ONE_BIT:
+        raise ValueError(f"unknown flag bits 0x{flags:02x}")
+    if code not in _CODE_DTYPES:
+        raise ValueError(f"unknown dtype code {code}")
+    dtype, one_bit = _CODE_DTYPES[code], bool(flags & _FLAG_ONE_BIT)
+    pos = 3
+    chunk, pos = _get_uvarint(data, pos, "chunk")
+    topk, pos = _get_uvarint(data, pos, "topk")
+    ndim, pos = _get_uvarint(data, pos, "ndim")
+    if chunk < 1 or topk < 1:
+        raise ValueError(f"chunk and topk must be >= 1, got chunk={chunk}, topk={topk}")
+    if ndim > _MAX_NDIM:
+        raise ValueError(f"ndim {ndim} exceeds {_MAX_NDIM}")
+    shape = []
+    for i in range(ndim):
+        d, pos = _get_uvarint(data, pos, f"dim {i}")
+        if d < 1:
+            raise ValueError(f"dim {i} is {d}; empty tensors are not sent")
+        shape.append(d)
+        if math.prod(shape) > _MAX_NUMEL:
+            raise ValueError(f"shape {shape} exceeds {_MAX_NUMEL} elements")
+    grid = dct.tile_grid(tuple(shape), chunk)
+    n, t = grid.tile_numel, grid.num_tiles
+    k = min(topk, n)
+    index_size = indexcode.packed_size(t, n, k)
+    value_size = (t * k + 7) // 8 if one_bit else t * k * torch.tensor([], dtype=dtype).element_size()
+    if len(data) - pos != index_size + value_size:
+        raise ValueError(
+            f"body is {len(data) - pos} bytes, expected {index_size + value_size} "
+            f"for shape {tuple(shape)}, chunk {chunk}, topk {topk}"
+        )
+    positions = indexcode.unpack(data[pos : pos + index_size], t, n, k)
+    raw = np.frombuffer(data[pos + index_size :], dtype=np.uint8)
+    if one_bit:
+        bits = np.unpackbits(raw, bitorder="little")
+        if bits[t * k :].any():
+            raise ValueError("non-zero padding bits after the sign bits")
+        values = torch.from_numpy(1.0 - 2.0 * bits[: t * k].astype(np.float32)).to(dtype)
+    else:
+        arr = raw.view(_NUMPY_VIEW[dtype]).astype(_NUMPY_VIEW[dtype][1:], copy=True)
+        values = torch.from_numpy(arr)
+        if dtype == torch.bfloat16:
+            values = values.view(torch.bfloat16)
+        if not torch.isfinite(values).all():
+            raise ValueError("non-finite coefficient value")
+    return SparseResult(
+        shape=tuple(shape), dtype=dtype, chunk=chunk, topk=topk, one_bit=one_bit,
+        indices=torch.from_numpy(positions), values=values.reshape(t, k),
+    )
+
+
+class DCTCodec:
+    """Chunked-DCT top-k codec with a fixed target ``chunk`` (see the module docstring).
+
+    >>> codec = DCTCodec(chunk=64)
+    >>> r = codec.encode(torch.randn(256, 128), topk=8)
+    >>> codec.decode([r], (256, 128)).shape
+    torch.Size([256, 128])
+    """
+
+    def __init__(self, chunk: int = 64) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.chunk = chunk
+
+    def encode(self, t: torch.Tensor, topk: int, one_bit: bool = False) -> SparseResult:
+        """Keep the ``topk`` largest-magnitude DCT coefficients of every tile of ``t``.
+
+        Values are stored in ``t``'s dtype (float32, bfloat16 or float16), or only
+        their signs when ``one_bit``. Deterministic for a given input on CPU.
+        """
+        if t.dtype not in _DTYPE_CODES:
+            raise ValueError(f"cannot encode dtype {t.dtype}; use float32, bfloat16 or float16")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        grid = dct.tile_grid(t.shape, self.chunk)
+        coeffs = dct.forward(t, grid)  # (T, n) float32
+        k = min(topk, grid.tile_numel)
+        if k == grid.tile_numel:
+            idx = torch.arange(k, device=coeffs.device).expand(grid.num_tiles, k).contiguous()
+        else:
+            idx = coeffs.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # (T, k)
+        vals = coeffs.gather(1, idx).to(t.dtype)
+        result = SparseResult(tuple(t.shape), t.dtype, self.chunk, topk, False, idx, vals)
+        return result.to_one_bit() if one_bit else result
+
+    def decode(
+        self,
+        results: list[SparseResult],
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The inverse DCT of the per-coefficient mean over ``results`` (zeros for none).
+
+        Every result must describe a tensor of ``shape`` cut with this codec's
+        chunk; ``ValueError`` otherwise. Results are summed in list order, so equal
+        lists give bit-identical tensors.
+        """
+        shape = tuple(int(d) for d in shape)
+        grid = dct.tile_grid(shape, self.chunk)
+        for i, r in enumerate(results):
+            if r.shape != shape:
+                raise ValueError(f"result {i} is for shape {r.shape}, expected {shape}")
+            if r.chunk != self.chunk:
+                raise ValueError(f"result {i} uses chunk {r.chunk}, this codec {self.chunk}")
+        if not results:
+            return torch.zeros(shape, dtype=dtype)
+        device = results[0].values.device
+        sums = torch.zeros(grid.num_tiles, grid.tile_numel, device=device)
+        counts = torch.zeros_like(sums)
+        for r in results:
+            idx = r.indices.to(device)
+            sums.scatter_add_(1, idx, r.values.to(device, torch.float32))
+            counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+        mean = sums / counts.clamp_min(1.0)  # (T, n): unchosen coefficients stay 0
+        return dct.inverse(mean, grid).to(dtype)

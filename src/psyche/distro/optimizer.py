@@ -1,0 +1,178 @@
+"""The DisTrO optimizer (DeMo-style decoupled momentum), split in the network's two halves.
+
+Each peer, each step::
+
+    grads  = backward(its own batches)
+    mine   = opt.generate()            # compress its momentum; returns list[SparseResult]
+    ... ship encode_payload(mine), receive every peer's payload ...
+    opt.apply([peer_0, peer_1, ...])   # same call, same bytes, on every peer
+
+``generate`` (per parameter, touches only this peer's momentum ``δ``)::
+
+    δ ← β·δ + lr·g                      # β = compression_decay
+    r = top-k of the chunked DCT of δ   # DCTCodec.encode
+    δ ← δ − idct(r)                     # error feedback: what was sent leaves δ
+    r ← sign(r) if one_bit              # quantise only after subtracting the exact values
+
+The subtraction uses the exact top-k values, not their signs, as DeMo and Psyche
+do: the components that were chosen leave the momentum entirely (the sign is only
+how they travel), and everything not chosen stays in δ to be sent later.
+
+``apply`` (per parameter, touches only the weights; every peer runs it on the same
+inputs, so every peer's weights stay bit-identical)::
+
+    u = idct(mean over peers of each chosen coefficient)   # DCTCodec.decode
+    θ ← θ·(1 − lr·weight_decay)                             # decoupled weight decay
+    θ ← θ − lr·sign(u)                                      # sign-SGD step
+
+What ``lr`` means at each stage (an LR schedule sets ``param_group['lr']`` before
+each step):
+
+- in ``generate`` it weighs this step's gradient inside the momentum; because the
+  update is a sign, only its *ratio* across steps matters (a decaying LR makes older
+  gradients weigh relatively more, as in DeMo);
+- in ``apply`` it is the exact distance every parameter moves: ``±lr`` (or 0), plus
+  the weight decay ``lr·weight_decay·θ``.
+
+Weight decay is applied in ``apply`` rather than in ``generate`` (where Psyche
+puts it) so that the weights change only in ``apply``: a peer that trained no
+batch this step, or joined late, still ends bit-identical to the others.
+
+Overlapped mode (:class:`Overlap`): the results applied at step ``t`` are the ones
+generated at step ``t − 1``, so they can travel while step ``t`` trains; the
+``lr`` used is the one current at apply time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from psyche.distro.codec import DCTCodec, SparseResult
+
+
+class DisTrO(torch.optim.Optimizer):
+    """DeMo/DisTrO optimizer: ``generate()`` this peer's compressed momentum, ``apply()`` everyone's.
+
+    ``step()`` is ``apply([generate()])``: a single peer training alone.
+    State per parameter: ``delta`` (float32 momentum); it survives ``state_dict()``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float,
+        compression_decay: float = 0.999,
+        chunk: int = 64,
+        topk: int = 8,
+        one_bit: bool = True,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= compression_decay <= 1.0:
+            raise ValueError(f"compression_decay must be in [0, 1], got {compression_decay}")
+        if chunk < 1 or topk < 1:
+            raise ValueError(f"chunk and topk must be >= 1, got chunk={chunk}, topk={topk}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(
+            lr=lr, compression_decay=compression_decay, chunk=chunk, topk=topk,
+            one_bit=one_bit, weight_decay=weight_decay,
+        )
+        super().__init__(params, defaults)
+        self._codecs: dict[int, DCTCodec] = {}
+
+    def _codec(self, chunk: int) -> DCTCodec:
+        if chunk not in self._codecs:
+            self._codecs[chunk] = DCTCodec(chunk)
+        return self._codecs[chunk]
+
+    def _params(self) -> list[tuple[dict, torch.Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"]]
+
+    def parameter_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of all parameters in the order results are produced and expected."""
+        return [tuple(p.shape) for _, p in self._params()]
+
+    @torch.no_grad()
+    def generate(self) -> list[SparseResult]:
+        """This peer's results for all parameters, in parameter order; updates the momentum.
+
+        A parameter without a gradient counts as a zero gradient (its momentum
+        still decays and is still sent), so every peer returns the same number
+        of results. The weights are not touched.
+        """
+        out: list[SparseResult] = []
+        for group, p in self._params():
+            state = self.state[p]
+            delta = state.get("delta")
+            if delta is None or delta.dtype != torch.float32:
+                # load_state_dict casts state to the parameter's dtype; keep float32.
+                delta = torch.zeros_like(p, dtype=torch.float32) if delta is None else delta.float()
+                state["delta"] = delta
+            delta.mul_(group["compression_decay"])
+            if p.grad is not None:
+                delta.add_(p.grad.to(torch.float32), alpha=group["lr"])
+            codec = self._codec(group["chunk"])
+            sent = codec.encode(delta, group["topk"])
+            delta.sub_(codec.decode([sent], delta.shape))
+            out.append(sent.to_one_bit() if group["one_bit"] else sent)
+        return out
+
+    @torch.no_grad()
+    def apply(self, results_from_all_peers: Sequence[Sequence[SparseResult]]) -> None:
+        """Step the weights with every peer's results (outer list: peers, inner: parameters).
+
+        Deterministic: the same results in the same order give bit-identical
+        weights. An empty outer list is a no-op. ``ValueError`` if a peer's list
+        does not match the parameters in length or shapes.
+        """
+        if not results_from_all_peers:
+            return
+        params = self._params()
+        for peer, results in enumerate(results_from_all_peers):
+            if len(results) != len(params):
+                raise ValueError(f"peer {peer} sent {len(results)} results for {len(params)} parameters")
+        for i, (group, p) in enumerate(params):
+            codec = self._codec(group["chunk"])
+            update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape)
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0.0:
+                p.mul_(1.0 - lr * wd)
+            p.add_(update.sign_().to(p.dtype), alpha=-lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One peer alone: ``apply([generate()])``. Returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.apply([self.generate()])
+        return loss
+
+
+class Overlap:
+    """Holds each step's results back one step: what is applied at ``t`` was generated at ``t−1``.
+
+    >>> overlap = Overlap()
+    >>> overlap.exchange(["r0"]) is None   # step 0: nothing to apply yet
+    True
+    >>> overlap.exchange(["r1"])           # step 1 applies step 0's results
+    ['r0']
+    """
+
+    def __init__(self) -> None:
+        self._pending: list | None = None
+
+    def exchange(self, current: list) -> list | None:
+        """Store ``current`` (all peers' results of this step); return the previous step's, or None."""
+        previous, self._pending = self._pending, current
+        return previous
+
+    def flush(self) -> list | None:
+        """The results still held back (e.g. at the end of a run), clearing them."""
+        previous, self._pending = self._pending, None
+        return previous
