@@ -1,0 +1,191 @@
+"""DisTrO optimizer: error feedback, sign step, determinism, checkpoints, payloads."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from psyche.distro import DCTCodec, DisTrO, Overlap, decode_payload, encode_payload
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+
+
+def set_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_error_feedback_keeps_everything_not_sent():
+    """With β = 1, what was sent plus what is left equals the sum of lr·g exactly (float tolerance)."""
+    model = make_model()
+    opt = DisTrO(model.parameters(), lr=0.1, compression_decay=1.0, chunk=16, topk=3, one_bit=False)
+    codec = DCTCodec(16)
+    sent = [torch.zeros_like(p) for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for step in range(5):
+        set_grads(model, step)
+        for t, p in zip(total, model.parameters()):
+            t += 0.1 * p.grad
+        for s, r, p in zip(sent, opt.generate(), model.parameters()):
+            s += codec.decode([r], p.shape)
+    for s, t, p in zip(sent, total, model.parameters()):
+        torch.testing.assert_close(s + opt.state[p]["delta"], t, atol=1e-5, rtol=1e-5)
+
+
+def test_one_bit_subtracts_exact_values_not_signs():
+    model = make_model()
+    full = DisTrO(model.parameters(), lr=1.0, compression_decay=0.9, chunk=8, topk=2, one_bit=False)
+    model_b = copy.deepcopy(model)
+    one = DisTrO(model_b.parameters(), lr=1.0, compression_decay=0.9, chunk=8, topk=2, one_bit=True)
+    set_grads(model, 3)
+    set_grads(model_b, 3)
+    ra, rb = full.generate(), one.generate()
+    for pa, pb, a, b in zip(model.parameters(), model_b.parameters(), ra, rb):
+        assert torch.equal(full.state[pa]["delta"], one.state[pb]["delta"])
+        assert torch.equal(a.indices, b.indices)
+        assert torch.equal(b.values, torch.where(a.values < 0, -1.0, 1.0))
+
+
+def test_apply_moves_every_weight_by_lr_sign():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = DisTrO(model.parameters(), lr=0.01, chunk=8, topk=2)
+    set_grads(model, 0)
+    opt.apply([opt.generate()])
+    for b, p in zip(before, model.parameters()):
+        step = (p.detach() - b).abs()
+        assert torch.all((step - 0.01).abs() < 1e-6) or torch.all(step <= 0.01 + 1e-6)
+        assert step.max() > 0.0099
+
+
+def test_weight_decay_is_decoupled_and_scaled_by_lr():
+    p = torch.nn.Parameter(torch.full((4, 4), 2.0))
+    opt = DisTrO([p], lr=0.1, weight_decay=0.5, chunk=4, topk=16, one_bit=False)
+    p.grad = torch.zeros(4, 4)
+    p.grad[0, 0] = 1.0
+    before = p.detach().clone()
+    opt.apply([opt.generate()])
+    # The update is lr·sign(delta) on top of θ·(1 − lr·wd): exactly one coordinate has a non-zero sign.
+    decayed = before * (1 - 0.1 * 0.5)
+    moved = (decayed - p.detach()).abs()
+    assert (moved <= 0.1 + 1e-6).all() and torch.isclose(moved, torch.tensor(0.1)).any()
+
+
+def test_overlap_applies_previous_step():
+    ov = Overlap()
+    assert ov.exchange(["a"]) is None
+    assert ov.exchange(["b"]) == ["a"]
+    assert ov.flush() == ["b"] and ov.flush() is None
+
+
+@settings(max_examples=15, deadline=None)
+@given(peers=st.integers(1, 4), one_bit=st.booleans(), topk=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_two_optimizers_with_same_state_end_bit_identical(peers, one_bit, topk, seed):
+    """Peers applying the same results (from bytes) from the same state hold identical weights."""
+    base = make_model(seed)
+    nodes = [copy.deepcopy(base) for _ in range(peers)]
+    opts = [DisTrO(m.parameters(), lr=0.02, chunk=16, topk=topk, one_bit=one_bit, weight_decay=0.1) for m in nodes]
+    for step in range(3):
+        blobs = []
+        for i, (m, o) in enumerate(zip(nodes, opts)):
+            set_grads(m, seed * 100 + step * 10 + i)  # each peer its own gradient
+            blobs.append(encode_payload(o.generate()))
+        for o in opts:
+            o.apply([decode_payload(b, o.parameter_shapes()) for b in blobs])
+    for m in nodes[1:]:
+        for a, b in zip(nodes[0].parameters(), m.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_state_dict_round_trip_keeps_momentum():
+    model = make_model()
+    opt = DisTrO(model.parameters(), lr=0.05, chunk=16, topk=4)
+    for step in range(3):
+        set_grads(model, step)
+        opt.apply([opt.generate()])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+
+    model2 = make_model(seed=99)
+    model2.load_state_dict(saved_model)
+    opt2 = DisTrO(model2.parameters(), lr=0.05, chunk=16, topk=4)
+    opt2.load_state_dict(saved_opt)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(opt.state[p]["delta"], opt2.state[q]["delta"])
+
+    set_grads(model, 7)
+    set_grads(model2, 7)
+    ra, rb = opt.generate(), opt2.generate()
+    assert encode_payload(ra) == encode_payload(rb)
+    opt.apply([ra])
+    opt2.apply([rb])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_apply_rejects_a_peer_with_the_wrong_number_of_results():
+    model = make_model()
+    opt = DisTrO(model.parameters(), lr=0.1)
+    set_grads(model, 0)
+    results = opt.generate()
+    with pytest.raises(ValueError, match="peer 1 sent 3 results"):
+        opt.apply([results, results[:3]])
+
+
+def test_payload_rejects_mismatches():
+    model = make_model()
+    opt = DisTrO(model.parameters(), lr=0.1)
+    set_grads(model, 0)
+    blob = encode_payload(opt.generate())
+    shapes = opt.parameter_shapes()
+    assert len(decode_payload(blob, shapes)) == len(shapes)
+    with pytest.raises(ValueError, match="expected 3"):
+        decode_payload(blob, shapes[:3])
+    with pytest.raises(ValueError, match="result 0 has shape"):
+        decode_payload(blob, [(1, 2)] + shapes[1:])
+    with pytest.raises(ValueError, match="magic"):
+        decode_payload(b"XXXX" + blob[4:], shapes)
+    with pytest.raises(ValueError):
+        decode_payload(blob[:-1], shapes)
+    with pytest.raises(ValueError, match="trailing"):
+        decode_payload(blob + b"\0", shapes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120))
+def test_fuzzed_payloads_only_raise_value_error(blob):
+    try:
+        decode_payload(b"PDP\x01" + blob, [(24, 64), (64,)])
+    except ValueError as exc:
+        assert str(exc)
+
+
+def test_single_peer_training_reduces_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = DisTrO(model.parameters(), lr=3e-3, chunk=16, topk=4)
+    x = torch.randn(256, 16)
+    y = x[:, :2].sum(1, keepdim=True)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
