@@ -1,0 +1,107 @@
+"""The coordinator: a pure, deterministic state machine every participant can replay.
+
+No I/O, no clock, no randomness of its own, no torch: hosts pass ``now`` (unix
+seconds) and a 32-byte ``seed`` to :meth:`Coordinator.apply`, the single entry
+point. Modules, one idea each:
+
+- :mod:`~psyche.coordinator.machine` — :class:`Coordinator`: guard clauses, transitions, ticks.
+- :mod:`~psyche.coordinator.state` — :class:`CoordinatorState`, the whole state (msgspec).
+- :mod:`~psyche.coordinator.instructions` — instruction structs and their wire form.
+- :mod:`~psyche.coordinator.queries` — pure questions: roles, batches, consensus, deadlines.
+- :mod:`~psyche.coordinator.settings` — :class:`CoordinatorSettings` and their rules.
+- :mod:`~psyche.coordinator.shuffle` — the swap-or-not shuffle behind committees.
+- :mod:`~psyche.coordinator.bloom` — deterministic Bloom filters witnesses send.
+- :mod:`~psyche.coordinator.errors` — the named refusals.
+- :mod:`~psyche.coordinator.sim` — honest clients in a loop, for tests, benches and demos.
+"""
+
+from psyche.coordinator.bloom import BloomFilter
+from psyche.coordinator.errors import (
+    ERRORS,
+    CoordinatorError,
+    DuplicateCheckpoint,
+    DuplicateWitness,
+    FalseAccusation,
+    Halted,
+    InvalidInstruction,
+    InvalidRunState,
+    NotACheckpointer,
+    NotAMember,
+    NotAWitness,
+    RunFull,
+    StaleStep,
+    Unauthorized,
+)
+from psyche.coordinator.instructions import (
+    Checkpoint,
+    HealthCheck,
+    Instruction,
+    Join,
+    Pause,
+    Resume,
+    Tick,
+    WarmupWitness,
+    Withdraw,
+    Witness,
+    decode_instruction,
+    encode_instruction,
+)
+from psyche.coordinator.machine import Coordinator
+from psyche.coordinator.queries import (
+    Batch,
+    RoleProof,
+    accusable_trainers,
+    address_of,
+    assignment_for,
+    consensus,
+    current_round,
+    epoch_deadline,
+    healthy_clients,
+    is_checkpointer,
+    is_warmup_witness,
+    is_witness,
+    latest_checkpoint,
+    lr_warmup_window,
+    member,
+    model_source,
+    phase_deadline,
+    points,
+    quorum,
+    role_proof,
+    round_batches,
+    round_closed,
+    round_for_step,
+    round_stats,
+    round_trainers,
+    round_witnesses,
+    time_left,
+    verify_role_proof,
+    witnessed_trainers,
+)
+from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, MAX_WITNESSES, CoordinatorSettings, settings_problems
+from psyche.coordinator.state import (
+    Account,
+    CheckpointRecord,
+    Client,
+    ClientState,
+    CoordinatorState,
+    Round,
+    RoundStats,
+    RunState,
+    WitnessReport,
+)
+
+__all__ = [
+    "ERRORS", "MAX_ACCOUNTS", "MAX_CLIENTS", "MAX_WITNESSES",
+    "Account", "Batch", "BloomFilter", "Checkpoint", "CheckpointRecord", "Client", "ClientState", "Coordinator",
+    "CoordinatorError", "CoordinatorSettings", "CoordinatorState", "DuplicateCheckpoint", "DuplicateWitness",
+    "FalseAccusation", "Halted", "HealthCheck", "Instruction", "InvalidInstruction", "InvalidRunState", "Join",
+    "NotACheckpointer", "NotAMember", "NotAWitness", "Pause", "Resume", "RoleProof", "Round", "RoundStats",
+    "RunFull", "RunState", "StaleStep", "Tick", "Unauthorized", "WarmupWitness", "Withdraw", "Witness",
+    "WitnessReport",
+    "accusable_trainers", "address_of", "assignment_for", "consensus", "current_round", "decode_instruction",
+    "encode_instruction", "epoch_deadline", "healthy_clients", "is_checkpointer", "is_warmup_witness", "is_witness",
+    "latest_checkpoint", "lr_warmup_window", "member", "model_source", "phase_deadline", "points", "quorum",
+    "role_proof", "round_batches", "round_closed", "round_for_step", "round_stats", "round_trainers",
+    "round_witnesses", "settings_problems", "time_left", "verify_role_proof", "witnessed_trainers",
+]

@@ -1,0 +1,127 @@
+"""The instructions a coordinator accepts, and their versioned wire form.
+
+Each instruction is a frozen msgspec Struct; the signer, the time and the seed
+are not part of it (the host supplies them to ``Coordinator.apply``). On the
+wire an instruction is one version byte followed by a msgpack array
+``[tag, field, ...]`` (compact enough for a Solana transaction)::
+
+    >>> decode_instruction(encode_instruction(Join(p2p_address="ticket")))
+    Join(p2p_address='ticket')
+
+The field limits below are enforced when decoding; ``apply`` checks them again
+because hosts may build instructions directly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+
+WIRE_VERSION = 1
+MAX_ADDRESS_LEN = 1024
+MAX_LOCATION_LEN = 1024
+MAX_ACCUSED = 256
+MAX_BLOOM_WIRE = 4096 + 5
+
+Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LEN)]
+Hash32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+BloomBytes = Annotated[bytes, msgspec.Meta(max_length=MAX_BLOOM_WIRE)]
+Step = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
+
+
+class _Instr(msgspec.Struct, frozen=True, array_like=True, tag_field="op"):
+    pass
+
+
+class Join(_Instr, tag="join"):
+    """The signer joins the run (for the next epoch), or updates its P2P address if already in.
+
+    ``p2p_address``: the P2P ticket other clients use to reach the signer.
+    """
+
+    p2p_address: Address
+
+
+class Tick(_Instr, tag="tick"):
+    """Time passes: timeouts fire (anyone may send it; ``now``/``seed`` come from the host)."""
+
+
+class WarmupWitness(_Instr, tag="warmup_witness"):
+    """A selected warmup witness has the model and is ready to train."""
+
+
+class Witness(_Instr, tag="witness"):
+    """A selected witness's report on the round of ``step``.
+
+    ``participant_bloom``: a :class:`BloomFilter` of the 32-byte ids of trainers
+    whose results the witness downloaded and verified. ``broadcast_bloom``: a
+    filter of the 32-byte result commitment hashes it received.
+    ``broadcast_merkle``: a 32-byte Merkle root over those commitments (kept for
+    audit). ``loss``, ``tokens_per_sec``, ``bandwidth_bytes``: the witness's own
+    view of the step, shown on the dashboard.
+    """
+
+    step: Step
+    participant_bloom: BloomBytes
+    broadcast_bloom: BloomBytes
+    broadcast_merkle: Hash32
+    loss: float
+    tokens_per_sec: float
+    bandwidth_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class HealthCheck(_Instr, tag="health_check"):
+    """Accuse trainers of the (finished, stored) round of ``step`` of not delivering results."""
+
+    step: Step
+    accused: Annotated[list[Hash32], msgspec.Meta(min_length=1, max_length=MAX_ACCUSED)]
+
+
+class Checkpoint(_Instr, tag="checkpoint"):
+    """A selected checkpointer wrote the model after ``step`` to ``location`` (sha256 of its manifest)."""
+
+    step: Step
+    location: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LOCATION_LEN)]
+    sha256: Hash32
+
+
+class Pause(_Instr, tag="pause"):
+    """Authority only: stop the run at the end of the current round (via Cooldown)."""
+
+
+class Resume(_Instr, tag="resume"):
+    """Authority only: restart a paused run; members join again, the LR warms up again."""
+
+
+class Withdraw(_Instr, tag="withdraw"):
+    """The signer leaves the run cleanly (at the end of the round, without points this epoch)."""
+
+
+Instruction = Union[Join, Tick, WarmupWitness, Witness, HealthCheck, Checkpoint, Pause, Resume, Withdraw]
+INSTRUCTION_TYPES: tuple[type, ...] = (Join, Tick, WarmupWitness, Witness, HealthCheck, Checkpoint, Pause, Resume, Withdraw)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Instruction)
+
+
+def encode_instruction(instr: Instruction) -> bytes:
+    """The canonical wire bytes of ``instr`` (version byte + msgpack array)."""
+    if not isinstance(instr, INSTRUCTION_TYPES):
+        raise TypeError(f"not a coordinator instruction: {type(instr).__name__}")
+    return bytes([WIRE_VERSION]) + _encoder.encode(instr)
+
+
+def decode_instruction(data: bytes) -> Instruction:
+    """Parse wire bytes; raises ``ValueError`` saying what is malformed (never anything else)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"instruction must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise ValueError("empty instruction")
+    if data[0] != WIRE_VERSION:
+        raise ValueError(f"unknown instruction wire version {data[0]} (this build reads {WIRE_VERSION})")
+    try:
+        return _decoder.decode(data[1:])
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise ValueError(f"malformed instruction: {exc}") from None

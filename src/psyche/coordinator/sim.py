@@ -1,0 +1,170 @@
+"""Honest clients around one coordinator, played in a deterministic loop (no I/O, no torch).
+
+:class:`Swarm` plays a whole run with a fake clock: each call to :meth:`Swarm.act`
+sends what every online honest client would send given the state (warmup
+witness, witness reports with Bloom filters of the results it "received",
+health checks, checkpoints), then :meth:`Swarm.advance` lets time pass and
+ticks. Used by the tests and the benchmark, and handy for exercising ledger
+hosts. Results are simulated: a trainer's result commitment is a hash of its
+step and batch; ``silent`` trainers produce none, ``offline`` clients send nothing.
+
+Every applied instruction is logged as ``(wire bytes, signer, now, seed)``, so
+:func:`replay` can rebuild the same state elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+from psyche.coordinator.bloom import BloomFilter
+from psyche.coordinator.errors import CoordinatorError
+from psyche.coordinator.instructions import (
+    Checkpoint,
+    HealthCheck,
+    Instruction,
+    Join,
+    Tick,
+    WarmupWitness,
+    Witness,
+    decode_instruction,
+    encode_instruction,
+)
+from psyche.coordinator.machine import Coordinator
+from psyche.coordinator.queries import (
+    accusable_trainers,
+    current_round,
+    is_checkpointer,
+    is_warmup_witness,
+    member,
+    round_batches,
+    round_witnesses,
+)
+from psyche.coordinator.state import ClientState, RunState
+
+LogEntry = tuple[bytes, bytes, int, bytes]
+"""One applied instruction: (wire bytes, signer, now, seed)."""
+
+
+def client_key(i: int) -> bytes:
+    """A deterministic 32-byte stand-in for client ``i``'s public key."""
+    return hashlib.sha256(b"psyche-sim-client" + i.to_bytes(4, "little")).digest()
+
+
+def result_commitment(step: int, client: bytes, start: int, end: int) -> bytes:
+    """The simulated result hash of a trainer's batch (what an honest peer would broadcast)."""
+    return hashlib.sha256(b"result" + step.to_bytes(8, "little") + client + start.to_bytes(8, "little")
+                          + end.to_bytes(8, "little")).digest()
+
+
+class Swarm:
+    """Honest clients ``0..n-1`` (keys from :func:`client_key`) acting on one coordinator."""
+
+    def __init__(self, coord: Coordinator, *, now: int = 0, seed: bytes = b"sim", host_key: bytes = bytes(32)):
+        self.coord = coord
+        self.now = now
+        self.host_key = host_key
+        self._seed = seed
+        self._counter = 0
+        self.offline: set[int] = set()
+        """Clients that send nothing at all."""
+        self.silent: set[int] = set()
+        """Clients that act, but whose training results never reach anyone."""
+        self.log: list[LogEntry] = []
+        self.refused: list[tuple[Instruction, bytes, CoordinatorError]] = []
+        self.joined: set[int] = set()
+
+    def next_seed(self) -> bytes:
+        """The host's seed for the next instruction (deterministic here)."""
+        self._counter += 1
+        return hashlib.sha256(self._seed + self._counter.to_bytes(8, "little")).digest()
+
+    def submit(self, instr: Instruction, signer: bytes) -> CoordinatorError | None:
+        """Apply one instruction at the current time; log it if applied, remember it if refused."""
+        seed = self.next_seed()
+        err = self.coord.apply(instr, signer, self.now, seed)
+        if err is None:
+            self.log.append((encode_instruction(instr), signer, self.now, seed))
+        else:
+            self.refused.append((instr, signer, err))
+        return err
+
+    def join(self, clients: Iterable[int]) -> None:
+        """Clients join (with a fake P2P address)."""
+        for i in clients:
+            self.joined.add(i)
+            self.submit(Join(p2p_address=f"sim-ticket-{i}"), client_key(i))
+
+    def tick(self) -> CoordinatorError | None:
+        """The host ticks."""
+        return self.submit(Tick(), self.host_key)
+
+    def advance(self, seconds: int = 1) -> None:
+        """Let ``seconds`` pass, then the host ticks."""
+        self.now += seconds
+        self.tick()
+
+    def _online(self) -> list[int]:
+        return sorted(i for i in self.joined if i not in self.offline)
+
+    def act(self) -> None:
+        """Every online client sends what the current state asks of it (at most once each)."""
+        s = self.coord.state
+        ids = {client_key(i): i for i in self._online()}
+        if s.run_state is RunState.Warmup:
+            for cid in ids:
+                if is_warmup_witness(s, cid) and s.run_state is RunState.Warmup:
+                    idx = next(j for j, c in enumerate(s.clients) if c.id == cid)
+                    if idx not in s.warmup_reports:
+                        self.submit(WarmupWitness(), cid)
+        s = self.coord.state
+        r = current_round(s)
+        if r is not None and s.run_state in (RunState.RoundTrain, RunState.RoundWitness):
+            reported = {s.clients[rep.client].id for rep in r.reports}
+            witnesses = [w for w in round_witnesses(s) if w in ids and w not in reported]
+            if witnesses:
+                received = [(b.client, result_commitment(r.step, b.client, b.start, b.end))
+                            for b in round_batches(s) if b.client in ids and ids[b.client] not in self.silent]
+                part = BloomFilter.for_items([c for c, _ in received]).to_bytes()
+                bcast = BloomFilter.for_items([h for _, h in received]).to_bytes()
+                merkle = hashlib.sha256(b"".join(sorted(h for _, h in received))).digest()
+                for w in witnesses:
+                    if self.coord.state.run_state not in (RunState.RoundTrain, RunState.RoundWitness):
+                        break
+                    self.submit(Witness(step=r.step, participant_bloom=part, broadcast_bloom=bcast,
+                                        broadcast_merkle=merkle, loss=2.0 + 1.0 / r.step, tokens_per_sec=1000.0,
+                                        bandwidth_bytes=4096), w)
+        s = self.coord.state
+        if s.run_state in (RunState.RoundTrain, RunState.RoundWitness, RunState.Cooldown):
+            accuser = next((cid for cid in ids if (m := member(s, cid)) is not None
+                            and m.state is ClientState.Healthy), None)
+            if accuser is not None:
+                for r in list(s.rounds):
+                    accused = accusable_trainers(self.coord.state, r.step)
+                    if accused:
+                        self.submit(HealthCheck(step=r.step, accused=accused), accuser)
+        s = self.coord.state
+        if s.run_state is RunState.Cooldown:
+            for cid in ids:
+                idx = next((j for j, c in enumerate(s.clients) if c.id == cid), None)
+                if is_checkpointer(s, cid) and idx not in s.checkpointed:
+                    self.submit(Checkpoint(step=s.step - 1, location=f"sim://ckpt/{s.step - 1}",
+                                           sha256=hashlib.sha256(b"ckpt" + (s.step - 1).to_bytes(8, "little")).digest()),
+                                cid)
+
+    def run_until(self, done: Callable[[Coordinator], bool], *, max_seconds: int = 100_000, step_seconds: int = 1) -> None:
+        """Alternate :meth:`act` and :meth:`advance` until ``done(coord)``; raises if time runs out."""
+        end = self.now + max_seconds
+        while not done(self.coord):
+            if self.now >= end:
+                raise TimeoutError(f"run did not reach the goal within {max_seconds}s "
+                                   f"(run is {self.coord.state.run_state.value} at step {self.coord.state.step})")
+            self.act()
+            if done(self.coord):
+                break
+            self.advance(step_seconds)
+
+
+def replay(coord: Coordinator, log: Iterable[LogEntry]) -> list[CoordinatorError | None]:
+    """Apply a logged sequence to ``coord`` (decoding each entry); returns each result."""
+    return [coord.apply(decode_instruction(body), signer, now, seed) for body, signer, now, seed in log]
