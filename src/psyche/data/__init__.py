@@ -1,0 +1,50 @@
+"""Training data: token folders, the sample→tokens mapping, and the providers that read them.
+
+Public API::
+
+    open_provider(location, *, split, seq_len, shuffle_seed, provider="auto", repeat=False, vocab_size=None)
+        -> SampleProvider          # .num_samples, .sample(i), .batch(indices) -> LongTensor (B, seq_len+1)
+    providers_for(run_cfg) -> RunData(train, val)
+    TokenFile(path, *, dtype)      # a TokenSource: .read_tokens(offset, count)
+    register_source(name, opener)  # plug in an HTTP / data-server token source
+    tokenize_corpus(...), ensure_default_dataset(out_dir="data/fortunes") -> Path
+    DataError, DataMissingError, TokenWidthError, SampleIndexError
+"""
+
+from psyche.data.errors import DataError, DataMissingError, SampleIndexError, TokenWidthError
+from psyche.data.provider import (
+    RunData,
+    SampleProvider,
+    TokenFile,
+    TokenSource,
+    open_provider,
+    open_token_folder_split,
+    provider_kind,
+    providers_for,
+    read_meta,
+    register_source,
+    token_dtype_for,
+)
+from psyche.data.tokenize import EOT, corpus_files, ensure_default_dataset, tokenize_corpus
+
+__all__ = [
+    "EOT",
+    "DataError",
+    "DataMissingError",
+    "RunData",
+    "SampleIndexError",
+    "SampleProvider",
+    "TokenFile",
+    "TokenSource",
+    "TokenWidthError",
+    "corpus_files",
+    "ensure_default_dataset",
+    "open_provider",
+    "open_token_folder_split",
+    "provider_kind",
+    "providers_for",
+    "read_meta",
+    "register_source",
+    "token_dtype_for",
+    "tokenize_corpus",
+]

@@ -1,0 +1,87 @@
+"""The model: a Hugging Face ``LlamaForCausalLM`` built from the run config's sizes.
+
+Model code stays plain Transformers; nothing here knows about peers or devices
+beyond "build on CPU, deterministically".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedModel
+
+    from psyche.config import ModelConfig
+
+
+def llama_config(model_cfg: "ModelConfig", *, eot_token_id: int = 0) -> "LlamaConfig":
+    """The ``transformers.LlamaConfig`` for ``model_cfg``'s sizes.
+
+    ``eot_token_id`` (the tokenizer's ``<|endoftext|>``, id 0 for ``psyche tokenize``
+    output) serves as BOS, EOS and padding, so generation stops at a document end.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_hidden_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_key_value_heads,
+        max_position_embeddings=model_cfg.seq_len,
+        rope_theta=model_cfg.rope_theta,  # transformers 5 folds this into rope_parameters
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        bos_token_id=eot_token_id,
+        eos_token_id=eot_token_id,
+        pad_token_id=eot_token_id,
+        use_cache=True,
+    )
+
+
+def quiet_transformers() -> None:
+    """Turn off Transformers' own progress bars and info logs (we show rich progress)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> "PreTrainedModel":
+    """``AutoModelForCausalLM.from_pretrained(path)`` in float32 on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except TypeError:  # transformers < 4.56 calls it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    return model.to(device)
+
+
+def build_model(model_cfg: "ModelConfig", *, seed: int | None = None, eot_token_id: int = 0) -> "PreTrainedModel":
+    """A causal LM for ``model_cfg``: loaded from ``model_cfg.checkpoint`` if set, else
+    freshly initialised on CPU in float32 from ``seed`` (default ``model_cfg.init_seed``).
+
+    Promises: the same config and seed give bit-identical weights, on any call and in any
+    process, and the global torch RNG is left as it was.
+    """
+    from transformers import LlamaForCausalLM
+
+    if model_cfg.checkpoint:
+        return load_pretrained(model_cfg.checkpoint)
+    seed = model_cfg.init_seed if seed is None else seed
+    config = llama_config(model_cfg, eot_token_id=eot_token_id)
+    # fork_rng restores the caller's RNG state; initialisation draws only from our seed.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """The number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,109 @@
+"""One training step's gradient half, and validation loss.
+
+The optimizer update is deliberately not here: DisTrO splits it into ``generate()``
+(before results travel) and ``apply()`` (after), so the caller does it, and skips it
+when :class:`StepStats` says the step was not finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from psyche.data import SampleProvider
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one forward/backward over a batch measured."""
+
+    loss: float
+    """Mean next-token cross-entropy over every target token of the batch (nats)."""
+    grad_norm: float
+    """Global L2 norm of the gradient before clipping."""
+    tokens: int
+    """Target tokens in the batch: ``B * seq_len``."""
+    finite: bool
+    """False if the loss or the gradient norm is NaN/inf: the caller must skip the update."""
+
+
+def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """bf16 on CUDA (autocast), nothing elsewhere: CPU trains in float32."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _sum_cross_entropy(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and their next tokens
+    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+
+
+def compute_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batch_size: int,
+                      grad_clip: float, autocast_dtype: torch.dtype | None = None) -> StepStats:
+    """Forward and backward ``batch`` (``(B, seq_len+1)`` token ids) in micro-batches,
+    leaving in ``.grad`` the gradient of the mean loss over the whole batch, clipped to
+    global norm ``grad_clip`` (0 = no clipping).
+
+    Promises: the ``.grad`` of every parameter holds this batch's gradient only (old
+    gradients are cleared first), and it equals the full-batch gradient whatever
+    ``micro_batch_size`` is (up to float rounding), since each micro-batch's summed loss
+    is divided by the token count of the whole batch.
+    """
+    if batch.dim() != 2 or batch.size(1) < 2:
+        raise ValueError(f"batch must be (B, seq_len+1) with seq_len >= 1 (got shape {tuple(batch.shape)})")
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0 (got {micro_batch_size})")
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    n_tokens = batch.size(0) * (batch.size(1) - 1)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for mb in batch.split(micro_batch_size):  # (b, T+1) each
+        with _autocast(device, autocast_dtype):
+            loss = _sum_cross_entropy(model, mb) / n_tokens
+        loss.backward()
+        total += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # .item() waits for the device; do it once per step, not per micro-batch.
+    loss_value, norm_value = float(total.item()), float(grad_norm.item())
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    return StepStats(loss=loss_value, grad_norm=norm_value, tokens=n_tokens, finite=finite)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, provider: "SampleProvider", *, batches: int, batch_size: int,
+             autocast_dtype: torch.dtype | None = None) -> float:
+    """Mean next-token cross-entropy (nats) on samples ``0 .. batches*batch_size-1`` of
+    ``provider`` (fewer if it holds fewer): the same samples on every call.
+
+    Leaves the model in the train/eval mode it was in.
+    """
+    n = min(batches * batch_size, provider.num_samples)
+    if n <= 0:
+        raise ValueError(f"evaluate: nothing to evaluate (batches={batches}, batch_size={batch_size}, "
+                         f"{provider.num_samples} samples in {provider.source.name})")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    try:
+        for start in range(0, n, batch_size):
+            batch = provider.batch(range(start, min(n, start + batch_size))).to(device)
+            with _autocast(device, autocast_dtype):
+                total += _sum_cross_entropy(model, batch).double()
+    finally:
+        model.train(was_training)
+    return float(total.item()) / (n * provider.seq_len)
