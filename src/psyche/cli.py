@@ -58,6 +58,176 @@ def validate_config(
 # --- commands ---
 
 
+@app.command("tokenize")
+def tokenize_cmd(
+    corpus: Annotated[list[Path] | None, typer.Option(help="Text file or folder (repeatable); default: Debian fortunes.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="An existing tokenizer.json to use instead of training a BPE.")] = None,
+    vocab_size: Annotated[int, typer.Option(min=258, help="Vocabulary of the BPE trained when no --tokenizer is given.")] = 4096,
+    out: Annotated[Path, typer.Option(help="Token folder to write (train.bin, val.bin, tokenizer.json, meta.json).")] = Path("data/fortunes"),
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of documents held out for validation.")] = 0.05,
+) -> None:
+    """Turn a text corpus into flat token files and a tokenizer (a token folder)."""
+    from psyche.data import DataError, tokenize_corpus
+
+    try:
+        meta = tokenize_corpus(corpus=corpus or None, tokenizer=tokenizer, vocab_size=vocab_size, out_dir=out,
+                               val_fraction=val_fraction, console=console)
+    except DataError as exc:
+        fail(str(exc))
+    s = meta["splits"]
+    console.print(f"wrote {out}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens "
+                  f"({meta['dtype']}, vocab {meta['vocab_size']})", highlight=False)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Option(help="Run config TOML.")] = Path("config/tiny-fortunes.toml"),
+    steps: Annotated[int | None, typer.Option(min=1, help="Total steps (default: coordinator.total_steps).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run name>).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or distro (default: the config's, adamw if DisTrO is absent).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    data: Annotated[str | None, typer.Option(help="Override data.location.")] = None,
+    eval_every: Annotated[int | None, typer.Option(min=1, help="Steps between validation losses (default: steps/5).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Steps between checkpoints (0: only at the end).")] = 0,
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint folder to resume from.")] = None,
+) -> None:
+    """Train the run's model on this machine alone; write metrics.jsonl and a checkpoint."""
+    from psyche.config import ConfigError, load_config
+    from psyche.data import DataError
+
+    if optimizer not in (None, "adamw", "distro"):
+        fail(f"--optimizer must be adamw or distro (got {optimizer!r})")
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        fail(str(exc).replace("\n", " "))
+    from psyche.train import CheckpointError, TrainingError, train
+
+    try:
+        result = train(cfg, out_dir=out or Path("runs") / cfg.name, steps=steps, optimizer=optimizer, device=device,
+                       data_location=data, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                       resume=resume, console=console)
+    except (DataError, CheckpointError, TrainingError) as exc:
+        fail(str(exc))
+    console.print(f"metrics: {result.metrics_path}\ncheckpoint: {result.checkpoint}", highlight=False)
+
+
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder (save_pretrained form).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue (empty: a new document).")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate.")] = 100,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens (0: all).")] = 50,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Stream text from a checkpoint."""
+    import sys
+
+    from psyche.generate import GenerateError, Generator
+
+    try:
+        gen = Generator.from_checkpoint(checkpoint, device=device)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k or None, seed=seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except GenerateError as exc:
+        fail(str(exc))
+    sys.stdout.write("\n")
+
+
+@app.command("server")
+def server_cmd(
+    config: Annotated[Path | None, typer.Option(help="Run config TOML to host (created if not in the database).")] = None,
+    db: Annotated[Path, typer.Option(help="SQLite database; reuse it to continue runs after a restart.")] = Path("psyche.sqlite"),
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    key: Annotated[Path, typer.Option(help="The server's ed25519 key (the run authority); created if missing.")] = Path("server.key"),
+) -> None:
+    """Host a run's coordinator over HTTP + WebSocket, persisted in SQLite, with the dashboard."""
+    import logging
+
+    import uvicorn
+
+    from psyche.config import ConfigError
+    from psyche.ledger.server import create_app, open_server
+    from psyche.p2p.identity import Identity
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ident = Identity.load_or_create(key)
+    try:
+        server = open_server(config, db, authority=ident.public_key, host_key=ident.public_key)
+    except ConfigError as exc:
+        fail(str(exc))
+    if not server.hosts:
+        fail(f"{db} holds no run; pass --config RUN.toml to create one")
+    from psyche.dashboard import mount_dashboard
+
+    app_ = create_app(server, extra_routes=mount_dashboard)
+    console.print(f"psyche server: runs {sorted(server.hosts)} at http://{host}:{port}/", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command("client")
+def client_cmd(
+    server: Annotated[str | None, typer.Option(help="Coordinator server URL, e.g. http://127.0.0.1:8000")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run to join (default: the server's only run).")] = None,
+    key: Annotated[Path, typer.Option(help="This node's ed25519 key file; created if missing.")] = Path("client.key"),
+    device: Annotated[str, typer.Option(help="cpu or cuda (or cuda:N).")] = "cpu",
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Where to write checkpoints when selected.")] = None,
+    data: Annotated[str | None, typer.Option(help="Override the run's data location (path, http URL, psyche://).")] = None,
+    bind: Annotated[str, typer.Option(help="P2P bind address.")] = "127.0.0.1:0",
+    solana: Annotated[str | None, typer.Option(help="Solana RPC URL (instead of --server).")] = None,
+    keypair: Annotated[Path | None, typer.Option(help="Solana keypair file (with --solana; default: --key).")] = None,
+) -> None:
+    """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
+    from psyche.client.main import run_client
+
+    if (server is None) == (solana is None):
+        fail("pass exactly one of --server URL or --solana URL")
+    code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, device=device,
+                      checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console)
+    raise typer.Exit(code)
+
+
+@app.command("demo")
+def demo_cmd(
+    clients: Annotated[int, typer.Option(min=1, max=16, help="Client processes to start.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to train.")] = 40,
+    out: Annotated[Path, typer.Option(help="Folder for the checkpoint, metrics, logs and database.")] = Path("runs/demo"),
+    port: Annotated[int | None, typer.Option(help="Server port (default: a free one).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Base run config (default: config/tiny-fortunes.toml).")] = None,
+) -> None:
+    """Run a whole network here: a coordinator server and N clients training a small LLaMA."""
+    from psyche.demo import run_demo
+
+    raise typer.Exit(run_demo(clients=clients, steps=steps, out=out, port=port, config=config, console=console))
+
+
+@app.command("data-server")
+def data_server_cmd(
+    data: Annotated[Path, typer.Option(help="Token folder (what `psyche tokenize` wrote).")] = Path("data/fortunes"),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8100,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Serve a token folder to remote clients (data.location = "psyche://HOST:PORT")."""
+    import uvicorn
+
+    from psyche.data.errors import DataError
+    from psyche.data.server import create_data_app
+
+    try:
+        app_ = create_data_app(data)
+    except DataError as exc:
+        fail(str(exc))
+    console.print(f"psyche data-server: {data} at psyche://{host}:{port}", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Entry point of the ``psyche`` console script."""
     app()

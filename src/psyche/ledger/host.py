@@ -28,6 +28,21 @@ def derive_seed(secret: bytes, run_id: str, seq: int) -> bytes:
     return hashlib.sha256(b"psyche-seed" + secret + run_id.encode() + seq.to_bytes(8, "little")).digest()
 
 
+def replay(genesis: bytes, log: list[tuple[int, bytes, bytes, int, bytes]]) -> Coordinator:
+    """Rebuild a run's state from its initial state and its log of (seq, signer, body, now, seed).
+
+    Anyone holding the log computes the same state (and digest) as the host did.
+    """
+    from psyche.coordinator import decode_instruction
+
+    coord = Coordinator.from_bytes(genesis)
+    for seq, signer, body, now, seed in log:
+        err = coord.apply(decode_instruction(body), signer, now, seed)
+        if err is not None:
+            raise ValueError(f"log entry {seq} was refused on replay: {err.name}: {err}")
+    return coord
+
+
 class RunHost:
     """One run's coordinator and its log, as held by a host process.
 

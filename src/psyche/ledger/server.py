@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 
 from psyche.config import RunConfig, parse_config
 from psyche.coordinator import Coordinator, decode_instruction
+from psyche.coordinator import queries as q
 from psyche.ledger.envelope import open_request
 from psyche.ledger.host import RunHost
 from psyche.ledger.status import run_status, run_summary
@@ -179,7 +180,7 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
         except ValueError as exc:
             server.rejected["bad_report"] += 1
             return _error(400, "BadRequest", str(exc))
-        if not host.coordinator.is_member(req.signer):
+        if q.member(host.coordinator.state, req.signer) is None:
             server.rejected["non_member_report"] += 1
             return _error(403, "NotAMember", "only members of the run may report metrics")
         if req.nonce <= server.store.last_nonce(run_id, req.signer):

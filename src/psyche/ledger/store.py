@@ -7,7 +7,7 @@ instruction: nothing is lost and nothing is applied twice. The instruction log
 the database can replay the run and check the state digest.
 
 Tables:
-    runs          run_id, config (JSON), authority, created
+    runs          run_id, config (JSON), authority, genesis (initial state), created
     instructions  run_id, seq, signer, body, now, seed        (the replayable log)
     snapshots     run_id, seq, state, digest                  (latest state only)
     nonces        run_id, signer, nonce                       (replay protection)
@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     config TEXT NOT NULL,
     authority BLOB NOT NULL,
+    genesis BLOB NOT NULL,
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS instructions (
@@ -104,8 +105,8 @@ class Store:
         """Record a new run with its initial state (seq 0)."""
         with self._lock, self._tx():
             self._db.execute(
-                "INSERT INTO runs (run_id, config, authority, created) VALUES (?, ?, ?, ?)",
-                (run_id, json.dumps(config, sort_keys=True), authority, time.time()),
+                "INSERT INTO runs (run_id, config, authority, genesis, created) VALUES (?, ?, ?, ?, ?)",
+                (run_id, json.dumps(config, sort_keys=True), authority, state, time.time()),
             )
             self._db.execute(
                 "INSERT INTO snapshots (run_id, seq, state, digest) VALUES (?, 0, ?, ?)",
@@ -162,6 +163,14 @@ class Store:
                     "INSERT OR IGNORE INTO step_times (run_id, step, started) VALUES (?, ?, ?)",
                     (run_id, step_started[0], step_started[1]),
                 )
+
+    def genesis(self, run_id: str) -> bytes:
+        """The run's initial state, from which the log replays."""
+        with self._lock:
+            row = self._db.execute("SELECT genesis FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        return bytes(row[0])
 
     def log(self, run_id: str) -> list[tuple[int, bytes, bytes, int, bytes]]:
         """The run's whole instruction log: (seq, signer, body, now, seed) in order."""

@@ -1,0 +1,82 @@
+"""``psyche client``: wire a ledger, a P2P node and a trainer into a running node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from psyche.config import ConfigError, RunConfig, parse_config
+
+
+def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
+    """The run id and config the server hosts (the only run, if no id is given)."""
+    try:
+        runs = httpx.get(f"{url.rstrip('/')}/api/runs", timeout=10).json()
+        if run_id is None:
+            if len(runs) != 1:
+                raise SystemExit(f"error: the server hosts {len(runs)} runs; pass --run-id (one of {[r['run_id'] for r in runs]})")
+            run_id = runs[0]["run_id"]
+        status = httpx.get(f"{url.rstrip('/')}/api/runs/{run_id}", timeout=10)
+    except httpx.TransportError as exc:
+        raise SystemExit(f"error: cannot reach the coordinator server at {url}: {exc!r}") from None
+    if status.status_code != 200:
+        raise SystemExit(f"error: {url}: run {run_id!r}: {status.json().get('message', status.text)}")
+    return run_id, parse_config(status.json()["config"], f"run {run_id} config from {url}")
+
+
+async def _run(args: dict, console: Console) -> int:
+    from psyche.client.runtime import ClientRuntime
+    from psyche.client.trainer import LocalTrainer
+    from psyche.p2p import Identity, P2PNode
+
+    identity = Identity.load_or_create(args["key"])
+    client_ticks = False
+    if args["server"] is not None:
+        from psyche.ledger.remote import ServerLedger
+
+        run_id, cfg = _server_run(args["server"], args["run_id"])
+        ledger = ServerLedger(args["server"], run_id, identity)
+    else:
+        from psyche.ledger.solana import SolanaLedger  # noqa: F401  (the Solana host)
+
+        if args["run_id"] is None:
+            raise SystemExit("error: --solana needs --run-id")
+        ledger = SolanaLedger.connect(args["solana"], args["run_id"], identity)
+        cfg = ledger.config
+        client_ticks = True
+    say = lambda msg: console.print(f"[dim]{identity.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
+    trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
+    node = await P2PNode.start(identity, cfg.run_id, bind=args["bind"])
+    say(f"client {identity.public_key.hex()} for run {cfg.run_id}; p2p address ready")
+    runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say,
+                            client_ticks=client_ticks)
+    task = asyncio.create_task(runtime.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        say("stopped")
+        return 130
+    finally:
+        await node.close()
+        await ledger.close()
+
+
+def run_client(*, server: str | None, solana: str | None, run_id: str | None, key: Path, device: str,
+               checkpoint_dir: Path | None, data: str | None, bind: str, console: Console) -> int:
+    """Run one node until the run finishes (0), it is stopped (130), or a user error (1)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = dict(server=server, solana=solana, run_id=run_id, key=key, device=device,
+                checkpoint_dir=checkpoint_dir, data=data, bind=bind)
+    try:
+        return asyncio.run(_run(args, console))
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1

@@ -1,0 +1,439 @@
+"""The client runtime: follow the coordinator and do what each phase asks.
+
+The runtime keeps no rules of its own: it reads the coordinator state (through
+a :class:`~psyche.ledger.base.Ledger`) and asks :mod:`psyche.coordinator.queries`
+who trains what, who witnesses, what the witnesses agreed on and whom to accuse.
+Per phase:
+
+- WaitingForMembers: make sure we are joined (again, after being dropped).
+- Warmup: get the model (fresh init in epoch 0, from peers later, or from the
+  last checkpoint), report readiness if selected as a warmup witness.
+- RoundTrain: train our assigned samples, publish the compressed result as a
+  blob with a signed commitment; meanwhile fetch and verify everyone else's.
+  Witnesses report bloom filters of what they verified.
+- After a round closes: apply the results a witness quorum agreed on (one step
+  late in overlapped mode, so training never waits for the network), and
+  accuse trainers no quorum saw.
+- Cooldown: apply what is left; selected checkpointers save and report.
+- Finished: exit 0. Dropped: say so, rejoin for the next epoch.
+
+:meth:`ClientRuntime.act` reconciles what we have done with the current state,
+so it is safe to call on every state change, in any order, any number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psyche.coordinator import Checkpoint, HealthCheck, Join, Tick, WarmupWitness, Withdraw, Witness
+from psyche.coordinator import queries as q
+from psyche.coordinator.bloom import BloomFilter
+from psyche.coordinator.state import ClientState, RunState
+from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
+from psyche.p2p import ResultCommitment
+
+log = logging.getLogger("psyche.client")
+
+
+def merkle_root(leaves: list[bytes]) -> bytes:
+    """SHA-256 Merkle root of ``leaves`` in sorted order (32 zero bytes for none)."""
+    level = [hashlib.sha256(b"\x00" + x).digest() for x in sorted(leaves)]
+    if not level:
+        return bytes(32)
+    while len(level) > 1:
+        if len(level) % 2:
+            level.append(level[-1])
+        level = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
+    return level[0]
+
+
+@dataclass
+class StepBook:
+    """What this node knows about one step's results."""
+
+    commitments: dict[bytes, ResultCommitment] = field(default_factory=dict)
+    """trainer id -> the commitment it broadcast."""
+    verified: dict[bytes, bytes] = field(default_factory=dict)
+    """trainer id -> blob hash, for results downloaded and checked."""
+    bad: set[bytes] = field(default_factory=set)
+    fetching: set[bytes] = field(default_factory=set)
+    bytes_received: int = 0
+
+
+class ClientRuntime:
+    """One node in one run. ``node`` is a started :class:`psyche.p2p.P2PNode`."""
+
+    def __init__(self, ledger: Ledger, node, trainer, identity, *, checkpoint_dir: Path | None = None,
+                 eval_every: int = 5, say=print, client_ticks: bool = False):
+        self.ledger = ledger
+        self.node = node
+        self.trainer = trainer
+        self.me: bytes = identity.public_key
+        self.checkpoint_dir = checkpoint_dir
+        self.eval_every = eval_every
+        self.say = say
+        self.client_ticks = client_ticks
+        self.coord = None
+        self._wake = asyncio.Event()
+        self.books: dict[int, StepBook] = defaultdict(StepBook)
+        self.blobs: dict[bytes, bytes] = {}
+        self.applied_step = 0
+        """Last step whose agreed results are in our weights."""
+        self.trained: dict[int, tuple] = {}
+        self.witnessed: set[int] = set()
+        self.accused: set[int] = set()
+        self.joined_epoch: int | None = None
+        self.warmup_reported: int | None = None
+        self.checkpointed_epoch: int | None = None
+        self.dropped_noted: int | None = None
+        self.model_epoch: int | None = None
+        self._lock = asyncio.Lock()
+        self._last_tick = 0.0
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        async for coord in self.ledger.watch():
+            self.coord = coord
+            s = coord.state
+            self.node.set_members({c.id: c.p2p_address for c in s.clients if c.id != self.me})
+            self.node.set_step(s.step)
+            self._wake.set()
+
+    async def _messages(self) -> None:
+        async for sender, msg in self.node.messages():
+            if isinstance(msg, ResultCommitment):
+                self._on_commitment(sender, msg)
+
+    def _on_commitment(self, sender: bytes, c: ResultCommitment) -> None:
+        book = self.books[c.step]
+        if sender in book.commitments:
+            return
+        if self.coord is not None:
+            got = q.assignment_for(self.coord.state, sender, step=c.step) if q.round_for_step(self.coord.state, c.step) else None
+            if got is not None and got != (c.batch_start, c.batch_end):
+                log.warning("commitment from %s for step %d names batch [%d, %d) but it was assigned %s; ignored",
+                            sender.hex()[:8], c.step, c.batch_start, c.batch_end, got)
+                return
+        book.commitments[sender] = c
+        if sender not in book.fetching:
+            book.fetching.add(sender)
+            asyncio.get_running_loop().create_task(self._fetch_result(sender, c))
+
+    async def _fetch_result(self, sender: bytes, c: ResultCommitment, providers: list[bytes] | None = None) -> bytes | None:
+        book = self.books[c.step]
+        try:
+            data = self.blobs.get(c.blob_hash)
+            if data is None:
+                data = await self.node.fetch_blob(c.blob_hash, c.size, providers or [sender])
+            self.trainer.check_payload(data)
+        except ValueError as exc:
+            log.warning("result of %s for step %d does not decode: %s", sender.hex()[:8], c.step, exc)
+            book.bad.add(sender)
+            return None
+        except Exception as exc:  # BlobUnavailable and transport errors: not verified
+            log.warning("could not fetch result of %s for step %d: %r", sender.hex()[:8], c.step, exc)
+            book.fetching.discard(sender)
+            return None
+        self.blobs[c.blob_hash] = data
+        book.verified[sender] = c.blob_hash
+        book.bytes_received += len(data)
+        self._wake.set()
+        return data
+
+    async def _submit(self, instruction, *, quiet: bool = False) -> bool:
+        """Submit, retrying while the host is unreachable; False if refused."""
+        delay = 0.2
+        while True:
+            try:
+                await self.ledger.submit(instruction)
+                return True
+            except InstructionRefused as exc:
+                if not quiet:
+                    log.info("%s refused: %s", type(instruction).__name__, exc)
+                return False
+            except LedgerUnavailable as exc:
+                log.warning("coordinator unreachable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- the loop ----------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Follow the run until it is Finished (0). Cancel the task to stop (withdraws)."""
+        watcher = asyncio.create_task(self._watch())
+        messages = asyncio.create_task(self._messages())
+        try:
+            while self.coord is None:
+                await asyncio.sleep(0.05)
+            while True:
+                if self.coord.state.run_state is RunState.Finished:
+                    await self._finish_pending()
+                    self.say(f"run finished at step {self.coord.state.settings.total_steps}")
+                    return 0
+                await self.act()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except TimeoutError:
+                    pass
+        except asyncio.CancelledError:
+            await self.withdraw()
+            raise
+        finally:
+            watcher.cancel()
+            messages.cancel()
+
+    async def withdraw(self) -> None:
+        """Leave the run cleanly (Ctrl-C)."""
+        if self.coord is not None and q.member(self.coord.state, self.me) is not None:
+            try:
+                await asyncio.wait_for(self.ledger.submit(Withdraw()), 5)
+                self.say("withdrew from the run")
+            except (InstructionRefused, LedgerUnavailable, TimeoutError):
+                pass
+
+    async def act(self) -> None:
+        """Do what the current state asks of us that we have not done yet."""
+        coord = self.coord
+        s = coord.state
+        me = q.member(s, self.me)
+        if self.client_ticks:
+            await self._maybe_tick(s)
+        if me is not None and me.state is not ClientState.Healthy and self.dropped_noted != s.epoch:
+            self.dropped_noted = s.epoch
+            self.say(f"this client is {me.state.value} in epoch {s.epoch}; it will rejoin for the next epoch")
+        match s.run_state:
+            case RunState.WaitingForMembers | RunState.Uninitialized:
+                await self._ensure_joined(s)
+            case RunState.Warmup:
+                if me is None:
+                    await self._ensure_joined(s)
+                elif me.state is ClientState.Healthy:
+                    await self._warmup(s)
+            case RunState.RoundTrain | RunState.RoundWitness:
+                if me is None:
+                    await self._ensure_joined(s)
+                    return
+                if me.state is ClientState.Healthy and self.trainer.ready:
+                    await self._round(s)
+            case RunState.Cooldown:
+                if me is not None and me.state is ClientState.Healthy and self.trainer.ready:
+                    await self._apply_closed(s)
+                    await self._cooldown(s)
+                elif me is None:
+                    await self._ensure_joined(s)
+            case RunState.Paused:
+                pass
+
+    async def _maybe_tick(self, s) -> None:
+        deadline = q.phase_deadline(s)
+        if deadline is not None and time.time() >= deadline and time.time() - self._last_tick > 1.0:
+            self._last_tick = time.time()
+            await self._submit(Tick(), quiet=True)
+
+    async def _ensure_joined(self, s) -> None:
+        if self.me in s.pending:
+            return
+        me = q.member(s, self.me)
+        if me is not None and s.run_state is RunState.WaitingForMembers:
+            return  # carried over into the next epoch
+        if me is not None and me.state is ClientState.Healthy:
+            return
+        if self.joined_epoch == s.epoch and me is None and s.run_state is not RunState.WaitingForMembers:
+            return  # already asked for the next epoch
+        if await self._submit(Join(self.node.address)):
+            self.joined_epoch = s.epoch
+            self.say(f"joined run {s.run_id} (epoch {s.epoch})")
+
+    async def _warmup(self, s) -> None:
+        if self.model_epoch != s.epoch:
+            await self._get_model(s)
+            self.model_epoch = s.epoch
+        self.trainer.lr_window = q.lr_warmup_window(s)
+        if q.is_warmup_witness(s, self.me) and self.warmup_reported != s.epoch:
+            if await self._submit(WarmupWitness(), quiet=True):
+                self.warmup_reported = s.epoch
+
+    async def _get_model(self, s) -> None:
+        """Make sure our weights are those of the start of step ``s.step``."""
+        up_to_date = self.trainer.ready and self.applied_step == s.step - 1
+        if up_to_date:
+            return
+        source = q.model_source(s)
+        if source == "init" or (source == "checkpoint" and not Path(q.latest_checkpoint(s).location).exists()):
+            self.trainer.init_model()
+            self.say(f"model initialised from the run's seed ({self.trainer.parameters() / 1e6:.2f}M parameters)")
+        elif source == "checkpoint":
+            self.trainer.load_checkpoint_folder(q.latest_checkpoint(s).location)
+            self.say(f"model loaded from checkpoint {q.latest_checkpoint(s).location}")
+        else:
+            providers = [c.id for c in s.clients[: s.carried] if c.id != self.me]
+            t0 = time.time()
+            fetched = await self.node.fetch_model(providers)
+            self.trainer.load_state(fetched.to_state_dict())
+            self.say(f"model fetched from {len(providers)} peer(s) in {time.time() - t0:.1f}s")
+        self.applied_step = s.step - 1
+        self.trained = {k: v for k, v in self.trained.items() if k <= self.applied_step}
+        self._serve_model()
+
+    def _serve_model(self) -> None:
+        from psyche.p2p.torch_io import model_from_state_dict
+
+        self.node.serve_model(model_from_state_dict(self.trainer.state_tensors()))
+
+    async def _round(self, s) -> None:
+        rnd = q.current_round(s)
+        step = rnd.step
+        overlapped = self.trainer.cfg.optimizer.overlapped
+        if not overlapped:
+            await self._apply_closed(s)
+        if step not in self.trained and self.applied_step >= step - 2:
+            interval = q.assignment_for(s, self.me, step=step)
+            if interval is not None and s.run_state is RunState.RoundTrain:
+                await self._train(step, interval)
+            else:
+                self.trained[step] = (None, None)
+        if overlapped:
+            await self._apply_closed(s)
+        await self._witness(s, step)
+        await self._health_checks(s)
+
+    async def _train(self, step: int, interval: tuple[int, int]) -> None:
+        start, end = interval
+        async with self._lock:
+            out = await asyncio.to_thread(self.trainer.train, step, start, end)
+        blob_hash = self.node.publish_blob(out.payload, step=step)
+        commitment = ResultCommitment(run_id=self.coord.state.run_id, step=step, batch_start=start,
+                                      batch_end=end, blob_hash=blob_hash, size=len(out.payload))
+        book = self.books[step]
+        book.commitments[self.me] = commitment
+        book.verified[self.me] = blob_hash
+        self.blobs[blob_hash] = out.payload
+        self.trained[step] = (out, commitment)
+        await self.node.broadcast(commitment)
+        self.say(f"step {step}: trained samples [{start}, {end}) loss {out.loss:.4f} "
+                 f"({out.tokens / max(out.seconds, 1e-9):,.0f} tok/s), result {len(out.payload):,} bytes")
+        await self._report(step, out)
+
+    async def _report(self, step: int, out) -> None:
+        report = getattr(self.ledger, "report", None)
+        if report is None:
+            return
+        total = self.trainer.cfg.coordinator.total_steps
+        stats = self.node.stats()
+        data = {"step": step, "loss": out.loss, "tokens": out.tokens, "train_seconds": out.seconds,
+                "tokens_per_sec": out.tokens / max(out.seconds, 1e-9), "result_bytes": len(out.payload),
+                "bytes_sent": sum(p.bytes_out for p in stats.values()),
+                "bytes_received": sum(p.bytes_in for p in stats.values()), "peers": len(stats)}
+        try:
+            await report(data)
+        except (InstructionRefused, LedgerUnavailable) as exc:
+            log.info("metrics report for step %d not taken: %s", step, exc)
+        if step % self.eval_every == 0 or step == total:
+            # Validation loss of the weights at the start of this step (all nodes agree on them).
+            async with self._lock:
+                val = await asyncio.to_thread(self.trainer.evaluate)
+            try:
+                await report(dict(data, val_loss=val))
+            except (InstructionRefused, LedgerUnavailable):
+                pass
+
+    async def _witness(self, s, step: int) -> None:
+        if step in self.witnessed or not q.is_witness(s, self.me, step=step):
+            return
+        book = self.books[step]
+        trainers = set(q.round_trainers(s, step=step))
+        complete = trainers <= set(book.verified) | book.bad
+        if not complete and s.run_state is not RunState.RoundWitness:
+            return
+        valid = {t: c for t, c in book.commitments.items() if t in trainers}
+        out = self.trained.get(step, (None, None))[0]
+        instr = Witness(
+            step=step,
+            participant_bloom=BloomFilter.for_items([t for t in book.verified if t in trainers]).to_bytes(),
+            broadcast_bloom=BloomFilter.for_items([c.blob_hash for c in valid.values()]).to_bytes(),
+            broadcast_merkle=merkle_root([c.blob_hash for c in valid.values()]),
+            loss=float(out.loss) if out is not None else 0.0,
+            tokens_per_sec=float(out.tokens / max(out.seconds, 1e-9)) if out is not None else 0.0,
+            bandwidth_bytes=book.bytes_received,
+        )
+        self.witnessed.add(step)
+        await self._submit(instr, quiet=True)
+
+    async def _health_checks(self, s) -> None:
+        for rnd in s.rounds:
+            if rnd.step in self.accused or not q.round_closed(s, rnd.step):
+                continue
+            self.accused.add(rnd.step)
+            accused = q.accusable_trainers(s, rnd.step)
+            if accused:
+                ok = await self._submit(HealthCheck(step=rnd.step, accused=accused), quiet=True)
+                if ok:
+                    self.say(f"step {rnd.step}: accused {[a.hex()[:8] for a in accused]} of missing results")
+
+    async def _apply_closed(self, s) -> None:
+        """Apply, in step order, every closed round we have not applied yet."""
+        while True:
+            step = self.applied_step + 1
+            if q.round_for_step(s, step) is None or not q.round_closed(s, step):
+                return
+            await self._apply(s, step)
+
+    async def _apply(self, s, step: int) -> None:
+        book = self.books[step]
+        batches = q.round_batches(s, step)
+        candidates = {}
+        owner = {}
+        for b in batches:
+            c = book.commitments.get(b.client_id)
+            if c is not None and (c.batch_start, c.batch_end) == (b.start, b.end):
+                candidates[(b.start, b.end)] = [c.blob_hash]
+                owner[(b.start, b.end)] = (b.client_id, c)
+        agreed = q.consensus(s, step, candidates)
+        payloads = []
+        for interval in sorted(agreed):
+            h = agreed[interval]
+            if h is None:
+                continue
+            data = self.blobs.get(h)
+            if data is None:
+                trainer, c = owner[interval]
+                providers = [trainer] + [x.id for x in s.clients if x.id not in (trainer, self.me)]
+                data = await self._fetch_result(trainer, c, providers)
+                if data is None:
+                    raise RuntimeError(f"step {step}: the agreed result of {trainer.hex()[:8]} could not be fetched")
+            payloads.append(data)
+        async with self._lock:
+            await asyncio.to_thread(self.trainer.apply, step, payloads)
+        self.applied_step = step
+        for old in [k for k in self.books if k < step - 2]:
+            for h in self.books[old].verified.values():
+                self.blobs.pop(h, None)
+            del self.books[old]
+        self.node.drop_blobs_older_than(step - 1)
+
+    async def _cooldown(self, s) -> None:
+        if self.checkpointed_epoch == s.epoch:
+            return
+        self.checkpointed_epoch = s.epoch
+        self._serve_model()
+        if not q.is_checkpointer(s, self.me) or self.checkpoint_dir is None:
+            return
+        step = self.applied_step
+        async with self._lock:
+            path, sha = await asyncio.to_thread(self.trainer.save, self.checkpoint_dir, step=step)
+        self.say(f"checkpoint after step {step} written to {path}")
+        await self._submit(Checkpoint(step=step, location=str(path), sha256=sha), quiet=True)
+
+    async def _finish_pending(self) -> None:
+        """At Finished: nothing left to train; make sure a checkpointer's last save happened."""
+        s = self.coord.state
+        if self.trainer.ready:
+            await self._apply_closed(s)

@@ -1,0 +1,180 @@
+"""One node's model, optimizer and data: the torch half of the client runtime.
+
+The runtime decides *when* (it follows the coordinator); this module does *what*:
+train an assigned sample interval into a compressed DisTrO payload, apply the
+payloads the witnesses agreed on, evaluate, checkpoint, and hand the weights to
+peers. Every node applies the same payloads in the same order with the same
+learning rate, so all nodes hold bit-identical weights (on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from psyche.config import RunConfig
+from psyche.distro import DisTrO, decode_payload, encode_payload
+from psyche.train.checkpoint import save_checkpoint
+from psyche.train.model import build_model, count_parameters, load_pretrained
+from psyche.train.schedule import lr_at
+from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    """What training one interval produced."""
+
+    payload: bytes
+    loss: float
+    tokens: int
+    seconds: float
+    finite: bool
+
+
+class LocalTrainer:
+    """The model and DisTrO optimizer of one node, fed by the run's data provider."""
+
+    def __init__(self, cfg: RunConfig, *, device: str = "cpu", data_location: str | None = None,
+                 eval_batches: int = 2, eval_batch_size: int = 8):
+        from psyche.train.loop import _tokenizer_of, prepare_data
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.amp = default_autocast_dtype(self.device)
+        self.data = prepare_data(cfg, location=data_location, progress=False)
+        self.tokenizer_path = _tokenizer_of(self.data)
+        self.eval_batches = eval_batches
+        self.eval_batch_size = eval_batch_size
+        self.model: torch.nn.Module | None = None
+        self.optimizer: DisTrO | None = None
+        self.shapes: list[tuple[int, ...]] = []
+        self.lr_window: tuple[int, int] | None = None
+
+    # -- the model -----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether a model is loaded."""
+        return self.model is not None
+
+    def init_model(self) -> None:
+        """Build the epoch-0 model: from ``model.checkpoint`` or a fresh init from the run's seed."""
+        self._install(build_model(self.cfg.model))
+
+    def load_checkpoint_folder(self, path: str | Path) -> None:
+        """Load weights from a ``save_pretrained`` folder (a checkpoint the run reported)."""
+        self._install(load_pretrained(path))
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take weights fetched from peers (same names and shapes as our model)."""
+        model = build_model(self.cfg.model)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"peer model does not match the run's config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self._install(model)
+
+    def _install(self, model: torch.nn.Module) -> None:
+        model.to(self.device)
+        self.model = model
+        o = self.cfg.optimizer
+        self.optimizer = DisTrO([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr.peak_lr,
+                                compression_decay=o.compression_decay, chunk=o.chunk, topk=o.topk,
+                                one_bit=o.one_bit, weight_decay=o.weight_decay)
+        self.shapes = self.optimizer.parameter_shapes()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the weights (what peers fetch at warmup)."""
+        assert self.model is not None
+        return {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
+
+    def parameters(self) -> int:
+        """Number of parameters of the loaded model."""
+        assert self.model is not None
+        return count_parameters(self.model)
+
+    # -- the schedule --------------------------------------------------------
+
+    def lr(self, step: int) -> float:
+        """The LR of coordinator step ``step`` (from 1): the schedule, times the cold-start ramp."""
+        total = self.cfg.coordinator.total_steps
+        lr = lr_at(step - 1, self.cfg.lr, total)
+        if self.lr_window is not None:
+            start, end = self.lr_window
+            if start <= step < end:
+                lr *= (step - start + 1) / (end - start)
+        return lr
+
+    def _set_lr(self, step: int) -> None:
+        assert self.optimizer is not None
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr(step)
+
+    # -- the step ------------------------------------------------------------
+
+    def train(self, step: int, start: int, end: int) -> TrainOutput:
+        """Train samples ``[start, end)`` for ``step``; return this node's compressed result.
+
+        A non-finite loss or gradient sends a result with zero gradient (the momentum
+        only decays), so the node stays in step with the network.
+        """
+        assert self.model is not None and self.optimizer is not None
+        t0 = time.perf_counter()
+        self._set_lr(step)
+        batch = self.data.train.batch(range(start, end))  # (B, T+1)
+        stats = compute_gradients(self.model, batch, micro_batch_size=self.cfg.optimizer.micro_batch_size,
+                                  grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
+        if not stats.finite:
+            self.model.zero_grad(set_to_none=True)
+        payload = encode_payload(self.optimizer.generate())
+        self.model.zero_grad(set_to_none=True)
+        return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite)
+
+    def check_payload(self, payload: bytes) -> None:
+        """Raise ``ValueError`` unless ``payload`` decodes to results for our parameters."""
+        decode_payload(payload, self.shapes)
+
+    def apply(self, step: int, payloads: list[bytes]) -> None:
+        """Apply the agreed results of ``step`` (in the order given: the same on every node)."""
+        assert self.optimizer is not None
+        if not payloads:
+            return
+        self._set_lr(step)
+        self.optimizer.apply([decode_payload(p, self.shapes) for p in payloads])
+
+    def evaluate(self) -> float:
+        """Validation loss on the held-out split (the same samples every time)."""
+        assert self.model is not None
+        loss = evaluate(self.model, self.data.val, batches=self.eval_batches, batch_size=self.eval_batch_size,
+                        autocast_dtype=self.amp)
+        return loss if math.isfinite(loss) else float("nan")
+
+    def save(self, out_dir: str | Path, *, step: int) -> tuple[Path, bytes]:
+        """Write a ``save_pretrained`` folder atomically; return it and the sha256 of its weights."""
+        assert self.model is not None
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        save_checkpoint(self.model, tmp, tokenizer_path=self.tokenizer_path,
+                        extra={"step": step, "config": self.cfg.model_dump(mode="json"),
+                               "config_digest": self.cfg.digest()})
+        digest = hashlib.sha256()
+        for f in sorted(tmp.glob("*.safetensors")):
+            digest.update(f.read_bytes())
+        # Swap in the new folder; a reader never sees a half-written checkpoint.
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return out, digest.digest()
+

@@ -1,0 +1,146 @@
+"""The JSON status of a run: what ``GET /api/runs/{run_id}``, the dashboard and ``psyche demo`` read.
+
+Built from the coordinator state (the truth everyone agrees on) plus what the
+server alone knows: when each step started, and the metrics clients reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from psyche.coordinator import queries as q
+from psyche.coordinator.state import RunState
+
+if TYPE_CHECKING:
+    from psyche.config import RunConfig
+    from psyche.coordinator import Coordinator
+    from psyche.ledger.host import RunHost
+    from psyche.ledger.store import Store
+
+
+def client_id(raw: bytes) -> str:
+    """How a client id is shown: its 32-byte key in hex."""
+    return raw.hex()
+
+
+def fp32_bytes_per_step(cfg: RunConfig) -> int:
+    """Bytes one peer would send per step in an fp32 all-reduce of this model's gradients."""
+    m = cfg.model
+    h, v, i, n = m.hidden_size, m.vocab_size, m.intermediate_size, m.num_hidden_layers
+    kv = h // m.num_attention_heads * m.num_key_value_heads
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+    params = v * h * (1 if m.tie_word_embeddings else 2) + n * per_layer + h
+    return 4 * params
+
+
+def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
+    """One line of the runs list."""
+    s = coord.state
+    healthy = len(q.healthy_clients(s))
+    last = s.stats[-1] if s.stats else None
+    tokens = s.next_data_index * s.settings.seq_len
+    return {
+        "run_id": s.run_id,
+        "name": cfg.name,
+        "description": cfg.description,
+        "state": s.run_state.value,
+        "epoch": s.epoch,
+        "step": min(s.step, s.settings.total_steps) if s.run_state is RunState.Finished else s.step,
+        "total_steps": s.settings.total_steps,
+        "clients": healthy,
+        "tokens_trained": tokens,
+        "tokens_per_sec": last.tokens_per_sec if last else None,
+    }
+
+
+def _history(coord: Coordinator, store: Store | None, cfg: RunConfig) -> list[dict]:
+    """Per finished step: loss, val_loss, tokens/s, bytes per step, clients."""
+    if store is None:
+        return []
+    run_id = coord.state.run_id
+    starts = store.step_times(run_id)
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for _, step, report, _ in store.reports(run_id):
+        by_step[step].append(report)
+    out = []
+    last_step = coord.state.step - 1 if coord.state.run_state is not RunState.Finished else coord.state.settings.total_steps
+    for step in sorted(by_step):
+        if step > last_step:
+            continue
+        reports = by_step[step]
+        tokens = sum(r.get("tokens", 0) for r in reports)
+        losses = [(r["loss"], r.get("tokens", 1)) for r in reports if "loss" in r]
+        loss = sum(l * w for l, w in losses) / max(1, sum(w for _, w in losses)) if losses else None
+        vals = [r["val_loss"] for r in reports if "val_loss" in r]
+        # Tokens/s of the whole network: the step's tokens over the wall time from its
+        # start to the next step's start (training, exchange and witnessing included).
+        dt = (starts.get(step + 1) or 0) - (starts.get(step) or 0)
+        tps = tokens / dt if dt > 0 and step + 1 in starts else None
+        if tps is None:
+            per_client = [r["tokens_per_sec"] for r in reports if "tokens_per_sec" in r]
+            tps = sum(per_client) if per_client else None
+        sent = sum(r.get("result_bytes", 0) for r in reports)
+        out.append({
+            "step": step,
+            "loss": loss,
+            "val_loss": sum(vals) / len(vals) if vals else None,
+            "tokens": tokens,
+            "tokens_per_sec": tps,
+            "bytes_per_step": sent,
+            "bytes_sent": sum(r.get("bytes_sent", 0) for r in reports),
+            "clients": len(reports),
+            "compression_ratio": (fp32_bytes_per_step(cfg) * len(reports) / sent) if sent else None,
+        })
+    return out
+
+
+def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float | None = None) -> dict:
+    """The full status of a run (documented in the README under "Status API")."""
+    coord = host.coordinator
+    s = coord.state
+    now_i = int(now if now is not None else time.time())
+    pts = q.points(s)
+    cur = q.current_round(s)
+    trainers = set(q.round_trainers(s)) if cur else set()
+    witnesses = set(q.round_witnesses(s)) if cur else set()
+    last_reports: dict[bytes, dict] = {}
+    if store is not None:
+        for signer, _, report, received in store.reports(s.run_id, since_step=max(0, s.step - 3)):
+            last_reports[signer] = dict(report, received=received)
+    clients = []
+    for c in s.clients:
+        rep = last_reports.get(c.id, {})
+        clients.append({
+            "id": client_id(c.id),
+            "state": c.state.value,
+            "points": pts.get(c.id, 0),
+            "role": "witness" if c.id in witnesses else ("trainer" if c.id in trainers else None),
+            "bytes_sent": rep.get("bytes_sent"),
+            "bytes_received": rep.get("bytes_received"),
+            "last_seen": rep.get("received"),
+        })
+    history = _history(coord, store, cfg)
+    return {
+        **run_summary(coord, cfg),
+        "phase_time_left": q.time_left(s, now_i),
+        "round": {"height": cur.height, "step": cur.step, "data_index": cur.data_index,
+                  "batch_size": cur.batch_size, "witnesses": cur.witnesses} if cur else None,
+        "clients": clients,
+        "pending": [client_id(p) for p in s.pending],
+        "accounts": [{"id": client_id(a.id), "points": a.points} for a in s.accounts],
+        "witness_rounds": [
+            {"epoch": r.epoch, "step": r.step, "trainers": r.trainers, "witnesses": r.witnesses,
+             "reports": r.reports, "loss": r.loss, "tokens_per_sec": r.tokens_per_sec,
+             "bandwidth_bytes": r.bandwidth_bytes}
+            for r in q.round_stats(s)
+        ],
+        "checkpoints": [{"epoch": c.epoch, "step": c.step, "location": c.location,
+                         "sha256": c.sha256.hex(), "client": client_id(c.client)} for c in s.checkpoints],
+        "history": history,
+        "fp32_bytes_per_step": fp32_bytes_per_step(cfg),
+        "config": cfg.model_dump(mode="json"),
+        "seq": host.seq,
+        "digest": coord.digest(),
+    }

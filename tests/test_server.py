@@ -1,0 +1,136 @@
+"""The coordinator server: signed instructions, refusals, persistence across restarts, status API."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from fastapi.testclient import TestClient
+
+from psyche.config import parse_config
+from psyche.coordinator import Coordinator, Join, Tick, Withdraw, encode_instruction
+from psyche.ledger.host import replay
+from psyche.ledger.envelope import SignedRequest, open_request, sign_request
+from psyche.ledger.server import CoordinatorServer, create_app
+from psyche.ledger.store import Store
+from psyche.p2p import Identity
+
+CFG = parse_config({
+    "name": "srv-test",
+    "coordinator": {"init_min_clients": 2, "min_clients": 1, "witness_nodes": 1, "total_steps": 5,
+                    "global_batch_size_start": 4, "global_batch_size_end": 4, "checkpointers": 1},
+    "lr": {"warmup_steps": 1},
+})
+
+
+def make_server(db, authority: Identity) -> CoordinatorServer:
+    server = CoordinatorServer(Store(db), host_key=authority.public_key, tick_interval=0.05)
+    server.create_run(CFG, authority.public_key)
+    return server
+
+
+def post(client: TestClient, ident: Identity, instr, *, run_id="srv-test", nonce=None):
+    body = sign_request(ident, run_id, "instruction", encode_instruction(instr), nonce=nonce)
+    return client.post(f"/api/runs/{run_id}/instructions", content=body)
+
+
+@pytest.fixture
+def authority():
+    return Identity.generate()
+
+
+def test_signed_join_is_applied_and_persisted(tmp_path, authority):
+    a, b = Identity.generate(), Identity.generate()
+    server = make_server(tmp_path / "run.sqlite", authority)
+    with TestClient(create_app(server)) as client:
+        assert post(client, a, Join(p2p_address="addr-a")).status_code == 200
+        assert post(client, b, Join(p2p_address="addr-b")).status_code == 200
+        status = client.get("/api/runs/srv-test").json()
+        assert status["run_id"] == "srv-test"
+        assert {"state", "epoch", "step", "clients", "history", "checkpoints"} <= set(status)
+        state_bytes = client.get("/api/runs/srv-test/state").content
+        assert Coordinator.from_bytes(state_bytes).is_member(a.public_key)
+        digest = Coordinator.from_bytes(state_bytes).digest()
+        seq = server.hosts["srv-test"].seq
+    server.store.close()
+    # A restarted server on the same database continues from the same state.
+    again = CoordinatorServer(Store(tmp_path / "run.sqlite"), host_key=authority.public_key)
+    assert again.hosts["srv-test"].seq == seq
+    assert again.hosts["srv-test"].coordinator.digest() == digest
+    # The log replays to the same state from the initial one: anyone can check the host.
+    log = again.store.log("srv-test")
+    assert len(log) == seq
+    assert replay(again.store.genesis("srv-test"), log).digest() == digest
+
+
+def test_garbage_forgery_and_replay_are_refused(tmp_path, authority):
+    a, mallory = Identity.generate(), Identity.generate()
+    server = make_server(tmp_path / "run.sqlite", authority)
+    host = server.hosts["srv-test"]
+    with TestClient(create_app(server)) as client:
+        before = host.coordinator.digest()
+        r = client.post("/api/runs/srv-test/instructions", content=b"\x00garbage")
+        assert r.status_code == 400 and r.json()["error"] == "BadRequest"
+        # Mallory signs an instruction but claims to be `a`.
+        good = msgspec.msgpack.decode(sign_request(mallory, "srv-test", "instruction",
+                                                   encode_instruction(Join(p2p_address="x"))), type=SignedRequest)
+        forged = msgspec.msgpack.encode(msgspec.structs.replace(good, signer=a.public_key))
+        r = client.post("/api/runs/srv-test/instructions", content=forged)
+        assert r.status_code == 400 and "signature" in r.json()["message"]
+        # A request for another run is refused even with a valid signature.
+        other = sign_request(a, "other-run", "instruction", encode_instruction(Join(p2p_address="x")))
+        r = client.post("/api/runs/srv-test/instructions", content=other)
+        assert r.status_code == 400
+        assert host.coordinator.digest() == before
+        # A valid join, then the very same request again: the replay is refused.
+        body = sign_request(a, "srv-test", "instruction", encode_instruction(Join(p2p_address="addr")))
+        assert client.post("/api/runs/srv-test/instructions", content=body).status_code == 200
+        after = host.coordinator.digest()
+        r = client.post("/api/runs/srv-test/instructions", content=body)
+        assert r.status_code == 409 and r.json()["error"] == "StaleNonce"
+        assert host.coordinator.digest() == after
+        # A coordinator refusal comes back by name.
+        r = post(client, mallory, Withdraw())
+        assert r.status_code == 409 and r.json()["error"] == "NotAMember"
+        metrics = client.get("/metrics").text
+        assert 'psyche_requests_rejected_total{reason="bad_request"} 3.0' in metrics
+        assert "psyche_run_step" in metrics
+
+
+def test_reports_only_from_members(tmp_path, authority):
+    a, outsider = Identity.generate(), Identity.generate()
+    server = make_server(tmp_path / "run.sqlite", authority)
+    with TestClient(create_app(server)) as client:
+        assert post(client, a, Join(p2p_address="addr-a")).status_code == 200
+        body = sign_request(outsider, "srv-test", "report", b'{"step": 1, "loss": 2.0}')
+        assert client.post("/api/runs/srv-test/reports", content=body).status_code == 403
+        # `a` is pending (not yet in an epoch), so it may not report either.
+        body = sign_request(a, "srv-test", "report", b'{"step": 1, "loss": 2.0}')
+        assert client.post("/api/runs/srv-test/reports", content=body).status_code == 403
+
+
+def test_websocket_pushes_state(tmp_path, authority):
+    a = Identity.generate()
+    server = make_server(tmp_path / "run.sqlite", authority)
+    with TestClient(create_app(server)) as client:
+        with client.websocket_connect("/api/runs/srv-test/ws") as ws:
+            first = Coordinator.from_bytes(ws.receive_bytes())
+            assert not first.is_member(a.public_key)
+            assert post(client, a, Join(p2p_address="addr-a")).status_code == 200
+            pushed = Coordinator.from_bytes(ws.receive_bytes())
+            assert pushed.is_member(a.public_key)
+
+
+def test_envelope_roundtrip_and_rejections():
+    ident = Identity.generate()
+    body = encode_instruction(Tick())
+    data = sign_request(ident, "r", "instruction", body, nonce=7)
+    req = open_request(data, run_id="r", kind="instruction")
+    assert req.nonce == 7 and req.body == body and req.signer == ident.public_key
+    with pytest.raises(ValueError, match="kind"):
+        open_request(data, run_id="r", kind="report")
+    with pytest.raises(ValueError, match="run"):
+        open_request(data, run_id="s", kind="instruction")
+    tampered = bytearray(data)
+    tampered[-1] ^= 1
+    with pytest.raises(ValueError):
+        open_request(bytes(tampered), run_id="r", kind="instruction")
