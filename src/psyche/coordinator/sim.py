@@ -108,49 +108,59 @@ class Swarm:
         return sorted(i for i in self.joined if i not in self.offline)
 
     def act(self) -> None:
-        """Every online client sends what the current state asks of it (at most once each)."""
+        """Every online client reacts once to the state as it is now (one phase per call)."""
         s = self.coord.state
         ids = {client_key(i): i for i in self._online()}
-        if s.run_state is RunState.Warmup:
+        phase = s.run_state
+        if phase is RunState.Warmup:
             for cid in ids:
-                if is_warmup_witness(s, cid) and s.run_state is RunState.Warmup:
+                if self.coord.state.run_state is RunState.Warmup and is_warmup_witness(self.coord.state, cid):
                     idx = next(j for j, c in enumerate(s.clients) if c.id == cid)
                     if idx not in s.warmup_reports:
                         self.submit(WarmupWitness(), cid)
+            return
+        if phase in (RunState.RoundTrain, RunState.RoundWitness):
+            self._witness(ids)
+        if phase in (RunState.RoundTrain, RunState.RoundWitness, RunState.Cooldown):
+            self._health_checks(ids)
+        if phase is RunState.Cooldown:
+            self._checkpoint(ids)
+
+    def _witness(self, ids: dict[bytes, int]) -> None:
         s = self.coord.state
         r = current_round(s)
-        if r is not None and s.run_state in (RunState.RoundTrain, RunState.RoundWitness):
-            reported = {s.clients[rep.client].id for rep in r.reports}
-            witnesses = [w for w in round_witnesses(s) if w in ids and w not in reported]
-            if witnesses:
-                received = [(b.client, result_commitment(r.step, b.client, b.start, b.end))
-                            for b in round_batches(s) if b.client in ids and ids[b.client] not in self.silent]
-                part = BloomFilter.for_items([c for c, _ in received]).to_bytes()
-                bcast = BloomFilter.for_items([h for _, h in received]).to_bytes()
-                merkle = hashlib.sha256(b"".join(sorted(h for _, h in received))).digest()
-                for w in witnesses:
-                    if self.coord.state.run_state not in (RunState.RoundTrain, RunState.RoundWitness):
-                        break
-                    self.submit(Witness(step=r.step, participant_bloom=part, broadcast_bloom=bcast,
-                                        broadcast_merkle=merkle, loss=2.0 + 1.0 / r.step, tokens_per_sec=1000.0,
-                                        bandwidth_bytes=4096), w)
+        reported = {s.clients[rep.client].id for rep in r.reports}
+        witnesses = [w for w in round_witnesses(s) if w in ids and w not in reported]
+        if not witnesses:
+            return
+        received = [(b.client, result_commitment(r.step, b.client, b.start, b.end))
+                    for b in round_batches(s) if b.client in ids and ids[b.client] not in self.silent]
+        part = BloomFilter.for_items([c for c, _ in received]).to_bytes()
+        bcast = BloomFilter.for_items([h for _, h in received]).to_bytes()
+        merkle = hashlib.sha256(b"".join(sorted(h for _, h in received))).digest()
+        for w in witnesses:
+            self.submit(Witness(step=r.step, participant_bloom=part, broadcast_bloom=bcast, broadcast_merkle=merkle,
+                                loss=2.0 + 1.0 / r.step, tokens_per_sec=1000.0, bandwidth_bytes=4096), w)
+
+    def _health_checks(self, ids: dict[bytes, int]) -> None:
         s = self.coord.state
-        if s.run_state in (RunState.RoundTrain, RunState.RoundWitness, RunState.Cooldown):
-            accuser = next((cid for cid in ids if (m := member(s, cid)) is not None
-                            and m.state is ClientState.Healthy), None)
-            if accuser is not None:
-                for r in list(s.rounds):
-                    accused = accusable_trainers(self.coord.state, r.step)
-                    if accused:
-                        self.submit(HealthCheck(step=r.step, accused=accused), accuser)
+        accuser = next((cid for cid in ids if (m := member(s, cid)) is not None and m.state is ClientState.Healthy),
+                       None)
+        if accuser is None:
+            return
+        for step in [r.step for r in s.rounds]:
+            accused = accusable_trainers(self.coord.state, step)
+            if accused:
+                self.submit(HealthCheck(step=step, accused=accused), accuser)
+
+    def _checkpoint(self, ids: dict[bytes, int]) -> None:
         s = self.coord.state
-        if s.run_state is RunState.Cooldown:
-            for cid in ids:
-                idx = next((j for j, c in enumerate(s.clients) if c.id == cid), None)
-                if is_checkpointer(s, cid) and idx not in s.checkpointed:
-                    self.submit(Checkpoint(step=s.step - 1, location=f"sim://ckpt/{s.step - 1}",
-                                           sha256=hashlib.sha256(b"ckpt" + (s.step - 1).to_bytes(8, "little")).digest()),
-                                cid)
+        last = s.step - 1
+        for cid in ids:
+            idx = next((j for j, c in enumerate(s.clients) if c.id == cid), None)
+            if is_checkpointer(s, cid) and idx not in s.checkpointed:
+                digest = hashlib.sha256(b"ckpt" + last.to_bytes(8, "little")).digest()
+                self.submit(Checkpoint(step=last, location=f"sim://ckpt/{last}", sha256=digest), cid)
 
     def run_until(self, done: Callable[[Coordinator], bool], *, max_seconds: int = 100_000, step_seconds: int = 1) -> None:
         """Alternate :meth:`act` and :meth:`advance` until ``done(coord)``; raises if time runs out."""
