@@ -223,7 +223,7 @@ class RpcChain:
         return (await self._call("getLatestBlockhash", self.client.get_latest_blockhash())).value.blockhash
 
     async def send(self, tx: Transaction, *, skip_preflight: bool = False) -> Signature:
-        from solana.rpc.types import TxOpts
+        from solana.rpc.models import TxOpts
 
         opts = TxOpts(skip_preflight=skip_preflight, preflight_commitment=self.commitment)
         return (await self._call("sendTransaction", self.client.send_raw_transaction(bytes(tx), opts))).value
