@@ -58,6 +58,23 @@ def validate_config(
 # --- commands ---
 
 
+@app.command("localnet")
+def localnet_cmd(
+    port: Annotated[int, typer.Option(help="TCP port for the JSON-RPC (0: a free one).")] = 8899,
+    host: Annotated[str, typer.Option(help="Address to bind (keep it loopback: the faucet is free).")] = "127.0.0.1",
+    slot_ms: Annotated[int, typer.Option(min=10, help="Milliseconds per slot (block).")] = 400,
+) -> None:
+    """A local Solana chain (LiteSVM) behind the standard JSON-RPC, with the run program deployed."""
+    from psyche.ledger.solana.commands import run_localnet
+
+    raise typer.Exit(run_localnet(host=host, port=port, slot_time=slot_ms / 1000))
+
+
+from psyche.ledger.solana.commands import solana_app  # noqa: E402  (typer only; heavy imports stay inside)
+
+app.add_typer(solana_app, name="solana")
+
+
 @app.command("tokenize")
 def tokenize_cmd(
     corpus: Annotated[list[Path] | None, typer.Option(help="Text file or folder (repeatable); default: Debian fortunes.")] = None,
