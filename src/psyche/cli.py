@@ -75,6 +75,39 @@ from psyche.ledger.solana.commands import solana_app  # noqa: E402  (typer only;
 app.add_typer(solana_app, name="solana")
 
 
+bench_app = typer.Typer(help="Benchmarks that print one JSON line.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("distro")
+def bench_distro_cmd(
+    peers: Annotated[int, typer.Option(help="Simulated DisTrO peers.")] = 4,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (DisTrO and each AdamW run).")] = 300,
+    quick: Annotated[bool, typer.Option(help="A CI-sized run (overrides --steps).")] = False,
+    topk: Annotated[int, typer.Option(help="DCT coefficients kept per tile.")] = 8,
+    chunk: Annotated[int, typer.Option(help="DCT tile edge.")] = 64,
+    one_bit: Annotated[bool, typer.Option(help="Send signs only.")] = True,
+    overlapped: Annotated[bool, typer.Option(help="Apply step t-1's results at step t.")] = False,
+    lr: Annotated[float | None, typer.Option(help="DisTrO peak LR (default: the tuned one).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the loss-curve PNG.")] = Path("bench/out"),
+) -> None:
+    """Simulated DisTrO network in one process vs AdamW on the same tokens: one JSON line."""
+    import json
+
+    from psyche.distro.simulate import bench, config_from
+
+    if peers < 1 or steps < 1 or topk < 1 or chunk < 1:
+        fail(f"--peers, --steps, --topk and --chunk must be >= 1 (got {peers}, {steps}, {topk}, {chunk})")
+    overrides = dict(peers=peers, steps=150 if quick else steps, topk=topk, chunk=chunk,
+                     one_bit=one_bit, overlapped=overlapped)
+    if lr is not None:
+        overrides["distro_lr"] = lr
+    cfg = config_from(**overrides)
+    report = bench(cfg, out_dir=out, on_eval=lambda name, step, loss: err_console.print(
+        f"{name:>16}  step {step:>5}  val loss {loss:.4f}", highlight=False))
+    print(json.dumps(report))
+
+
 @app.command("tokenize")
 def tokenize_cmd(
     corpus: Annotated[list[Path] | None, typer.Option(help="Text file or folder (repeatable); default: Debian fortunes.")] = None,
@@ -182,8 +215,10 @@ def server_cmd(
         fail(str(exc))
     if not server.hosts:
         fail(f"{db} holds no run; pass --config RUN.toml to create one")
-    from psyche.dashboard import mount_dashboard
-
+    try:
+        from psyche.dashboard import mount_dashboard
+    except ImportError:  # the dashboard package is optional for a headless coordinator
+        mount_dashboard = None
     app_ = create_app(server, extra_routes=mount_dashboard)
     console.print(f"psyche server: runs {sorted(server.hosts)} at http://{host}:{port}/", highlight=False)
     uvicorn.run(app_, host=host, port=port, log_level="warning")

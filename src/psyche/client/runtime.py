@@ -392,10 +392,10 @@ class ClientRuntime:
         candidates = {}
         owner = {}
         for b in batches:
-            c = book.commitments.get(b.client_id)
+            c = book.commitments.get(b.client)
             if c is not None and (c.batch_start, c.batch_end) == (b.start, b.end):
                 candidates[(b.start, b.end)] = [c.blob_hash]
-                owner[(b.start, b.end)] = (b.client_id, c)
+                owner[(b.start, b.end)] = (b.client, c)
         agreed = q.consensus(s, step, candidates)
         payloads = []
         for interval in sorted(agreed):

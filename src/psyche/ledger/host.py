@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from psyche.coordinator import Coordinator, CoordinatorError, Instruction, Tick, encode_instruction
+from psyche.coordinator.state import RunState
 from psyche.ledger.store import Store
 
 
@@ -86,7 +87,7 @@ class RunHost:
         now = self.now()
         seed = derive_seed(self.secret, self.run_id, self.seq + 1)
         before = self.coordinator.digest()
-        step_before = self.coordinator.state.step
+        round_before = self._training_step()
         err = self.coordinator.apply(instruction, signer, now, seed)
         if err is not None:
             name = type(err).__name__
@@ -102,7 +103,7 @@ class RunHost:
             return None
         self.seq += 1
         if self.store is not None:
-            step = self.coordinator.state.step
+            step = self._training_step()
             self.store.append(
                 self.run_id,
                 self.seq,
@@ -113,13 +114,18 @@ class RunHost:
                 state=self.coordinator.to_bytes(),
                 digest=digest,
                 nonce=nonce,
-                step_started=(step, self.clock()) if step != step_before else None,
+                step_started=(step, self.clock()) if step is not None and step != round_before else None,
             )
         for listener in list(self.listeners):
             listener(self.coordinator)
         self._changed.set()
         self._changed = asyncio.Event()
         return None
+
+    def _training_step(self) -> int | None:
+        """The step being trained right now (None outside RoundTrain): its start times tokens/s."""
+        s = self.coordinator.state
+        return s.step if s.run_state is RunState.RoundTrain else None
 
     def tick(self) -> bool:
         """Let time pass for the coordinator; True if the state changed."""
