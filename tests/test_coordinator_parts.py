@@ -177,3 +177,18 @@ def test_phase_deadlines_follow_the_settings():
     assert c.apply(Tick(), bytes(32), 108, bytes(32)) is None
     assert c.state.run_state is RunState.Warmup
     assert phase_deadline(c.state) == 115
+
+
+def test_shipped_configs_build_a_coordinator_and_config_caps_clients():
+    from pathlib import Path
+
+    from psyche.config import ConfigError, load_config, parse_config
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "config").glob("*.toml")):
+        cfg = load_config(path)
+        c = Coordinator.new(cfg.run_id, cfg, authority=bytes(32), now=0)
+        assert c.state.settings.seq_len == cfg.model.seq_len
+        assert c.state.settings.total_steps == cfg.coordinator.total_steps
+    with pytest.raises(ConfigError, match="init_min_clients must be <= 256"):
+        parse_config({"name": "big", "coordinator": {"init_min_clients": 300, "global_batch_size_start": 300,
+                                                     "global_batch_size_end": 300}})

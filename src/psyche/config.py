@@ -158,6 +158,8 @@ def rule_violations(cfg: RunConfig) -> list[ConfigProblem]:
          "max_round_train_time + round_witness_time must be <= epoch_time")
     rule(c.min_clients <= c.init_min_clients, "coordinator.min_clients",
          f"min_clients must be <= init_min_clients ({c.min_clients} > {c.init_min_clients})")
+    rule(c.init_min_clients <= 256, "coordinator.init_min_clients",
+         f"init_min_clients must be <= 256, the most clients in one epoch (got {c.init_min_clients})")
     rule(c.witness_nodes <= c.min_clients, "coordinator.witness_nodes",
          f"witness_nodes must be <= min_clients ({c.witness_nodes} > {c.min_clients})")
     rule(c.witness_nodes <= 32, "coordinator.witness_nodes", "witness_nodes must be <= 32")
