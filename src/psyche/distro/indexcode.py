@@ -76,6 +76,11 @@ class _Table:
             np.array([float(math.comb(c, j)) for c in range(n)], dtype=np.float64) for j in range(k + 1)
         ])  # (k+1, n)
         self.bound = _to_limbs(math.comb(n, k), self.limbs)  # (L,): ranks must be below this
+        # When every value fits in 63 bits, one int64 per value allows an exact searchsorted.
+        self.fits64 = top < (1 << 63)
+        if self.fits64:
+            weights = np.array([1 << (_LIMB * i) for i in range(self.limbs)], dtype=np.int64)
+            self.exact64 = (self.exact * weights).sum(axis=2)  # (k+1, n)
 
 
 @lru_cache(maxsize=32)
@@ -89,12 +94,12 @@ def _to_limbs(value: int, limbs: int) -> np.ndarray:
 
 def _less_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise ``a <= b`` for limb arrays ``(T, L)`` (``b`` may broadcast)."""
-    a, b = np.broadcast_arrays(a, b)
-    differ = a != b
-    # The most significant differing limb decides.
-    top = a.shape[1] - 1 - np.argmax(differ[:, ::-1], axis=1)
-    rows = np.arange(a.shape[0])
-    return ~differ.any(axis=1) | (a[rows, top] < b[rows, top])
+    # Lexicographic from the least significant limb up: a higher limb overrides.
+    result = a[:, 0] <= b[..., 0]
+    for i in range(1, a.shape[1]):
+        x, y = a[:, i], b[..., i]
+        result = (x < y) | ((x == y) & result)
+    return result
 
 
 def _carry(x: np.ndarray) -> np.ndarray:
@@ -174,14 +179,21 @@ def unpack(data: bytes | memoryview, num_tiles: int, n: int, k: int) -> np.ndarr
 
 def _unrank(codes: np.ndarray, table: _Table, n: int, k: int) -> np.ndarray:
     # Greedy: for j = k … 1 the position p_{j-1} is the largest c with C(c, j) <= rest.
-    rest = codes.copy()
-    t = rest.shape[0]
-    scale = float(1 << _LIMB) ** np.arange(table.limbs)
+    t = codes.shape[0]
     positions = np.empty((t, k), dtype=np.int64)
+    if table.fits64:
+        weights = np.array([1 << (_LIMB * i) for i in range(table.limbs)], dtype=np.int64)
+        rest64 = codes @ weights  # (T,)
+        for j in range(k, 0, -1):
+            c = np.searchsorted(table.exact64[j], rest64, side="right") - 1
+            positions[:, j - 1] = c
+            rest64 = rest64 - table.exact64[j][c]
+        return positions
+    rest = codes.copy()
+    scale = float(1 << _LIMB) ** np.arange(table.limbs)
     for j in range(k, 0, -1):
         exact = table.exact[j]  # (n, L)
-        approx = rest.astype(np.float64) @ scale
-        c = np.searchsorted(table.approx[j], approx, side="right") - 1
+        c = np.searchsorted(table.approx[j], rest.astype(np.float64) @ scale, side="right") - 1
         c = np.clip(c, j - 1, n - 1)
         # The float search can be off by one either way; fix it exactly.
         while True:

@@ -1,0 +1,306 @@
+"""A DisTrO network in one process, against AdamW on the same tokens.
+
+``W`` simulated peers each hold their own copy of a small LLaMA and their own
+DisTrO momentum. Every step each peer trains on its own batch, ships its results
+as bytes (:func:`psyche.distro.encode_payload`), and every peer decodes and
+applies all peers' payloads, in the same order, so all copies stay bit-identical.
+In overlapped mode the payloads applied at step ``t`` are those of step ``t − 1``.
+
+The baseline is the same model trained with ``torch.optim.AdamW`` on exactly the
+same tokens (at step ``s`` it sees the union of the peers' batches), with the
+same LR schedule shape and its learning rate swept over ``adamw_lrs``; the best
+final validation loss is the one compared.
+
+Peer ``w`` at step ``s`` trains sample indices ``(s·W + w)·B … (s·W + w + 1)·B − 1``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from psyche.distro.optimizer import DisTrO, Overlap
+from psyche.distro.payload import decode_payload, encode_payload
+
+OnEval = Callable[[str, int, float], None]
+
+QUICK_STEPS = 150
+"""Steps of the CI-sized comparison (``--quick``)."""
+FULL_STEPS = 600
+"""Steps of the full comparison."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    """One simulated comparison. Sizes are for a CPU; LRs are peak values of the schedule."""
+
+    peers: int = 4
+    """Simulated DisTrO peers (W)."""
+    steps: int = 300
+    """Optimizer steps for DisTrO and for every AdamW run."""
+    batch_per_peer: int = 4
+    """Sequences each peer trains per step; AdamW's batch is ``peers × batch_per_peer``."""
+    seq_len: int = 64
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    layers: int = 2
+    heads: int = 4
+    tie_embeddings: bool = True
+    # DisTrO
+    distro_lr: float = 2e-3
+    """Peak LR of DisTrO: the step size of each parameter's sign update."""
+    compression_decay: float = 0.999
+    chunk: int = 64
+    topk: int = 8
+    one_bit: bool = True
+    overlapped: bool = False
+    weight_decay: float = 0.0
+    """Decoupled weight decay, for DisTrO and AdamW alike."""
+    # schedule, shared by both optimizers
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    final_lr_fraction: float = 0.1
+    adamw_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_batches: int = 4
+    eval_batch_size: int = 16
+    seed: int = 0
+    data_dir: str = "data/fortunes"
+
+    def distro_config(self) -> dict:
+        """DisTrO's hyperparameters, as reported next to the results."""
+        keys = ("distro_lr", "compression_decay", "chunk", "topk", "one_bit", "overlapped", "weight_decay",
+                "schedule", "warmup_steps", "final_lr_fraction", "batch_per_peer", "grad_clip")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Curve:
+    """Validation loss along a run."""
+
+    name: str
+    steps: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    @property
+    def final(self) -> float:
+        """The last validation loss measured."""
+        return self.val_loss[-1]
+
+
+@dataclass
+class DistroRun:
+    """What the DisTrO simulation produced."""
+
+    curve: Curve
+    payload_bytes_per_peer_step: float
+    params: int
+    peers_bit_identical: bool
+    train_loss_first: float
+    train_loss_last: float
+    models: list[torch.nn.Module]
+    optimizers: list[DisTrO]
+
+
+def _model_cfg(cfg: SimConfig, vocab_size: int):
+    from psyche.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        tie_word_embeddings=cfg.tie_embeddings, seq_len=cfg.seq_len, init_seed=cfg.seed,
+    )
+
+
+def _lr_cfg(cfg: SimConfig, peak: float):
+    from psyche.config import LRScheduleConfig
+
+    return LRScheduleConfig(kind=cfg.schedule, peak_lr=peak, warmup_steps=cfg.warmup_steps,
+                            final_lr=peak * cfg.final_lr_fraction)
+
+
+def _data(cfg: SimConfig):
+    from psyche.data import ensure_default_dataset, open_provider, read_meta
+
+    folder = ensure_default_dataset(cfg.data_dir) if cfg.data_dir == "data/fortunes" else Path(cfg.data_dir)
+    vocab = int(read_meta(folder)["vocab_size"])
+    train = open_provider(folder, split="train", seq_len=cfg.seq_len, shuffle_seed=cfg.seed, repeat=True, vocab_size=vocab)
+    val = open_provider(folder, split="val", seq_len=cfg.seq_len, shuffle_seed=cfg.seed, vocab_size=vocab)
+    return train, val, vocab
+
+
+def _indices(cfg: SimConfig, step: int, peer: int) -> range:
+    start = (step * cfg.peers + peer) * cfg.batch_per_peer
+    return range(start, start + cfg.batch_per_peer)
+
+
+def _should_eval(cfg: SimConfig, step: int) -> bool:
+    return step == 0 or (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+
+
+def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
+    """Train ``cfg.peers`` model copies with DisTrO, exchanging bytes; evaluate peer 0.
+
+    Promises: every peer applies the same payloads in the same order, and
+    ``peers_bit_identical`` reports whether all copies ended with equal weights.
+    """
+    from psyche.train import build_model
+    from psyche.train.schedule import lr_at
+    from psyche.train.step import compute_gradients, evaluate
+
+    train, val, vocab = _data(cfg)
+    mcfg = _model_cfg(cfg, vocab)
+    models = [build_model(mcfg) for _ in range(cfg.peers)]  # same seed: identical copies
+    opts = [
+        DisTrO(m.parameters(), lr=cfg.distro_lr, compression_decay=cfg.compression_decay, chunk=cfg.chunk,
+               topk=cfg.topk, one_bit=cfg.one_bit, weight_decay=cfg.weight_decay)
+        for m in models
+    ]
+    shapes = opts[0].parameter_shapes()
+    lr_cfg = _lr_cfg(cfg, cfg.distro_lr)
+    overlap = Overlap() if cfg.overlapped else None
+    curve = Curve("distro")
+    sent = 0
+    losses: list[float] = []
+    for step in range(cfg.steps):
+        lr = lr_at(step, lr_cfg, cfg.steps)
+        blobs = []
+        step_loss = 0.0
+        for peer, (model, opt) in enumerate(zip(models, opts)):
+            stats = compute_gradients(model, train.batch(_indices(cfg, step, peer)),
+                                      micro_batch_size=cfg.batch_per_peer, grad_clip=cfg.grad_clip)
+            step_loss += stats.loss / cfg.peers
+            for group in opt.param_groups:
+                group["lr"] = lr
+            blobs.append(encode_payload(opt.generate()))
+        sent += sum(len(b) for b in blobs)
+        losses.append(step_loss)
+        to_apply = overlap.exchange(blobs) if overlap is not None else blobs
+        if to_apply:
+            # Parsing is a pure function of the bytes, so it is done once per payload
+            # here; every peer then applies the same parsed results in the same order.
+            received = [decode_payload(b, shapes) for b in to_apply]
+            for opt in opts:
+                opt.apply(received)
+        if _should_eval(cfg, step):
+            loss = evaluate(models[0], val, batches=cfg.eval_batches, batch_size=cfg.eval_batch_size)
+            _record(curve, cfg, step, loss, on_eval)
+    identical = all(
+        torch.equal(a, b) for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
+    )
+    params = sum(p.numel() for p in models[0].parameters())
+    return DistroRun(
+        curve=curve, payload_bytes_per_peer_step=sent / (cfg.steps * cfg.peers), params=params,
+        peers_bit_identical=identical, train_loss_first=losses[0], train_loss_last=losses[-1], models=models,
+        optimizers=opts,
+    )
+
+
+def run_adamw(cfg: SimConfig, lr: float, *, on_eval: OnEval | None = None) -> Curve:
+    """Train one copy with AdamW on the union of the peers' batches each step, at peak ``lr``."""
+    from psyche.train import build_model
+    from psyche.train.schedule import lr_at
+    from psyche.train.step import compute_gradients, evaluate
+
+    train, val, vocab = _data(cfg)
+    model = build_model(_model_cfg(cfg, vocab))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=cfg.adamw_betas, weight_decay=cfg.weight_decay)
+    lr_cfg = _lr_cfg(cfg, lr)
+    curve = Curve(f"adamw lr={lr:g}")
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr_cfg, cfg.steps)
+        start = step * cfg.peers * cfg.batch_per_peer
+        batch = train.batch(range(start, start + cfg.peers * cfg.batch_per_peer))
+        stats = compute_gradients(model, batch, micro_batch_size=cfg.batch_per_peer, grad_clip=cfg.grad_clip)
+        if stats.finite:
+            opt.step()
+        if _should_eval(cfg, step):
+            _record(curve, cfg, step, evaluate(model, val, batches=cfg.eval_batches, batch_size=cfg.eval_batch_size), on_eval)
+    return curve
+
+
+def _record(curve: Curve, cfg: SimConfig, step: int, loss: float, on_eval: OnEval | None) -> None:
+    curve.steps.append(step + 1)
+    curve.tokens.append((step + 1) * cfg.peers * cfg.batch_per_peer * cfg.seq_len)
+    curve.val_loss.append(loss)
+    if on_eval is not None:
+        on_eval(curve.name, step + 1, loss)
+
+
+def compare(cfg: SimConfig, *, on_eval: OnEval | None = None) -> tuple[dict, list[Curve]]:
+    """Run DisTrO and the AdamW sweep; return the report (JSON-ready) and all curves.
+
+    ``loss_ratio`` is DisTrO's final validation loss over the best AdamW's.
+    """
+    t0 = time.perf_counter()
+    distro = run_distro(cfg, on_eval=on_eval)
+    adamw = [run_adamw(cfg, lr, on_eval=on_eval) for lr in cfg.adamw_lrs]
+    best = min(range(len(adamw)), key=lambda i: adamw[i].final if math.isfinite(adamw[i].final) else math.inf)
+    fp32_bytes = 4 * distro.params
+    report = {
+        "distro_val_loss": round(distro.curve.final, 4),
+        "adamw_val_loss": round(adamw[best].final, 4),
+        "loss_ratio": round(distro.curve.final / adamw[best].final, 4),
+        "tokens": distro.curve.tokens[-1],
+        "peers": cfg.peers,
+        "steps": cfg.steps,
+        "params": distro.params,
+        "distro_config": cfg.distro_config(),
+        "adamw_lrs": list(cfg.adamw_lrs),
+        "adamw_best_lr": cfg.adamw_lrs[best],
+        "adamw_val_losses": [round(c.final, 4) for c in adamw],
+        "adamw_betas": list(cfg.adamw_betas),
+        "payload_bytes_per_peer_step": round(distro.payload_bytes_per_peer_step, 1),
+        "bytes_per_param_per_step": round(distro.payload_bytes_per_peer_step / distro.params, 6),
+        "fp32_bytes_ratio": round(fp32_bytes / distro.payload_bytes_per_peer_step, 1),
+        "peers_bit_identical": distro.peers_bit_identical,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return report, [distro.curve, *adamw]
+
+
+def plot(curves: list[Curve], path: str | Path, *, title: str) -> Path:
+    """Write a PNG of validation loss against tokens for every curve (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in curves:
+        ax.plot(c.tokens, c.val_loss, label=c.name, linewidth=2.2 if c.name == "distro" else 1.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def config_from(**overrides) -> SimConfig:
+    """A :class:`SimConfig` with ``overrides`` applied (unknown keys raise ``TypeError``)."""
+    return SimConfig(**{**asdict(SimConfig()), **overrides})
+
+
+def bench(cfg: SimConfig, *, out_dir: str | Path = "bench/out", name: str = "distro_sim",
+          on_eval: OnEval | None = None) -> dict:
+    """Run :func:`compare`, write ``<out_dir>/<name>.png`` and return the report with its path."""
+    report, curves = compare(cfg, on_eval=on_eval)
+    title = (f"{cfg.peers} peers, top-{cfg.topk}/{cfg.chunk}², {'1-bit' if cfg.one_bit else 'full'}"
+             f"{', overlapped' if cfg.overlapped else ''}: DisTrO vs AdamW")
+    report["plot"] = str(plot(curves, Path(out_dir) / f"{name}.png", title=title))
+    return report
