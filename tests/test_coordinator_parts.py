@@ -192,3 +192,22 @@ def test_shipped_configs_build_a_coordinator_and_config_caps_clients():
     with pytest.raises(ConfigError, match="init_min_clients must be <= 256"):
         parse_config({"name": "big", "coordinator": {"init_min_clients": 300, "global_batch_size_start": 300,
                                                      "global_batch_size_end": 300}})
+
+
+@pytest.mark.parametrize("module", ["bloom", "instructions", "machine", "queries", "shuffle"])
+def test_docstring_examples_hold(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"psyche.coordinator.{module}"))
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_coordinator_imports_no_torch_or_pydantic():
+    import subprocess
+    import sys
+
+    code = ("import sys, psyche.coordinator, psyche.coordinator.sim; "
+            "bad = [m for m in ('torch', 'pydantic', 'numpy', 'psyche.config') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,7 +21,15 @@ import msgspec
 
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.shuffle import shuffled_position, shuffled_positions
-from psyche.coordinator.state import Client, ClientState, CoordinatorState, Round, RoundStats, RunState
+from psyche.coordinator.state import (
+    CheckpointRecord,
+    Client,
+    ClientState,
+    CoordinatorState,
+    Round,
+    RoundStats,
+    RunState,
+)
 
 _SHUFFLE_DOMAIN = b"psyche/round-shuffle"
 
@@ -337,7 +345,7 @@ def round_stats(state: CoordinatorState) -> list[RoundStats]:
     return list(state.stats)
 
 
-def latest_checkpoint(state: CoordinatorState):
+def latest_checkpoint(state: CoordinatorState) -> CheckpointRecord | None:
     """The most recent reported checkpoint record, or None."""
     return state.checkpoints[-1] if state.checkpoints else None
 
