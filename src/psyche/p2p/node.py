@@ -441,6 +441,7 @@ class P2PNode:
             if not chunk:
                 break
             receiver.feed(chunk)
+            self._peer(peer).bytes_in += len(chunk)  # counted on arrival, so partial transfers show too
         if receiver.remaining == 0:
             extra = await self._read_some(stream, 1)
             if extra:

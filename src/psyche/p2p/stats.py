@@ -31,8 +31,8 @@ class PeerStats:
     """Monotonic time of the last successful exchange."""
 
     def record_in(self, nbytes: int, seconds: float, *, now: float) -> None:
-        """Account a completed download of ``nbytes`` that took ``seconds``."""
-        self.bytes_in += nbytes
+        """Account a completed download of ``nbytes`` that took ``seconds`` (its bytes were
+        already counted in ``bytes_in`` as they arrived)."""
         self.last_seen = now
         if seconds > 0 and nbytes >= 4096:  # tiny transfers say nothing about bandwidth
             self.throughput_in = _ewma(self.throughput_in, nbytes / seconds)

@@ -1,0 +1,392 @@
+"""A P2P node in its own process, driven by JSON lines: for integration tests, the benchmark and demos.
+
+Run ``python -m psyche.p2p.worker --run RUN [--seed HEX | --key PATH]``. It prints
+``{"ready": true, "id": ..., "address": ...}`` then answers each command line
+``{"id": N, "cmd": NAME, ...args}`` with ``{"id": N, "ok": true, ...}`` or
+``{"id": N, "ok": false, "error": ...}``. Commands run concurrently, so a long
+fetch does not block a ``stats`` query. Bytes travel as hex.
+
+:class:`WorkerProcess` is the parent side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import blake3
+
+from psyche.p2p.errors import P2PError
+
+
+def payload(seed: int, size: int) -> bytes:
+    """Deterministic pseudo-random bytes (blake3 XOF of ``seed``): every process can recreate a blob."""
+    return blake3.blake3(seed.to_bytes(8, "big")).digest(length=size)
+
+
+# --- child side ---------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, node) -> None:
+        self.node = node
+        self.received: list[dict] = []
+        node.on_message(self._on_message)
+        self.tcp_server: asyncio.AbstractServer | None = None
+
+    def _on_message(self, sender: bytes, msg) -> None:
+        d = {"sender": sender.hex(), "type": type(msg).__name__, "step": msg.step}
+        if hasattr(msg, "phase"):
+            d["phase"] = msg.phase
+        if hasattr(msg, "blob_hash"):
+            d["blob_hash"] = msg.blob_hash.hex()
+            d["size"] = msg.size
+        self.received.append(d)
+
+    def _message(self, a: dict):
+        from psyche.p2p.wire import Finished, Heartbeat, ResultCommitment
+
+        run_id = a.get("run_id", self.node.run_id)
+        kind = a["kind"]
+        if kind == "commit":
+            return ResultCommitment(run_id=run_id, step=a["step"], batch_start=a.get("batch_start", 0),
+                                    batch_end=a.get("batch_end", 1), blob_hash=bytes.fromhex(a["blob_hash"]), size=a["size"])
+        if kind == "finished":
+            return Finished(run_id=run_id, step=a["step"], phase=a.get("phase", "round"))
+        return Heartbeat(run_id=run_id, step=a["step"])
+
+    async def handle(self, cmd: str, a: dict) -> dict:
+        from psyche.p2p.model import InMemoryModel, RawTensor
+        from psyche.p2p.wire import SignedMessage
+
+        node = self.node
+        if cmd == "set_members":
+            node.set_members({bytes.fromhex(k): v for k, v in a["members"].items()})
+            return {}
+        if cmd == "set_step":
+            node.set_step(a["step"])
+            return {}
+        if cmd == "broadcast":
+            msg = self._message(a)
+            if msg.run_id != node.run_id:  # sign for another run on purpose: returned, not sent
+                return {"envelope": SignedMessage.create(node.identity, msg).encode().hex()}
+            mid = await node.broadcast(msg)
+            return {"message_id": mid.hex(), "envelope": SignedMessage.create(node.identity, msg).encode().hex()}
+        if cmd == "forge":
+            env = SignedMessage.create(node.identity, self._message(a))
+            sig = bytes(b ^ 0xFF for b in env.sig[:1]) + env.sig[1:]
+            return {"envelope": SignedMessage(env.v, env.sender, env.body, sig).encode().hex()}
+        if cmd == "inject":
+            n = await node.send_raw_envelopes(bytes.fromhex(a["peer"]), [bytes.fromhex(e) for e in a["envelopes"]])
+            return {"acked": n}
+        if cmd == "received":
+            return {"messages": self.received}
+        if cmd == "pending":
+            return {"pending": node.pending_pushes()}
+        if cmd == "publish":
+            data = payload(a["seed"], a["size"])
+            return {"hash": node.publish_blob(data, step=a.get("step")).hex()}
+        if cmd == "publish_fake":
+            from psyche.p2p.wire import content_hash
+
+            data = payload(a["seed"], a["size"])
+            h = content_hash(data)
+            mode = a["mode"]
+            fake = {"truncate": data[: len(data) // 2], "oversize": data + b"\0" * 4096,
+                    "corrupt": data[:-1] + bytes([data[-1] ^ 1])}[mode]
+            node.blobs.insert_unchecked(h, fake)
+            return {"hash": h.hex()}
+        if cmd == "fetch":
+            return await self._fetch(a)
+        if cmd == "fetch_many":
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(self._fetch({**it, "timeout": a.get("timeout", 60)}) for it in a["items"]))
+            return {"seconds": time.perf_counter() - t0, "results": res}
+        if cmd == "counters":
+            return {"counters": node.counters}
+        if cmd == "stats":
+            return {"stats": {k.hex(): v.to_dict() for k, v in node.stats().items()}}
+        if cmd == "set_upload_rate":
+            node.set_upload_rate(a.get("rate"))
+            return {}
+        if cmd == "serve_model":
+            tensors = {f"t{i}": RawTensor("U8", (a["tensor_bytes"],), payload(a["seed"] * 1000 + i, a["tensor_bytes"]))
+                       for i in range(a["n_tensors"])}
+            d = node.serve_model(InMemoryModel(tensors, {"config.json": b'{"ok": 1}'}, part_size=a.get("part_size", 1 << 20)))
+            return {"digest": d.hex()}
+        if cmd == "fetch_model":
+            t0 = time.perf_counter()
+            digest = bytes.fromhex(a["digest"]) if a.get("digest") else None
+            m = await node.fetch_model([bytes.fromhex(p) for p in a["providers"]], manifest_digest=digest,
+                                       timeout=a.get("timeout", 60))
+            ok = all(t.data == payload(a["seed"] * 1000 + int(n[1:]), len(t.data)) for n, t in m.tensors.items())
+            return {"seconds": time.perf_counter() - t0, "tensors": len(m.tensors), "content_ok": ok,
+                    "sources": {k.hex(): v for k, v in m.sources.items()}, "files": sorted(m.files)}
+        if cmd == "tcp_serve":
+            self.tcp_server = await asyncio.start_server(self._tcp_serve, "127.0.0.1", 0)
+            return {"port": self.tcp_server.sockets[0].getsockname()[1]}
+        if cmd == "tcp_fetch":
+            t0 = time.perf_counter()
+            oks = await asyncio.gather(*(self._tcp_fetch(it) for it in a["items"]))
+            return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
+        raise ValueError(f"unknown command {cmd!r}")
+
+    async def _fetch(self, a: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            data = await self.node.fetch_blob(bytes.fromhex(a["hash"]), a["size"], [bytes.fromhex(p) for p in a["providers"]],
+                                              timeout=a.get("timeout", 60))
+        except P2PError as exc:
+            attempts = [(p.hex(), r) for p, r in getattr(exc, "attempts", [])]
+            return {"fetched": False, "error": str(exc), "attempts": attempts, "seconds": time.perf_counter() - t0}
+        return {"fetched": True, "size": len(data), "seconds": time.perf_counter() - t0}
+
+    # Plain-TCP baseline for the benchmark: request = 32-byte hash + 8-byte size; reply = 8-byte size + bytes.
+    async def _tcp_serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                req = await reader.readexactly(40)
+                data = self.node.blobs.get(req[:32]) or b""
+                writer.write(len(data).to_bytes(8, "big"))
+                writer.write(data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _tcp_fetch(self, it: dict) -> bool:
+        from psyche.p2p.wire import content_hash
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", it["port"])
+        h = bytes.fromhex(it["hash"])
+        writer.write(h + it["size"].to_bytes(8, "big"))
+        await writer.drain()
+        n = int.from_bytes(await reader.readexactly(8), "big")
+        data = await reader.readexactly(n)
+        writer.close()
+        return n == it["size"] and content_hash(data) == h
+
+
+async def _child_main(args: argparse.Namespace) -> None:
+    from psyche.p2p.identity import Identity
+    from psyche.p2p.node import P2PNode
+
+    ident = Identity(bytes.fromhex(args.seed)) if args.seed else Identity.load_or_create(args.key)
+    node = await P2PNode.start(ident, args.run, bind=args.bind, stall_timeout=args.stall_timeout,
+                               connect_timeout=args.connect_timeout, resend_interval=args.resend_interval)
+    w = _Worker(node)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out_lock = asyncio.Lock()
+
+    async def reply(obj: dict) -> None:
+        async with out_lock:
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+
+    await reply({"ready": True, "id": ident.public_key.hex(), "address": node.address})
+
+    async def run(req: dict) -> None:
+        try:
+            res = await w.handle(req["cmd"], req)
+            await reply({"id": req["id"], "ok": True, **res})
+        except Exception as exc:  # noqa: BLE001 — report to the parent instead of dying
+            await reply({"id": req["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    tasks = set()
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        req = json.loads(line)
+        if req["cmd"] == "close":
+            break
+        t = asyncio.ensure_future(run(req))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    await node.close()
+
+
+# --- parent side --------------------------------------------------------------------
+
+
+class WorkerError(RuntimeError):
+    """A worker command failed or the worker died; the message carries its stderr tail."""
+
+
+class WorkerProcess:
+    """A worker child process and a thread-safe way to send it commands and await replies."""
+
+    def __init__(self, run_id: str, *, seed: bytes | None = None, env: dict | None = None,
+                 stall_timeout: float = 2.0, connect_timeout: float = 2.0, resend_interval: float = 0.2,
+                 start_timeout: float = 60.0, wait: bool = True) -> None:
+        self.seed = seed or os.urandom(32)
+        self._err = tempfile.NamedTemporaryFile(prefix="p2p-worker-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "psyche.p2p.worker", "--run", run_id, "--seed", self.seed.hex(),
+             "--stall-timeout", str(stall_timeout), "--connect-timeout", str(connect_timeout),
+             "--resend-interval", str(resend_interval)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1,
+            env={**os.environ, **(env or {})},
+        )
+        self._replies: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self._next = 0
+        self._ready: dict | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self.start_timeout = start_timeout
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> WorkerProcess:
+        """Wait until the worker printed its ready line; sets ``id`` and ``address``."""
+        start_timeout = self.start_timeout
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._ready is not None or self.proc.poll() is not None, start_timeout):
+                raise WorkerError(f"worker did not start in {start_timeout}s: {self.stderr_tail()}")
+        if self._ready is None:
+            raise WorkerError(f"worker exited at start: {self.stderr_tail()}")
+        self.id = bytes.fromhex(self._ready["id"])
+        self.address: str = self._ready["address"]
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                if obj.get("ready"):
+                    self._ready = obj
+                else:
+                    self._replies[obj["id"]] = obj
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        """The last ``n`` characters the worker wrote to stderr."""
+        try:
+            with open(self._err.name) as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    def send(self, cmd: str, **args: Any) -> int:
+        """Send a command; returns its id for :meth:`result`."""
+        with self._cond:
+            self._next += 1
+            rid = self._next
+        self.proc.stdin.write(json.dumps({"id": rid, "cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        return rid
+
+    def result(self, rid: int, timeout: float = 60.0) -> dict:
+        """Wait for the reply to command ``rid``; raises :class:`WorkerError` on failure."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: rid in self._replies or self.proc.poll() is not None, timeout)
+            if rid not in self._replies:
+                raise WorkerError(f"no reply to command {rid} ({'timeout' if not ok else 'worker exited'}): {self.stderr_tail()}")
+            reply = self._replies.pop(rid)
+        if not reply["ok"]:
+            raise WorkerError(reply["error"] + "\n" + self.stderr_tail())
+        return reply
+
+    def call(self, cmd: str, *, reply_timeout: float = 60.0, **args: Any) -> dict:
+        """Send a command and wait up to ``reply_timeout`` seconds for its reply."""
+        return self.result(self.send(cmd, **args), reply_timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the worker (no goodbye to its peers)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def request_close(self) -> None:
+        """Ask the worker to close its node and exit (without waiting)."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"id": 0, "cmd": "close"}) + "\n")
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the worker to close its node and exit; kill it if it does not."""
+        self.request_close()
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                self.kill()
+        try:
+            os.unlink(self._err.name)
+        except OSError:
+            pass
+
+
+def start_workers(n: int, run_id: str, **options: Any) -> list[WorkerProcess]:
+    """Start ``n`` workers in parallel and wait until all are ready."""
+    ws = [WorkerProcess(run_id, wait=False, **options) for _ in range(n)]
+    try:
+        return [w.wait_ready() for w in ws]
+    except BaseException:
+        for w in ws:
+            w.kill()
+        raise
+
+
+def close_all(workers: list[WorkerProcess]) -> None:
+    """Close several workers at once."""
+    for w in workers:
+        w.request_close()
+    for w in workers:
+        w.close()
+
+
+def connect_all(workers: list[WorkerProcess], *, step: int = 0, overrides: dict | None = None) -> None:
+    """Make every worker a member of every other's set and move all to ``step``.
+
+    ``overrides`` maps ``(i, j)`` to the address worker ``i`` gets for worker ``j``
+    (e.g. a dead one, to cut that link).
+    """
+    for i, w in enumerate(workers):
+        members = {x.id.hex(): x.address for x in workers}
+        for (a, b), addr in (overrides or {}).items():
+            if a == i:
+                members[workers[b].id.hex()] = addr
+        w.call("set_members", members=members)
+        w.call("set_step", step=step)
+
+
+def main() -> None:
+    """Entry point of ``python -m psyche.p2p.worker``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--seed", help="hex of the 32 secret bytes (else --key)")
+    ap.add_argument("--key", help="key file (created if missing)")
+    ap.add_argument("--bind", default="127.0.0.1:0")
+    ap.add_argument("--stall-timeout", type=float, default=5.0)
+    ap.add_argument("--connect-timeout", type=float, default=5.0)
+    ap.add_argument("--resend-interval", type=float, default=0.5)
+    args = ap.parse_args()
+    if not args.seed and not args.key:
+        ap.error("one of --seed or --key is required")
+    asyncio.run(_child_main(args))
+
+
+if __name__ == "__main__":
+    main()
