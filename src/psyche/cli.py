@@ -58,6 +58,25 @@ def validate_config(
 # --- commands ---
 
 
+@app.command("keygen")
+def keygen_cmd(
+    path: Annotated[Path, typer.Argument(help="Key file to create (mode 0600).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key file.")] = False,
+) -> None:
+    """Create a node key (ed25519: the iroh endpoint id and the signing key) and print its public key."""
+    from psyche.p2p.errors import IdentityError
+    from psyche.p2p.identity import Identity
+
+    ident = Identity.generate()
+    try:
+        ident.save(path, overwrite=force)
+    except IdentityError as exc:
+        fail(f"{exc} (use --force to replace it)" if "already exists" in exc.problem else str(exc))
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror}")
+    console.print(ident.public_key.hex(), highlight=False)
+
+
 @app.command("localnet")
 def localnet_cmd(
     port: Annotated[int, typer.Option(help="TCP port for the JSON-RPC (0: a free one).")] = 8899,
