@@ -19,6 +19,7 @@ from psyche.train.loop import (
     distro_available,
     optimizer_update,
     prepare_data,
+    tokenizer_path_for,
     train,
 )
 from psyche.train.model import build_model, count_parameters, llama_config, load_pretrained
@@ -46,5 +47,6 @@ __all__ = [
     "prepare_data",
     "save_checkpoint",
     "save_tokenizer",
+    "tokenizer_path_for",
     "train",
 ]

@@ -112,21 +112,28 @@ def prepare_data(cfg: "RunConfig", *, location: str | Path | None = None, progre
     return providers_for(cfg, location=loc)
 
 
-def _tokenizer_of(data: "RunData") -> Path | None:
+def tokenizer_path_for(data: "RunData") -> Path | None:
+    """The ``tokenizer.json`` next to a local train split, if there is one."""
     name = getattr(data.train.source, "name", "")
     p = Path(name).parent / "tokenizer.json"
     return p if p.is_file() else None
 
 
+_tokenizer_of = tokenizer_path_for  # older name, used by psyche.client.trainer
+
+
 def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, optimizer: OptimizerKind | None = None,
           device: str | None = None, data_location: str | Path | None = None, batch_size: int | None = None,
           eval_every: int | None = None, eval_batches: int = 4, checkpoint_every: int = 0,
-          resume: str | Path | None = None, console: "Console | None" = None, progress: bool = True) -> TrainResult:
+          resume: str | Path | None = None, stop_at: int | None = None, console: "Console | None" = None,
+          progress: bool = True) -> TrainResult:
     """Train ``cfg``'s model on one machine to ``steps`` total steps (default
     ``coordinator.total_steps``); write ``out_dir/metrics.jsonl`` (one JSON line per
     step: step, loss, lr, tokens_per_sec, grad_norm, and val_loss when measured) and
     ``out_dir/checkpoint/``. ``resume`` continues from a checkpoint folder written by this
-    function (weights, optimizer state, step). The LR schedule spans ``steps``.
+    function (weights, optimizer state, step). The LR schedule spans ``steps``;
+    ``stop_at`` ends this call after that many steps (checkpointing there), so a later
+    ``resume`` finishes the run exactly as an uninterrupted one would have.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -134,7 +141,6 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    total = steps if steps is not None else cfg.coordinator.total_steps
     kind: OptimizerKind = optimizer or cfg.optimizer.kind
     if kind == "distro" and optimizer is None and not distro_available():
         kind = "adamw"  # the config asks for DisTrO but this tree has none yet
@@ -143,20 +149,24 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     amp = default_autocast_dtype(dev)
 
     data = prepare_data(cfg, location=data_location, progress=progress)
-    tokenizer_path = _tokenizer_of(data)
+    tokenizer_path = tokenizer_path_for(data)
     start = 0
     state: dict[str, Any] = {}
     if resume is not None:
         ckpt = load_checkpoint(resume)
         model, state, start = ckpt.model, ckpt.state, ckpt.step
+        if steps is None and "total_steps" in state:
+            steps = int(state["total_steps"])  # keep the interrupted run's schedule
         if state.get("optimizer_kind", kind) != kind:
             raise TrainingError(f"{resume}: was trained with {state['optimizer_kind']}, cannot resume with {kind}")
     else:
         model = build_model(cfg.model)
+    total = steps if steps is not None else cfg.coordinator.total_steps
     model.to(dev)
     opt = build_optimizer(model, cfg.optimizer, kind=kind, lr=lr_at(start, cfg.lr, total))
     if "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
+    end = total if stop_at is None else max(start, min(stop_at, total))
     n_params = count_parameters(model)
     every = eval_every or max(1, total // 5)
     console.print(f"training {cfg.name}: {n_params / 1e6:.2f}M parameters, {kind}, {total} steps of "
@@ -184,7 +194,7 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
                TimeElapsedColumn())
     with metrics_path.open("a") as log, Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("train", total=total, completed=start, loss=math.nan, lr=0.0, tps=0.0, val=initial_val)
-        for step in range(start, total):
+        for step in range(start, end):
             # 1) the learning rate of this step
             lr = lr_at(step, cfg.lr, total)
             for group in opt.param_groups:
@@ -215,17 +225,19 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
                                       "tokens": stats.tokens, "tokens_per_sec": stats.tokens / dt if dt > 0 else None,
                                       "skipped": not stats.finite}
             # 4) evaluate every `every` steps and after the last one
-            if (step + 1) % every == 0 or step + 1 == total:
+            if (step + 1) % every == 0 or step + 1 == end:
                 val_loss = evaluate(model, data.val, batches=eval_batches, batch_size=B, autocast_dtype=amp)
                 record["val_loss"] = val_loss
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(task, advance=1, loss=stats.loss, lr=lr, tps=record["tokens_per_sec"] or 0.0, val=val_loss)
             # 5) periodic checkpoint
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < end:
                 checkpoint(step + 1)
-    path = checkpoint(total)
-    console.print(f"val loss {initial_val:.4f} -> {val_loss:.4f}; checkpoint written to {path}", highlight=False)
-    return TrainResult(checkpoint=path, metrics_path=metrics_path, steps=total, tokens=tokens_done,
+    path = checkpoint(end)
+    console.print(f"val loss {initial_val:.4f} -> {val_loss:.4f}; checkpoint written to {path}"
+                  + (f" (stopped at step {end} of {total}; continue with --resume {path})" if end < total else ""),
+                  highlight=False)
+    return TrainResult(checkpoint=path, metrics_path=metrics_path, steps=end, tokens=tokens_done,
                        first_loss=first_loss, last_loss=last_loss, initial_val_loss=initial_val,
                        final_val_loss=val_loss, skipped_steps=skipped, parameters=n_params)
