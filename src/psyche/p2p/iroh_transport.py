@@ -15,6 +15,14 @@ from psyche.p2p.errors import TransportError
 from psyche.p2p.wire import ALPN
 
 
+def _why(exc: Exception) -> str:
+    """iroh errors print as empty strings; take the message the binding carries."""
+    try:
+        return str(exc.message()).splitlines()[0]  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 — best effort for an error description
+        return repr(exc)
+
+
 def ticket_id(address: str) -> bytes:
     """The endpoint id (public key, 32 bytes) inside an iroh ticket string."""
     try:
@@ -34,19 +42,19 @@ class IrohStream:
         try:
             await self._send.write_all(bytes(data))
         except iroh.IrohError as exc:
-            raise TransportError(f"write failed: {exc}") from exc
+            raise TransportError(f"write failed: {_why(exc)}") from exc
 
     async def finish(self) -> None:
         try:
             await self._send.finish()
         except iroh.IrohError as exc:
-            raise TransportError(f"finish failed: {exc}") from exc
+            raise TransportError(f"finish failed: {_why(exc)}") from exc
 
     async def read(self, max_bytes: int) -> bytes:
         try:
             data = await self._recv.read(max_bytes)
         except iroh.IrohError as exc:
-            raise TransportError(f"read failed: {exc}") from exc
+            raise TransportError(f"read failed: {_why(exc)}") from exc
         return data or b""
 
     def abort(self) -> None:
@@ -79,14 +87,14 @@ class IrohConnection:
             return IrohStream(await self._conn.open_bi())
         except iroh.IrohError as exc:
             self._closed = True
-            raise TransportError(f"open stream failed: {exc}") from exc
+            raise TransportError(f"open stream failed: {_why(exc)}") from exc
 
     async def accept_stream(self) -> IrohStream:
         try:
             return IrohStream(await self._conn.accept_bi())
         except iroh.IrohError as exc:
             self._closed = True
-            raise TransportError(f"connection ended: {exc}") from exc
+            raise TransportError(f"connection ended: {_why(exc)}") from exc
 
     def rtt_ms(self) -> float | None:
         try:
@@ -129,7 +137,7 @@ class IrohTransport:
             )
             ep = await iroh.Endpoint.bind(opts)
         except iroh.IrohError as exc:
-            raise TransportError(f"cannot bind iroh endpoint on {bind}: {exc}") from exc
+            raise TransportError(f"cannot bind iroh endpoint on {bind}: {_why(exc)}") from exc
         return cls(ep)
 
     async def connect(self, peer_id: bytes, address: str) -> IrohConnection:
@@ -142,7 +150,7 @@ class IrohTransport:
         try:
             conn = await self._ep.connect(addr, ALPN)
         except iroh.IrohError as exc:
-            raise TransportError(f"connect to {peer_id.hex()[:16]} failed: {exc}") from exc
+            raise TransportError(f"connect to {peer_id.hex()[:16]} failed: {_why(exc)}") from exc
         return IrohConnection(conn)
 
     async def accept(self) -> IrohConnection | None:

@@ -49,7 +49,6 @@ from psyche.p2p.wire import (
     Push,
     PushAck,
     SignedMessage,
-    content_hash,
     decode_frame,
     encode_frame,
     frame_length,
