@@ -58,6 +58,25 @@ def validate_config(
 # --- commands ---
 
 
+@app.command("dashboard")
+def dashboard_cmd(
+    server: Annotated[str, typer.Option(help="Coordinator server URL to follow, e.g. http://HOST:8000")],
+    port: Annotated[int, typer.Option(help="Local port to serve the dashboard on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Serve the live dashboard here for a remote coordinator server."""
+    import uvicorn
+
+    from psyche.dashboard import create_proxy_app
+
+    try:
+        app_ = create_proxy_app(server)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"psyche dashboard for {server} at http://{host}:{port}/", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 @app.command("keygen")
 def keygen_cmd(
     path: Annotated[Path, typer.Argument(help="Key file to create (mode 0600).")],
@@ -254,6 +273,7 @@ def client_cmd(
     bind: Annotated[str, typer.Option(help="P2P bind address.")] = "127.0.0.1:0",
     solana: Annotated[str | None, typer.Option(help="Solana RPC URL (instead of --server).")] = None,
     keypair: Annotated[Path | None, typer.Option(help="Solana keypair file (with --solana; default: --key).")] = None,
+    config: Annotated[Path | None, typer.Option(help="The run's config TOML (with --solana; checked against the chain).")] = None,
 ) -> None:
     """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
     from psyche.client.main import run_client
@@ -261,7 +281,7 @@ def client_cmd(
     if (server is None) == (solana is None):
         fail("pass exactly one of --server URL or --solana URL")
     code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, device=device,
-                      checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console)
+                      checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console, config=config)
     raise typer.Exit(code)
 
 

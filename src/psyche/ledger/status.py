@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from psyche.coordinator import queries as q
-from psyche.coordinator.state import RunState
+from psyche.coordinator.state import CoordinatorState, RunState
 
 if TYPE_CHECKING:
     from psyche.config import RunConfig
@@ -143,4 +143,29 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         "config": cfg.model_dump(mode="json"),
         "seq": host.seq,
         "digest": coord.digest(),
+        # For live views: the phase's end on the server clock and that clock, so a page
+        # counts the time left down on its own between pushes.
+        "phase_deadline": q.phase_deadline(s),
+        "server_time": now if now is not None else time.time(),
+        "rounds": round_outcomes(s),
     }
+
+
+def round_outcomes(s: CoordinatorState) -> list[dict]:
+    """Per stored round of this epoch (oldest first): its trainers and witnesses, and which
+    trainers a witness quorum saw so far (final once ``closed``)."""
+    out = []
+    for r in s.rounds:
+        batches = {b.client for b in q.round_batches(s, r.step)}
+        out.append({
+            "epoch": s.epoch,
+            "step": r.step,
+            "height": r.height,
+            "trainers": [client_id(s.clients[i].id) for i in r.trainers if s.clients[i].id in batches],
+            "witnesses": [client_id(w) for w in q.round_witnesses(s, r.step)],
+            "reports": len(r.reports),
+            "quorum": q.quorum(max(1, r.witnesses)),
+            "seen": [client_id(c) for c in q.witnessed_trainers(s, r.step)],
+            "closed": q.round_closed(s, r.step),
+        })
+    return out

@@ -1,0 +1,434 @@
+// Psyche dashboard: the runs list ("/") and a page per run ("/runs/<id>").
+//
+// Both views follow a WebSocket that pushes JSON: a snapshot, then deltas
+// (see psyche/dashboard/feed.py), and reconnect on their own with backoff when
+// the server goes away, so a restarted server needs no reload.
+"use strict";
+
+(function () {
+  // -- small helpers ---------------------------------------------------------
+
+  const $ = (sel, root) => (root || document).querySelector(sel);
+
+  function esc(v) {
+    return String(v == null ? "" : v).replace(/[&<>"']/g, (c) =>
+      ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+  }
+
+  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
+  const dash = "–";
+
+  function fmtInt(v) { return isNum(v) ? Math.round(v).toLocaleString("en-US") : dash; }
+
+  function fmtCompact(v) {
+    if (!isNum(v)) return dash;
+    const a = Math.abs(v);
+    if (a >= 1e9) return (v / 1e9).toFixed(a >= 1e10 ? 0 : 1) + "G";
+    if (a >= 1e6) return (v / 1e6).toFixed(a >= 1e7 ? 0 : 1) + "M";
+    if (a >= 1e3) return (v / 1e3).toFixed(a >= 1e5 ? 0 : 1) + "k";
+    if (a >= 100) return v.toFixed(0);
+    if (a >= 1) return v.toFixed(1);
+    return +v.toPrecision(2) + "";
+  }
+
+  function fmtBytes(v) {
+    if (!isNum(v)) return dash;
+    const units = ["B", "kB", "MB", "GB", "TB"];
+    let i = 0;
+    while (Math.abs(v) >= 1000 && i < units.length - 1) { v /= 1000; i++; }
+    return (i === 0 ? v.toFixed(0) : v.toFixed(Math.abs(v) >= 100 ? 0 : 1)) + " " + units[i];
+  }
+
+  function fmtLoss(v) { return isNum(v) ? v.toFixed(3) : dash; }
+
+  function fmtDur(s) {
+    if (!isNum(s)) return dash;
+    s = Math.max(0, Math.round(s));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " m " + String(s % 60).padStart(2, "0") + " s";
+    return Math.floor(s / 3600) + " h " + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + " m";
+  }
+
+  function shortId(id) { return id ? id.slice(0, 8) : dash; }
+
+  // A stable colour per client id, so a client looks the same in every table.
+  function idColor(id) {
+    let h = 2166136261; // FNV-1a over the hex id
+    for (let i = 0; i < id.length; i++) h = Math.imul(h ^ id.charCodeAt(i), 16777619) >>> 0;
+    return `hsl(${h % 360} 62% 52%)`;
+  }
+
+  function swatch(id) { return `<span class="swatch" style="background:${idColor(id)}"></span>`; }
+
+  function cssVar(name) { return getComputedStyle(document.documentElement).getPropertyValue(name).trim(); }
+
+  const PHASES = {
+    Uninitialized: "Not started",
+    WaitingForMembers: "Waiting for members",
+    Warmup: "Warmup",
+    RoundTrain: "Training",
+    RoundWitness: "Witnessing",
+    Cooldown: "Cooldown",
+    Finished: "Finished",
+    Paused: "Paused",
+  };
+
+  function badge(state) {
+    return `<span class="badge s-${esc(state)}">${esc(PHASES[state] || state)}</span>`;
+  }
+
+  // -- the live connection ---------------------------------------------------
+
+  // Same rules as psyche.dashboard.feed.apply_delta.
+  function applyDelta(prev, delta) {
+    const out = {};
+    const unset = new Set(delta.unset || []);
+    for (const k in prev) if (!unset.has(k)) out[k] = prev[k];
+    Object.assign(out, delta.set || {});
+    const rows = delta.history || [];
+    if (rows.length || "history" in prev) {
+      const merged = new Map((prev.history || []).map((r) => [r.step, r]));
+      for (const r of rows) merged.set(r.step, r);
+      out.history = [...merged.keys()].sort((a, b) => a - b).map((s) => merged.get(s));
+    }
+    return out;
+  }
+
+  const conn = { el: null, set(state, text) { if (this.el) { this.el.dataset.state = state; this.el.textContent = text; } } };
+
+  function follow(path, onDoc, onError) {
+    let ws = null, doc = null, version = null, attempt = 0, timer = null;
+    const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + path;
+
+    function open() {
+      timer = null;
+      ws = new WebSocket(url);
+      ws.onopen = () => { attempt = 0; conn.set("live", "live"); };
+      ws.onmessage = (ev) => {
+        let msg;
+        try { msg = JSON.parse(ev.data); } catch (e) { return; }
+        if (msg.type === "snapshot") {
+          doc = msg.data; version = msg.v; onDoc(doc);
+        } else if (msg.type === "delta") {
+          if (doc === null || msg.base !== version) { ws.close(); return; } // out of step: start over
+          doc = applyDelta(doc, msg); version = msg.v; onDoc(doc);
+        } else if (msg.type === "error") {
+          onError(msg.message);
+        }
+      };
+      ws.onclose = () => {
+        doc = null; version = null; attempt++;
+        const wait = Math.min(10000, 500 * Math.pow(1.7, attempt - 1));
+        conn.set(attempt > 3 ? "offline" : "reconnecting",
+          attempt > 3 ? `server unreachable, retrying in ${Math.round(wait / 1000)} s` : "reconnecting…");
+        if (!timer) timer = setTimeout(open, wait);
+      };
+    }
+    // A tab woken from sleep reconnects at once instead of waiting out the backoff.
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && timer) { clearTimeout(timer); open(); }
+    });
+    open();
+  }
+
+  // Seconds between the server's clock and ours, from the last document received.
+  let clockOffset = 0;
+  const serverNow = () => Date.now() / 1000 + clockOffset;
+
+  function ago(ts) {
+    if (!isNum(ts)) return dash;
+    const s = serverNow() - ts;
+    if (s < 2) return "just now";
+    return fmtDur(s) + " ago";
+  }
+
+  // -- runs list ---------------------------------------------------------------
+
+  function runsView(root) {
+    document.title = "Runs · Psyche";
+    $("#crumbs").innerHTML = "runs";
+    root.innerHTML = `
+      <section class="panel" id="runs">
+        <h2>Runs <span class="note" id="runs-note"></span></h2>
+        <div class="table-wrap"><table>
+          <thead><tr><th>Run</th><th>State</th><th>Step</th><th class="num">Tokens trained</th>
+            <th class="num">Tokens/s</th><th class="num">Clients</th></tr></thead>
+          <tbody id="runs-body"><tr><td colspan="6" class="muted">connecting…</td></tr></tbody>
+        </table></div>
+      </section>`;
+    follow("/api/live", (runs) => {
+      $("#runs-note").textContent = runs.length === 1 ? "1 run" : `${runs.length} runs`;
+      const body = $("#runs-body");
+      if (!runs.length) { body.innerHTML = `<tr><td colspan="6" class="muted">This server hosts no runs yet.</td></tr>`; return; }
+      body.innerHTML = runs.map((r) => {
+        const pct = r.total_steps ? Math.min(100, (100 * Math.max(0, r.step - (r.state === "Finished" ? 0 : 1))) / r.total_steps) : 0;
+        return `<tr class="link" data-href="/runs/${encodeURIComponent(r.run_id)}">
+          <td><a href="/runs/${encodeURIComponent(r.run_id)}">${esc(r.name || r.run_id)}</a>
+            ${r.name && r.name !== r.run_id ? `<div class="faint mono">${esc(r.run_id)}</div>` : ""}</td>
+          <td>${badge(r.state)}</td>
+          <td><span class="mono">${fmtInt(r.step)} / ${fmtInt(r.total_steps)}</span>
+            <div class="progress" style="width:110px"><span style="width:${pct}%"></span></div></td>
+          <td class="num">${fmtCompact(r.tokens_trained)}</td>
+          <td class="num">${fmtCompact(r.tokens_per_sec)}</td>
+          <td class="num">${fmtInt(r.clients)}</td></tr>`;
+      }).join("");
+    }, () => {});
+    root.addEventListener("click", (ev) => {
+      const tr = ev.target.closest("tr.link");
+      if (tr && !ev.target.closest("a")) location.href = tr.dataset.href;
+    });
+  }
+
+  // -- one run -------------------------------------------------------------------
+
+  function runView(root, runId) {
+    $("#crumbs").innerHTML = `<a href="/">runs</a> / <span class="mono">${esc(runId)}</span>`;
+    document.title = `${runId} · Psyche`;
+    root.innerHTML = `
+      <div class="stack">
+        <section class="panel run-head">
+          <div class="title"><h1 id="run-name">${esc(runId)}</h1><p class="desc" id="run-desc"></p>
+            <div class="ids mono" id="run-ids"></div></div>
+          <div id="run-badge"></div>
+        </section>
+        <section class="stats" id="stats"></section>
+        <section class="charts">
+          <div class="panel"><h2>Loss</h2>
+            <div class="legend"><span><i style="background:var(--series-1)"></i>train</span>
+              <span style="color:var(--series-2)"><i class="dash" style="background:var(--series-2)"></i><span style="color:var(--muted)">validation</span></span></div>
+            <div class="chart" id="chart-loss"></div></div>
+          <div class="panel"><h2>Tokens per second <span class="note">whole network</span></h2><div class="chart" id="chart-tps"></div></div>
+          <div class="panel"><h2>Bytes sent per step <span class="note">compressed results, all clients</span></h2><div class="chart" id="chart-bytes"></div></div>
+          <div class="panel"><h2>Compression <span class="note">× fewer bytes than an fp32 all-reduce</span></h2><div class="chart" id="chart-ratio"></div></div>
+        </section>
+        <section class="panel"><h2>Clients <span class="note" id="clients-note"></span></h2>
+          <div class="table-wrap"><table>
+            <thead><tr><th>Client</th><th>Health</th><th>Role this round</th><th class="num">Points</th>
+              <th class="num">Sent</th><th class="num">Received</th><th class="num">Last seen</th></tr></thead>
+            <tbody id="clients-body"></tbody></table></div></section>
+        <div class="two">
+          <section class="panel"><h2>Witness outcomes <span class="note">trainers a 2/3 witness quorum saw</span></h2>
+            <div class="table-wrap" style="max-height:420px;overflow-y:auto"><table>
+              <thead><tr><th>Step</th><th class="num">Reports</th><th>Trainers seen</th><th>Outcome</th></tr></thead>
+              <tbody id="witness-body"></tbody></table></div></section>
+          <section class="panel"><h2>Checkpoints</h2>
+            <div class="table-wrap"><table>
+              <thead><tr><th>Step</th><th>Location</th><th class="hide-narrow">sha256</th><th class="hide-narrow">By</th></tr></thead>
+              <tbody id="ckpt-body"></tbody></table></div>
+            <div id="ckpt-load"></div></section>
+        </div>
+        <section class="panel"><details class="config" id="config"><summary>Run config</summary>
+          <div class="config-grid" id="config-grid"></div></details></section>
+      </div>`;
+
+    const C = window.PsycheCharts;
+    const compact = (v) => fmtCompact(v);
+    const charts = {
+      loss: C.line($("#chart-loss"), { label: "loss by step", xLabel: "step", integerX: true, yFormat: (v) => +v.toPrecision(4) + "" }),
+      tps: C.line($("#chart-tps"), { label: "tokens per second by step", xLabel: "step", integerX: true, zero: true, yFormat: compact }),
+      bytes: C.line($("#chart-bytes"), { label: "bytes per step", xLabel: "step", integerX: true, zero: true, yFormat: fmtBytes }),
+      ratio: C.line($("#chart-ratio"), { label: "compression ratio", xLabel: "step", integerX: true, zero: true, yFormat: (v) => "×" + fmtCompact(v) }),
+    };
+    let last = null, configJson = "";
+
+    function render(doc) {
+      last = doc;
+      if (doc.error) return renderError(doc.error);
+      if (isNum(doc.server_time)) clockOffset = doc.server_time - Date.now() / 1000;
+      document.title = `${doc.name || doc.run_id} · step ${doc.step}/${doc.total_steps} · Psyche`;
+      $("#run-name").textContent = doc.name || doc.run_id;
+      $("#run-desc").textContent = doc.description || "";
+      $("#run-ids").textContent = `run ${doc.run_id}` + (doc.digest ? ` · state ${doc.digest.slice(0, 12)}` : "") +
+        (isNum(doc.seq) ? ` · log #${doc.seq}` : "");
+      $("#run-badge").innerHTML = badge(doc.state);
+      renderStats(doc);
+      renderCharts(doc.history || []);
+      renderClients(doc);
+      renderWitness(doc);
+      renderCheckpoints(doc.checkpoints || []);
+      const cj = JSON.stringify(doc.config || {});
+      if (cj !== configJson) { configJson = cj; renderConfig(doc.config || {}); }
+    }
+
+    function renderError(message) {
+      $("#stats").innerHTML = `<div class="panel error-card" style="grid-column:1/-1">${esc(message)} · <a href="/">all runs</a></div>`;
+    }
+
+    function phaseLine(doc) {
+      if (doc.state === "WaitingForMembers") {
+        const need = doc.config && doc.config.coordinator ? doc.config.coordinator.init_min_clients : null;
+        const have = (doc.pending || []).length + (doc.clients || []).length;
+        return isNum(need) && have < need ? `${have} of ${need} clients joined` : "starting soon";
+      }
+      if (isNum(doc.phase_deadline)) return `<span data-deadline="${doc.phase_deadline}"></span> left`;
+      if (isNum(doc.phase_time_left)) return fmtDur(doc.phase_time_left) + " left";
+      return doc.state === "Finished" ? "all steps trained" : "";
+    }
+
+    function stat(label, value, sub, extra) {
+      return `<div class="panel stat"><div class="label">${label}</div><div class="value">${value}</div>` +
+        (sub ? `<div class="sub">${sub}</div>` : "") + (extra || "") + "</div>";
+    }
+
+    function renderStats(doc) {
+      const hist = doc.history || [];
+      const lastRow = hist.length ? hist[hist.length - 1] : {};
+      const vals = hist.filter((h) => isNum(h.val_loss));
+      const lastVal = vals.length ? vals[vals.length - 1] : null;
+      const done = doc.state === "Finished" ? doc.step : Math.max(0, doc.step - 1);
+      const pct = doc.total_steps ? Math.min(100, (100 * done) / doc.total_steps) : 0;
+      const clients = doc.clients || [];
+      const healthy = clients.filter((c) => c.state === "Healthy").length;
+      const unhealthy = clients.length - healthy;
+      const pending = (doc.pending || []).length;
+      const round = doc.round;
+      const ratio = [...hist].reverse().find((h) => isNum(h.compression_ratio));
+      $("#stats").innerHTML = [
+        stat("Phase", esc(PHASES[doc.state] || doc.state), phaseLine(doc)),
+        stat("Step", `<span id="step-value">${fmtInt(doc.step)}</span> <span class="faint" style="font-size:15px">/ ${fmtInt(doc.total_steps)}</span>`,
+          `epoch ${fmtInt(doc.epoch)}` + (round ? ` · round ${fmtInt(round.height)}` : ""),
+          `<div class="progress"><span style="width:${pct}%"></span></div>`),
+        stat("Loss", fmtLoss(lastRow.loss), lastVal ? `validation ${fmtLoss(lastVal.val_loss)} at step ${lastVal.step}` : "validation not measured yet"),
+        stat("Tokens / s", fmtCompact(isNum(lastRow.tokens_per_sec) ? lastRow.tokens_per_sec : doc.tokens_per_sec),
+          `${fmtCompact(doc.tokens_trained)} tokens trained`),
+        stat("Clients", `${healthy}` + (clients.length !== healthy ? ` <span class="faint" style="font-size:15px">/ ${clients.length}</span>` : ""),
+          [unhealthy ? `${unhealthy} left this epoch` : "healthy", pending ? `${pending} joining next epoch` : ""].filter(Boolean).join(" · ")),
+        stat("Sent per step", fmtBytes(lastRow.bytes_per_step),
+          isNum(doc.fp32_bytes_per_step) ? `fp32 all-reduce: ${fmtBytes(doc.fp32_bytes_per_step)} per client` : ""),
+        stat("Compression", ratio ? "×" + fmtCompact(ratio.compression_ratio) : dash, "vs an fp32 all-reduce"),
+      ].join("");
+      tick();
+    }
+
+    function renderCharts(hist) {
+      const pts = (key) => hist.filter((h) => isNum(h[key])).map((h) => [h.step, h[key]]);
+      const s1 = cssVar("--series-1"), s2 = cssVar("--series-2"), s3 = cssVar("--series-3"), s4 = cssVar("--series-4");
+      charts.loss.update([{ name: "train", color: s1, points: pts("loss") },
+                          { name: "validation", color: s2, points: pts("val_loss"), dash: true, dots: true }]);
+      charts.tps.update([{ name: "tokens/s", color: s3, points: pts("tokens_per_sec"), area: true }]);
+      charts.bytes.update([{ name: "bytes", color: s4, points: pts("bytes_per_step"), area: true }]);
+      charts.ratio.update([{ name: "compression", color: s1, points: pts("compression_ratio") }]);
+    }
+
+    function renderClients(doc) {
+      const clients = doc.clients || [];
+      const pending = doc.pending || [];
+      $("#clients-note").textContent = `${clients.length} this epoch` + (pending.length ? `, ${pending.length} waiting for the next` : "");
+      const rows = clients.map((c) => `<tr>
+          <td class="mono" title="${esc(c.id)}">${swatch(c.id)}${esc(shortId(c.id))}</td>
+          <td><span class="health ${esc(c.state)}">${esc(c.state)}</span></td>
+          <td>${c.role ? `<span class="role ${esc(c.role)}">${esc(c.role)}</span>` : `<span class="faint">${dash}</span>`}</td>
+          <td class="num">${fmtInt(c.points)}</td>
+          <td class="num">${fmtBytes(c.bytes_sent)}</td>
+          <td class="num">${fmtBytes(c.bytes_received)}</td>
+          <td class="num" data-seen="${isNum(c.last_seen) ? c.last_seen : ""}">${ago(c.last_seen)}</td></tr>`);
+      for (const id of pending) {
+        rows.push(`<tr><td class="mono" title="${esc(id)}">${swatch(id)}${esc(shortId(id))}</td>
+          <td><span class="health">joining</span></td><td class="faint">next epoch</td>
+          <td class="num">${fmtInt(((doc.accounts || []).find((a) => a.id === id) || {}).points)}</td>
+          <td class="num">${dash}</td><td class="num">${dash}</td><td class="num">${dash}</td></tr>`);
+      }
+      $("#clients-body").innerHTML = rows.length ? rows.join("") :
+        `<tr><td colspan="7" class="muted">No clients yet. Start one with <code>psyche client --server ${esc(location.origin)}</code></td></tr>`;
+    }
+
+    function renderWitness(doc) {
+      const rows = new Map();
+      for (const r of doc.witness_rounds || []) rows.set(`${r.epoch}:${r.step}`, { stats: r });
+      for (const r of doc.witness_outcomes || doc.rounds || []) {
+        const key = `${r.epoch}:${r.step}`;
+        rows.set(key, Object.assign(rows.get(key) || {}, { detail: r }));
+      }
+      const ordered = [...rows.values()].sort((a, b) => {
+        const ra = a.detail || a.stats, rb = b.detail || b.stats;
+        return rb.epoch - ra.epoch || rb.step - ra.step;
+      }).slice(0, 64);
+      $("#witness-body").innerHTML = ordered.length ? ordered.map(({ stats, detail }) => {
+        const r = detail || stats;
+        let seen = "", outcome = "", reports;
+        if (detail) {
+          const seenSet = new Set(detail.seen);
+          seen = `<span class="seen">` + detail.trainers.map((id) => {
+            const c = idColor(id);
+            return `<i class="${seenSet.has(id) ? "" : "no"}" title="${esc(shortId(id))}${seenSet.has(id) ? " seen" : " not seen"}" style="border-color:${c};background:${c}"></i>`;
+          }).join("") + "</span>";
+          const missing = detail.trainers.length - detail.seen.length;
+          reports = `${detail.reports} / ${detail.witnesses.length}`;
+          if (!detail.closed && detail.reports < detail.quorum) outcome = `<span class="faint">waiting for witnesses</span>`;
+          else if (detail.reports < detail.quorum) outcome = `<span class="pill-bad">no quorum</span>`;
+          else outcome = missing ? `<span class="pill-bad">${missing} not seen</span>` : `<span class="pill-ok">all seen</span>`;
+        } else {
+          reports = `${stats.reports} / ${stats.witnesses}`;
+          seen = `<span class="faint">${fmtInt(stats.trainers)} trainers</span>`;
+          outcome = stats.reports > 0 ? `<span class="pill-ok">reported</span>` : `<span class="pill-bad">no reports</span>`;
+        }
+        return `<tr><td class="mono">${fmtInt(r.step)}${r.epoch ? ` <span class="faint">e${r.epoch}</span>` : ""}</td>
+          <td class="num">${reports}</td><td>${seen}</td><td>${outcome}</td></tr>`;
+      }).join("") : `<tr><td colspan="4" class="muted">No rounds witnessed yet.</td></tr>`;
+    }
+
+    function renderCheckpoints(ckpts) {
+      const list = [...ckpts].reverse();
+      $("#ckpt-body").innerHTML = list.length ? list.map((c) => `<tr>
+          <td class="mono">${fmtInt(c.step)} <span class="faint">e${fmtInt(c.epoch)}</span></td>
+          <td><code>${esc(c.location)}</code><button class="copy" data-copy="${esc(c.location)}">copy</button></td>
+          <td class="mono faint hide-narrow" title="${esc(c.sha256)}">${esc((c.sha256 || "").slice(0, 12))}</td>
+          <td class="mono hide-narrow" title="${esc(c.client)}">${c.client ? swatch(c.client) + esc(shortId(c.client)) : dash}</td></tr>`).join("")
+        : `<tr><td colspan="4" class="muted">No checkpoint yet: one is written at the end of each epoch.</td></tr>`;
+      const latest = list[0];
+      $("#ckpt-load").innerHTML = latest ? `<pre class="snippet">from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(${esc(JSON.stringify(latest.location))})</pre>` : "";
+    }
+
+    function renderConfig(cfg) {
+      const sections = [], top = [];
+      for (const [k, v] of Object.entries(cfg)) {
+        if (v && typeof v === "object" && !Array.isArray(v)) sections.push([k, v]); else top.push([k, v]);
+      }
+      if (top.length) sections.unshift(["run", Object.fromEntries(top)]);
+      const val = (v) => (v === null ? "null" : typeof v === "object" ? JSON.stringify(v) : String(v));
+      $("#config-grid").innerHTML = sections.map(([name, obj]) => `<div><h3>${esc(name)}</h3><dl>` +
+        Object.entries(obj).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(val(v))}</dd>`).join("") + "</dl></div>").join("");
+    }
+
+    // Countdowns and ages move every second between pushes.
+    function tick() {
+      for (const node of document.querySelectorAll("[data-deadline]")) node.textContent = fmtDur(+node.dataset.deadline - serverNow());
+      for (const node of document.querySelectorAll("[data-seen]")) if (node.dataset.seen) node.textContent = ago(+node.dataset.seen);
+    }
+    setInterval(tick, 1000);
+
+    root.addEventListener("click", (ev) => {
+      const btn = ev.target.closest("button.copy");
+      if (!btn) return;
+      const text = btn.dataset.copy;
+      const done = () => { btn.textContent = "copied"; setTimeout(() => (btn.textContent = "copy"), 1200); };
+      if (navigator.clipboard && window.isSecureContext) navigator.clipboard.writeText(text).then(done, () => {});
+      else {
+        const ta = document.createElement("textarea");
+        ta.value = text; document.body.appendChild(ta); ta.select();
+        try { document.execCommand("copy"); done(); } catch (e) { /* nothing to do */ }
+        ta.remove();
+      }
+    });
+    // Colours come from CSS variables: redraw when the system switches light/dark.
+    if (window.matchMedia) {
+      window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => { if (last && !last.error) renderCharts(last.history || []); });
+    }
+
+    follow(`/api/runs/${encodeURIComponent(runId)}/live`, render, renderError);
+  }
+
+  // -- routing ------------------------------------------------------------------
+
+  function start() {
+    conn.el = $("#conn");
+    const root = $("#app");
+    const m = location.pathname.match(/^\/runs\/([^/]+)\/?$/);
+    if (m) runView(root, decodeURIComponent(m[1]));
+    else runsView(root);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
