@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
 # Debian packages the project uses: the default English corpus (fortunes),
-# headless Chromium for the dashboard test, LLVM + lld to build the Solana program.
-DEB_PACKAGES := fortunes chromium llvm lld
+# headless Chromium for the dashboard test, clang (bpfel) to build the Solana program.
+DEB_PACKAGES := fortunes chromium clang
 
 .PHONY: demo test install debian bench clean
 
@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 install: $(STAMP) $(DEB_STAMP)
+	@# The on-chain program, built from source (cached under build/solana by source hash).
+	@$(BIN)/python -m psyche.ledger.solana.build >/dev/null
 
 demo: install
 	$(BIN)/psyche demo
@@ -40,6 +42,8 @@ test: install
 bench: install
 	$(BIN)/python bench/distro_codec.py
 	$(BIN)/python bench/coordinator.py
+	$(BIN)/python bench/p2p.py
+	$(BIN)/python bench/solana.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

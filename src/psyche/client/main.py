@@ -35,26 +35,34 @@ async def _run(args: dict, console: Console) -> int:
     from psyche.p2p import Identity, P2PNode
 
     identity = Identity.load_or_create(args["key"])
-    client_ticks = False
     if args["server"] is not None:
         from psyche.ledger.remote import ServerLedger
 
         run_id, cfg = _server_run(args["server"], args["run_id"])
         ledger = ServerLedger(args["server"], run_id, identity)
     else:
-        from psyche.ledger.solana import SolanaLedger  # noqa: F401  (the Solana host)
+        from urllib.parse import urlparse
 
-        if args["run_id"] is None:
-            raise SystemExit("error: --solana needs --run-id")
-        ledger = SolanaLedger.connect(args["solana"], args["run_id"], identity)
-        cfg = ledger.config
-        client_ticks = True
+        from psyche.config import load_config
+        from psyche.ledger.solana.ledger import SolanaLedger
+        from psyche.ledger.solana.keys import load_keypair
+
+        if args["run_id"] is None or args["config"] is None:
+            raise SystemExit("error: --solana needs --run-id and --config (the run's config file)")
+        cfg = load_config(args["config"])
+        keypair = load_keypair(Path(args["key"]), create=True)
+        local = urlparse(args["solana"]).hostname in ("127.0.0.1", "localhost", "::1")
+        ledger = SolanaLedger(args["solana"], args["run_id"], keypair, airdrop=local)
+        await ledger.state()
+        digest = ledger.sync.replay.config_digest
+        if digest and digest != cfg.digest():
+            raise SystemExit(f"error: {args['config']} is not the config run {args['run_id']!r} was created with "
+                             f"(digest {cfg.digest()[:12]} vs {digest[:12]} on chain)")
     say = lambda msg: console.print(f"[dim]{identity.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
     trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
     node = await P2PNode.start(identity, cfg.run_id, bind=args["bind"])
     say(f"client {identity.public_key.hex()} for run {cfg.run_id}; p2p address ready")
-    runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say,
-                            client_ticks=client_ticks)
+    runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say)
     task = asyncio.create_task(runtime.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,11 +78,12 @@ async def _run(args: dict, console: Console) -> int:
 
 
 def run_client(*, server: str | None, solana: str | None, run_id: str | None, key: Path, device: str,
-               checkpoint_dir: Path | None, data: str | None, bind: str, console: Console) -> int:
+               checkpoint_dir: Path | None, data: str | None, bind: str, console: Console,
+               config: Path | None = None) -> int:
     """Run one node until the run finishes (0), it is stopped (130), or a user error (1)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = dict(server=server, solana=solana, run_id=run_id, key=key, device=device,
-                checkpoint_dir=checkpoint_dir, data=data, bind=bind)
+                checkpoint_dir=checkpoint_dir, data=data, bind=bind, config=config)
     try:
         return asyncio.run(_run(args, console))
     except ConfigError as exc:

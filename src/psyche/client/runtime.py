@@ -31,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psyche.coordinator import Checkpoint, HealthCheck, Join, Tick, WarmupWitness, Withdraw, Witness
+from psyche.coordinator import Checkpoint, HealthCheck, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.state import ClientState, RunState
@@ -70,7 +70,7 @@ class ClientRuntime:
     """One node in one run. ``node`` is a started :class:`psyche.p2p.P2PNode`."""
 
     def __init__(self, ledger: Ledger, node, trainer, identity, *, checkpoint_dir: Path | None = None,
-                 eval_every: int = 5, say=print, client_ticks: bool = False):
+                 eval_every: int = 5, say=print):
         self.ledger = ledger
         self.node = node
         self.trainer = trainer
@@ -78,7 +78,6 @@ class ClientRuntime:
         self.checkpoint_dir = checkpoint_dir
         self.eval_every = eval_every
         self.say = say
-        self.client_ticks = client_ticks
         self.coord = None
         self._wake = asyncio.Event()
         self.books: dict[int, StepBook] = defaultdict(StepBook)
@@ -94,7 +93,6 @@ class ClientRuntime:
         self.dropped_noted: int | None = None
         self.model_epoch: int | None = None
         self._lock = asyncio.Lock()
-        self._last_tick = 0.0
 
     # -- plumbing --------------------------------------------------------------
 
@@ -175,7 +173,8 @@ class ClientRuntime:
             while True:
                 if self.coord.state.run_state is RunState.Finished:
                     await self._finish_pending()
-                    self.say(f"run finished at step {self.coord.state.settings.total_steps}")
+                    self.say(f"run finished at step {self.coord.state.settings.total_steps}; "
+                             f"final state digest {self.coord.digest()}")
                     return 0
                 await self.act()
                 self._wake.clear()
@@ -204,8 +203,6 @@ class ClientRuntime:
         coord = self.coord
         s = coord.state
         me = q.member(s, self.me)
-        if self.client_ticks:
-            await self._maybe_tick(s)
         if me is not None and me.state is not ClientState.Healthy and self.dropped_noted != s.epoch:
             self.dropped_noted = s.epoch
             self.say(f"this client is {me.state.value} in epoch {s.epoch}; it will rejoin for the next epoch")
@@ -231,12 +228,6 @@ class ClientRuntime:
                     await self._ensure_joined(s)
             case RunState.Paused:
                 pass
-
-    async def _maybe_tick(self, s) -> None:
-        deadline = q.phase_deadline(s)
-        if deadline is not None and time.time() >= deadline and time.time() - self._last_tick > 1.0:
-            self._last_tick = time.time()
-            await self._submit(Tick(), quiet=True)
 
     async def _ensure_joined(self, s) -> None:
         if self.me in s.pending:
