@@ -115,3 +115,10 @@ def test_too_short_and_unknown_provider(tmp_path):
         open_provider(folder, seq_len=2, provider="ftp")
     assert provider_kind("https://x/y") == "http" and provider_kind("psyche://h:1") == "server"
     assert provider_kind("data/fortunes") == "local"
+
+
+def test_http_and_server_providers_are_found_by_name():
+    # Nothing listens on port 1: the error comes from the HTTP source itself, naming the URL.
+    with pytest.raises(DataError, match=r"127\.0\.0\.1:1") as info:
+        open_provider("http://127.0.0.1:1/tokens", seq_len=8)
+    assert "not available" not in str(info.value)

@@ -224,6 +224,8 @@ def open_provider(location: str | Path, *, split: Split = "train", seq_len: int,
         x = train.batch(range(8))  # (8, 129) int64
     """
     kind = provider_kind(str(location), provider)
+    if kind not in _SOURCES and kind in ("http", "server"):
+        import psyche.data.remote  # noqa: F401  (registers the http and server sources)
     opener = _SOURCES.get(kind)
     if opener is None:
         raise DataError(f"{location}: data provider {kind!r} is not available (known: {', '.join(sorted(_SOURCES))})")

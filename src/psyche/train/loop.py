@@ -169,8 +169,8 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     end = total if stop_at is None else max(start, min(stop_at, total))
     n_params = count_parameters(model)
     every = eval_every or max(1, total // 5)
-    console.print(f"training {cfg.name}: {n_params / 1e6:.2f}M parameters, {kind}, {total} steps of "
-                  f"{B}x{cfg.model.seq_len} tokens on {dev}" + (f", resuming at step {start}" if start else ""),
+    console.print(f"training {cfg.name} on {dev}: {n_params / 1e6:.2f}M params, {kind}, {total} steps x "
+                  f"{B} x {cfg.model.seq_len} tokens" + (f", resuming at step {start}" if start else ""),
                   highlight=False)
 
     initial_val = evaluate(model, data.val, batches=eval_batches, batch_size=B, autocast_dtype=amp)
@@ -228,6 +228,8 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
             if (step + 1) % every == 0 or step + 1 == end:
                 val_loss = evaluate(model, data.val, batches=eval_batches, batch_size=B, autocast_dtype=amp)
                 record["val_loss"] = val_loss
+                bar.console.print(f"step {step}: loss {stats.loss:.4f}  val {val_loss:.4f}  lr {lr:.2e}  "
+                                  f"{record['tokens_per_sec'] or 0:,.0f} tok/s", highlight=False)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(task, advance=1, loss=stats.loss, lr=lr, tps=record["tokens_per_sec"] or 0.0, val=val_loss)
