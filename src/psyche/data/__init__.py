@@ -25,6 +25,7 @@ from psyche.data.provider import (
     register_source,
     token_dtype_for,
 )
+from psyche.data import remote as _remote  # noqa: F401  (registers the http and server token sources)
 from psyche.data.tokenize import EOT, corpus_files, ensure_default_dataset, tokenize_corpus
 
 __all__ = [
