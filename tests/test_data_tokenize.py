@@ -134,3 +134,16 @@ def test_fortunes_default_dataset():
     assert meta["vocab_size"] == 4096 and meta["dtype"] == "uint16"
     assert meta["splits"]["train"]["tokens"] > 500_000 and meta["splits"]["val"]["tokens"] > 10_000
     assert len(meta["sources"]) > 20
+
+
+def test_tokenize_never_replaces_a_foreign_folder(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("years of work")
+    with pytest.raises(DataError, match="not a token folder"):
+        tokenize_corpus(corpus=[corpus], vocab_size=300, out_dir=tmp_path / "precious", progress=False)
+    assert (tmp_path / "precious" / "thesis.tex").read_text() == "years of work"
+    # an existing token folder is replaced
+    tokenize_corpus(corpus=[corpus], vocab_size=300, out_dir=tmp_path / "tok", progress=False)
+    meta = tokenize_corpus(corpus=[corpus / "a"], vocab_size=300, out_dir=tmp_path / "tok", progress=False)
+    assert read_meta(tmp_path / "tok") == meta and len(meta["sources"]) == 1

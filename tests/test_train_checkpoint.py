@@ -70,3 +70,11 @@ def test_build_model_from_checkpoint(tmp_path, tokenizer_file):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_checkpoint(tmp_path)
+
+
+def test_save_never_replaces_a_foreign_folder(tmp_path, tokenizer_file):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        save_checkpoint(build_model(TINY), tmp_path / "notes", tokenizer_path=tokenizer_file, extra={})
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"

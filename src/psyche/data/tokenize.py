@@ -144,6 +144,9 @@ def tokenize_corpus(*, corpus: Sequence[str | Path] | None = None, tokenizer: st
     from tokenizers import Tokenizer
 
     out = Path(out_dir)
+    if _replace and out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        # Never replace a folder that is not a token folder: it may hold anything.
+        raise DataError(f"{out}: exists and is not a token folder (no meta.json); pick another --out")
     files = corpus_files(corpus)
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise DataMissingError(f"{tokenizer}: tokenizer file not found")

@@ -70,6 +70,9 @@ def save_checkpoint(model: "PreTrainedModel", out_dir: str | Path, *, tokenizer_
     ...) as a checkpoint folder at ``out_dir``, replacing any older one there. Returns the path."""
     quiet_transformers()
     out = Path(out_dir)
+    if out.exists() and not (out / "config.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        # Never replace a folder that is not a checkpoint: it may hold anything.
+        raise CheckpointError(f"{out}: exists and is not a checkpoint folder (no config.json); not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

@@ -192,7 +192,8 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
                           "{task.fields[tps]:,.0f} tok/s  val {task.fields[val]:.4f}"),
                TimeElapsedColumn())
-    with metrics_path.open("a") as log, Progress(*columns, console=console, disable=not progress) as bar:
+    # A resumed run continues its metrics file; a fresh run starts a new one.
+    with metrics_path.open("a" if resume is not None else "w") as log, Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("train", total=total, completed=start, loss=math.nan, lr=0.0, tps=0.0, val=initial_val)
         for step in range(start, end):
             # 1) the learning rate of this step
