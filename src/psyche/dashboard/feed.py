@@ -6,28 +6,36 @@ once per change; the message frames are encoded once per version and the same
 string goes to every viewer, so a push costs one encode however many watch.
 
 A viewer that saw the previous version gets a small delta (changed top-level
-keys, plus only the history rows that are new or changed); a new viewer, or
-one that fell behind, gets the whole snapshot. :func:`status_delta` and
+keys, and for the growing lists such as the per-step history only the rows
+that are new, changed or gone); a new viewer, or one that fell behind, gets the
+whole snapshot. :func:`status_delta` and
 :func:`apply_delta` are the pure halves of that protocol (the page's
 ``apply_delta`` in ``static/dashboard.js`` mirrors the latter).
 
 Wire messages (JSON text)::
 
     {"type": "snapshot", "v": 7, "data": {...}}
-    {"type": "delta", "v": 8, "base": 7, "set": {...}, "unset": [...], "history": [...]}
+    {"type": "delta", "v": 8, "base": 7, "set": {...}, "unset": [...],
+     "rows": {"history": [...]}, "drop": {"witness_rounds": [[0, 3]]}}
     {"type": "ping", "v": 8}
 """
 
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-HISTORY = "history"
-"""The key of the per-step rows (each with an integer ``step``) that deltas send row by row."""
+ROW_LISTS: dict[str, tuple[str, ...]] = {
+    "history": ("step",),
+    "witness_rounds": ("epoch", "step"),
+    "witness_outcomes": ("epoch", "step"),
+}
+"""Lists of rows sent row by row in deltas, and the fields that key (and order) their rows.
+They grow at the end and may drop rows (rings); any other key is sent whole when it changes."""
 
 _json = msgspec.json.Encoder()
 
@@ -38,44 +46,78 @@ def encode(message: dict) -> str:
     return _json.encode(message).decode()
 
 
-def _steps_increasing(rows: list[dict]) -> bool:
-    return all(a["step"] < b["step"] for a, b in zip(rows, rows[1:]))
+def _key_getter(fields: tuple[str, ...]):
+    # A scalar for one field, a tuple for several; KeyError if a row lacks one.
+    return operator.itemgetter(*fields)
 
 
-def status_delta(prev: dict, new: dict) -> dict | None:
-    """The changes that turn ``prev`` into ``new``, or None when only a snapshot can.
+def _wire_key(key, fields: tuple[str, ...]) -> list:
+    return list(key) if len(fields) > 1 else [key]
 
-    The delta has ``set`` (top-level keys, other than ``history``, whose value
-    changed or appeared), ``unset`` (keys gone) and ``history`` (rows of ``new``
-    that are not in ``prev`` as-is). History rows must be sorted by a unique
-    ``step``; a history that lost a step (a different run, a restart) has no
-    delta. ``apply_delta(prev, status_delta(prev, new)) == new`` always holds.
+
+def _from_wire_key(key: list, fields: tuple[str, ...]):
+    return tuple(key) if len(fields) > 1 else key[0]
+
+
+def _keyed(rows: object, fields: tuple[str, ...]) -> dict | None:
+    """Rows by key, if ``rows`` is a list of dicts strictly increasing by key; else None."""
+    if not isinstance(rows, list):
+        return None
+    get = _key_getter(fields)
+    try:
+        keys = [get(r) for r in rows]
+        if any(not a < b for a, b in zip(keys, keys[1:])):
+            return None
+    except (TypeError, KeyError):  # not dicts, a field missing, keys that do not compare
+        return None
+    return dict(zip(keys, rows))
+
+
+def status_delta(prev: dict, new: dict) -> dict:
+    """The changes that turn ``prev`` into ``new``.
+
+    ``set``: keys whose value changed or appeared (sent whole); ``unset``: keys
+    gone; and for each list of :data:`ROW_LISTS` present in both and ordered by
+    its key, only its rows that are new or changed (``rows``) and the keys of
+    the rows that left it (``drop``). ``apply_delta(prev, status_delta(prev, new)) == new``.
     """
-    old_rows = prev.get(HISTORY) or []
-    new_rows = new.get(HISTORY) or []
-    if not (_steps_increasing(old_rows) and _steps_increasing(new_rows)):
-        return None
-    if (HISTORY in prev) != (HISTORY in new):
-        return None
-    by_step = {r["step"]: r for r in new_rows}
-    if any(r["step"] not in by_step for r in old_rows):
-        return None
-    old_by_step = {r["step"]: r for r in old_rows}
-    rows = [r for r in new_rows if old_by_step.get(r["step"]) != r]
-    changed = {k: v for k, v in new.items() if k != HISTORY and (k not in prev or prev[k] != v)}
-    gone = [k for k in prev if k not in new]
-    return {"set": changed, "unset": gone, HISTORY: rows}
+    changed: dict = {}
+    rows: dict[str, list] = {}
+    drop: dict[str, list] = {}
+    for k, v in new.items():
+        if k in prev and prev[k] == v:
+            continue
+        fields = ROW_LISTS.get(k)
+        old_rows = _keyed(prev.get(k), fields) if fields and k in prev else None
+        new_rows = _keyed(v, fields) if old_rows is not None else None
+        if new_rows is None:
+            changed[k] = v
+            continue
+        # Rows kept between builds are the same objects: `is` settles most of them cheaply.
+        rows[k] = [r for key, r in new_rows.items() if (o := old_rows.get(key)) is not r and o != r]
+        gone = [_wire_key(key, fields) for key in old_rows if key not in new_rows]
+        if gone:
+            drop[k] = gone
+    delta: dict = {"set": changed, "unset": [k for k in prev if k not in new]}
+    if rows:
+        delta["rows"] = rows
+    if drop:
+        delta["drop"] = drop
+    return delta
 
 
 def apply_delta(prev: dict, delta: dict) -> dict:
     """``prev`` with ``delta`` (from :func:`status_delta`) applied; ``prev`` is not changed."""
     out = {k: v for k, v in prev.items() if k not in delta.get("unset", ())}
     out.update(delta.get("set", {}))
-    rows = delta.get(HISTORY) or []
-    if rows or HISTORY in prev:
-        merged = {r["step"]: r for r in prev.get(HISTORY) or []}
-        merged.update({r["step"]: r for r in rows})
-        out[HISTORY] = [merged[s] for s in sorted(merged)]
+    for name in set(delta.get("rows", {})) | set(delta.get("drop", {})):
+        fields = ROW_LISTS[name]
+        get = _key_getter(fields)
+        merged = {get(r): r for r in prev.get(name) or []}
+        for key in delta.get("drop", {}).get(name, []):
+            merged.pop(_from_wire_key(key, fields), None)
+        merged.update({get(r): r for r in delta.get("rows", {}).get(name, [])})
+        out[name] = [merged[key] for key in sorted(merged)]
     return out
 
 
@@ -108,8 +150,7 @@ class Feed:
         self._delta = None
         if self.deltas and isinstance(prev, dict) and isinstance(doc, dict):
             delta = status_delta(prev, doc)
-            if delta is not None:
-                self._delta = encode({"type": "delta", "v": self.version, "base": self.version - 1, **delta})
+            self._delta = encode({"type": "delta", "v": self.version, "base": self.version - 1, **delta})
         self._changed.set()
         self._changed = asyncio.Event()
         return True

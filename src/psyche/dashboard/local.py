@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from psyche.dashboard.feed import Feed
-from psyche.ledger.status import run_status, run_summary
+from psyche.ledger.status import history_rows, run_status, run_summary
 
 if TYPE_CHECKING:
     from psyche.ledger.server import CoordinatorServer
@@ -24,6 +24,20 @@ log = logging.getLogger("psyche.dashboard")
 
 MAX_OUTCOMES = 64
 """Rounds of witness outcomes a run's document keeps (the coordinator stores only the last four)."""
+RECENT_STEPS = 16
+"""History rows this close to the current step are re-read on every build (late reports land there);
+older ones are kept from earlier builds."""
+FULL_REBUILD_S = 60.0
+"""Every so often the whole history is re-read anyway, so nothing stays stale for long."""
+
+
+class _HistoryCache:
+    """A run's older history rows (steps below ``cutoff``), kept between builds."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.cutoff = 0
+        self.full_at = float("-inf")
 
 
 class LocalHub:
@@ -36,6 +50,7 @@ class LocalHub:
         self._run_feeds: dict[str, Feed] = {}
         self._dirty: dict[str | None, asyncio.Event] = {}  # None: the runs list
         self._outcomes: dict[str, dict[tuple[int, int], dict]] = {}
+        self._history: dict[str, _HistoryCache] = {}
         self._tasks: list[asyncio.Task] = []
         self.builds = 0
         """How many documents were built (the benchmark reads it)."""
@@ -86,7 +101,7 @@ class LocalHub:
         """One run's status now, with the witness outcomes of every round seen since startup."""
         self.builds += 1
         host = self.server.hosts[run_id]
-        doc = run_status(host, self.server.configs[run_id], self.server.store)
+        doc = run_status(host, self.server.configs[run_id], self.server.store, history=self._history_rows(run_id))
         seen = self._outcomes.setdefault(run_id, {})
         for r in doc.pop("rounds", []):
             seen[(r["epoch"], r["step"])] = r
@@ -94,6 +109,20 @@ class LocalHub:
             del seen[key]
         doc["witness_outcomes"] = [seen[k] for k in sorted(seen)]
         return doc
+
+    def _history_rows(self, run_id: str) -> list[dict]:
+        """The run's history, re-reading only the reports of recent steps (a long run has many)."""
+        coord, cfg, store = self.server.hosts[run_id].coordinator, self.server.configs[run_id], self.server.store
+        cache = self._history.setdefault(run_id, _HistoryCache())
+        now = time.monotonic()
+        if now - cache.full_at > FULL_REBUILD_S or coord.state.step < cache.cutoff:
+            rows = history_rows(coord, store, cfg)
+            cache.full_at = now
+        else:
+            rows = cache.rows + history_rows(coord, store, cfg, since_step=cache.cutoff)
+        cache.cutoff = max(0, coord.state.step - RECENT_STEPS)
+        cache.rows = [r for r in rows if r["step"] < cache.cutoff]
+        return rows
 
     def _start(self, key: str | None, *, deltas: bool) -> Feed:
         dirty = self._dirty[key] = asyncio.Event()

@@ -55,14 +55,18 @@ def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
     }
 
 
-def _history(coord: Coordinator, store: Store | None, cfg: RunConfig) -> list[dict]:
-    """Per finished step: loss, val_loss, tokens/s, bytes per step, clients."""
+def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, since_step: int = 0) -> list[dict]:
+    """Per finished step from ``since_step`` on: loss, val_loss, tokens/s, bytes per step, clients.
+
+    A caller that keeps older rows asks only for the recent ones (the dashboard
+    does, so a long run's status is not rebuilt from every report each time).
+    """
     if store is None:
         return []
     run_id = coord.state.run_id
     starts = store.step_times(run_id)
     by_step: dict[int, list[dict]] = defaultdict(list)
-    for _, step, report, _ in store.reports(run_id):
+    for _, step, report, _ in store.reports(run_id, since_step=since_step):
         by_step[step].append(report)
     out = []
     last_step = coord.state.step - 1 if coord.state.run_state is not RunState.Finished else coord.state.settings.total_steps
@@ -96,8 +100,11 @@ def _history(coord: Coordinator, store: Store | None, cfg: RunConfig) -> list[di
     return out
 
 
-def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float | None = None) -> dict:
-    """The full status of a run (documented in the README under "Status API")."""
+def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float | None = None,
+               history: list[dict] | None = None) -> dict:
+    """The full status of a run (documented in the README under "Status API").
+
+    ``history``, if given, is used instead of reading every report again."""
     coord = host.coordinator
     s = coord.state
     now_i = int(now if now is not None else time.time())
@@ -121,7 +128,8 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "bytes_received": rep.get("bytes_received"),
             "last_seen": rep.get("received"),
         })
-    history = _history(coord, store, cfg)
+    if history is None:
+        history = history_rows(coord, store, cfg)
     return {
         **run_summary(coord, cfg),
         "phase_time_left": q.time_left(s, now_i),

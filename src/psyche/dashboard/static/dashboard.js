@@ -79,17 +79,27 @@
 
   // -- the live connection ---------------------------------------------------
 
-  // Same rules as psyche.dashboard.feed.apply_delta.
+  // Same rules as psyche.dashboard.feed.apply_delta: keyed lists of rows, sorted by key.
+  const ROW_LISTS = { history: ["step"], witness_rounds: ["epoch", "step"], witness_outcomes: ["epoch", "step"] };
+
+  function compareKeys(a, b) {
+    for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return a[i] < b[i] ? -1 : 1;
+    return 0;
+  }
+
   function applyDelta(prev, delta) {
     const out = {};
     const unset = new Set(delta.unset || []);
     for (const k in prev) if (!unset.has(k)) out[k] = prev[k];
     Object.assign(out, delta.set || {});
-    const rows = delta.history || [];
-    if (rows.length || "history" in prev) {
-      const merged = new Map((prev.history || []).map((r) => [r.step, r]));
-      for (const r of rows) merged.set(r.step, r);
-      out.history = [...merged.keys()].sort((a, b) => a - b).map((s) => merged.get(s));
+    const rows = delta.rows || {}, drop = delta.drop || {};
+    for (const name of new Set([...Object.keys(rows), ...Object.keys(drop)])) {
+      const fields = ROW_LISTS[name];
+      const keyOf = (r) => fields.map((f) => r[f]);
+      const merged = new Map((prev[name] || []).map((r) => [JSON.stringify(keyOf(r)), r]));
+      for (const key of drop[name] || []) merged.delete(JSON.stringify(key));
+      for (const r of rows[name] || []) merged.set(JSON.stringify(keyOf(r)), r);
+      out[name] = [...merged.values()].sort((a, b) => compareKeys(keyOf(a), keyOf(b)));
     }
     return out;
   }
@@ -284,7 +294,7 @@
       const round = doc.round;
       const ratio = [...hist].reverse().find((h) => isNum(h.compression_ratio));
       $("#stats").innerHTML = [
-        stat("Phase", esc(PHASES[doc.state] || doc.state), phaseLine(doc)),
+        stat("Phase", `<span class="phase">${esc(PHASES[doc.state] || doc.state)}</span>`, phaseLine(doc)),
         stat("Step", `<span id="step-value">${fmtInt(doc.step)}</span> <span class="faint" style="font-size:15px">/ ${fmtInt(doc.total_steps)}</span>`,
           `epoch ${fmtInt(doc.epoch)}` + (round ? ` · round ${fmtInt(round.height)}` : ""),
           `<div class="progress"><span style="width:${pct}%"></span></div>`),
@@ -428,6 +438,8 @@ model = AutoModelForCausalLM.from_pretrained(${esc(JSON.stringify(latest.locatio
     if (m) runView(root, decodeURIComponent(m[1]));
     else runsView(root);
   }
+
+  window.PsycheDashboard = { applyDelta }; // for the browser test
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
