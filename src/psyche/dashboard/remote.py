@@ -85,10 +85,10 @@ class RemoteHub:
                 except UpstreamMissing:
                     await self._poll(self.url + api, feed)
                 backoff = 0.5
-            except (OSError, httpx.HTTPError, asyncio.TimeoutError, ValueError) as exc:
+            except Exception as exc:  # network, HTTP, and websockets' own errors alike: retry
                 log.info("upstream %s: %r; retrying in %.1fs", self.url + live, exc, backoff)
-            except Exception as exc:  # websockets' own errors (closed, handshake refused, ...)
-                log.info("upstream %s: %r; retrying in %.1fs", self.url + live, exc, backoff)
+                # Viewers see why nothing moves; the next document from upstream replaces this.
+                feed.publish({"error": f"cannot reach {self.url} ({type(exc).__name__}); retrying"})
             await asyncio.sleep(backoff)
             backoff = min(self.max_backoff, backoff * 2)
 

@@ -51,11 +51,23 @@
 
   function shortId(id) { return id ? id.slice(0, 8) : dash; }
 
-  // A stable colour per client id, so a client looks the same in every table.
+  // A stable colour per client, so a client looks the same in every table: by its place
+  // among the run's accounts (golden-angle hues stay apart), else by a hash of its id.
+  const clientOrder = new Map();
+
+  function noteClients(ids) {
+    for (const id of ids) if (!clientOrder.has(id)) clientOrder.set(id, clientOrder.size);
+  }
+
   function idColor(id) {
-    let h = 2166136261; // FNV-1a over the hex id
-    for (let i = 0; i < id.length; i++) h = Math.imul(h ^ id.charCodeAt(i), 16777619) >>> 0;
-    return `hsl(${h % 360} 62% 52%)`;
+    let h;
+    if (clientOrder.has(id)) h = Math.round(210 + clientOrder.get(id) * 137.508) % 360;
+    else {
+      h = 2166136261; // FNV-1a over the hex id
+      for (let i = 0; i < id.length; i++) h = Math.imul(h ^ id.charCodeAt(i), 16777619) >>> 0;
+      h %= 360;
+    }
+    return `hsl(${h} 62% 52%)`;
   }
 
   function swatch(id) { return `<span class="swatch" style="background:${idColor(id)}"></span>`; }
@@ -167,6 +179,10 @@
         </table></div>
       </section>`;
     follow("/api/live", (runs) => {
+      if (!Array.isArray(runs)) {
+        $("#runs-body").innerHTML = `<tr><td colspan="6" class="muted">${esc(runs.error || "no data")}</td></tr>`;
+        return;
+      }
       $("#runs-note").textContent = runs.length === 1 ? "1 run" : `${runs.length} runs`;
       const body = $("#runs-body");
       if (!runs.length) { body.innerHTML = `<tr><td colspan="6" class="muted">This server hosts no runs yet.</td></tr>`; return; }
@@ -251,6 +267,7 @@
       $("#run-ids").textContent = `run ${doc.run_id}` + (doc.digest ? ` · state ${doc.digest.slice(0, 12)}` : "") +
         (isNum(doc.seq) ? ` · log #${doc.seq}` : "");
       $("#run-badge").innerHTML = badge(doc.state);
+      noteClients([...(doc.accounts || []).map((a) => a.id), ...(doc.clients || []).map((c) => c.id), ...(doc.pending || [])]);
       renderStats(doc);
       renderCharts(doc.history || []);
       renderClients(doc);
@@ -302,10 +319,11 @@
         stat("Tokens / s", fmtCompact(isNum(lastRow.tokens_per_sec) ? lastRow.tokens_per_sec : doc.tokens_per_sec),
           `${fmtCompact(doc.tokens_trained)} tokens trained`),
         stat("Clients", `${healthy}` + (clients.length !== healthy ? ` <span class="faint" style="font-size:15px">/ ${clients.length}</span>` : ""),
-          [unhealthy ? `${unhealthy} left this epoch` : "healthy", pending ? `${pending} joining next epoch` : ""].filter(Boolean).join(" · ")),
+          [unhealthy ? `${unhealthy} left this epoch` : clients.length ? "healthy" : "none in this epoch",
+           pending ? `${pending} joining next epoch` : ""].filter(Boolean).join(" · ")),
         stat("Sent per step", fmtBytes(lastRow.bytes_per_step),
-          isNum(doc.fp32_bytes_per_step) ? `fp32 all-reduce: ${fmtBytes(doc.fp32_bytes_per_step)} per client` : ""),
-        stat("Compression", ratio ? "×" + fmtCompact(ratio.compression_ratio) : dash, "vs an fp32 all-reduce"),
+          (ratio ? `<b>×${fmtCompact(ratio.compression_ratio)}</b> fewer bytes than ` : "vs ") +
+          (isNum(doc.fp32_bytes_per_step) ? `an fp32 all-reduce (${fmtBytes(doc.fp32_bytes_per_step)} per client)` : "an fp32 all-reduce")),
       ].join("");
       tick();
     }
@@ -358,7 +376,9 @@
         let seen = "", outcome = "", reports;
         if (detail) {
           const seenSet = new Set(detail.seen);
-          seen = `<span class="seen">` + detail.trainers.map((id) => {
+          // Same client, same place in every row (trainers come in each round's shuffle order).
+          const byClient = [...detail.trainers].sort((a, b) => (clientOrder.get(a) ?? 1e9) - (clientOrder.get(b) ?? 1e9));
+          seen = `<span class="seen">` + byClient.map((id) => {
             const c = idColor(id);
             return `<i class="${seenSet.has(id) ? "" : "no"}" title="${esc(shortId(id))}${seenSet.has(id) ? " seen" : " not seen"}" style="border-color:${c};background:${c}"></i>`;
           }).join("") + "</span>";
