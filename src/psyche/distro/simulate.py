@@ -52,9 +52,10 @@ class SimConfig:
     heads: int = 4
     tie_embeddings: bool = True
     # DisTrO
-    distro_lr: float = 2e-3
+    distro_lr: float = 6e-3
     """Peak LR of DisTrO: the step size of each parameter's sign update."""
-    compression_decay: float = 0.999
+    compression_decay: float = 0.9
+    """Momentum decay β. Tuned at 150 steps: 0.999 → ratio 1.064, 0.99 → 1.053, 0.95/0.9 → 1.047, 0.8 → 1.041."""
     chunk: int = 64
     topk: int = 8
     one_bit: bool = True
