@@ -136,7 +136,9 @@ class ClientRuntime:
             book.bad.add(sender)
             return None
         except Exception as exc:  # BlobUnavailable and transport errors: not verified
-            log.warning("could not fetch result of %s for step %d: %r", sender.hex()[:8], c.step, exc)
+            known = self.coord is not None and q.member(self.coord.state, sender) is not None
+            log.warning("could not fetch result of %s for step %d (member in our state: %s, in p2p set: %s): %r",
+                        sender.hex()[:8], c.step, known, sender in self.node.members, exc)
             book.fetching.discard(sender)
             return None
         self.blobs[c.blob_hash] = data
@@ -222,6 +224,9 @@ class ClientRuntime:
                     await self._round(s)
             case RunState.Cooldown:
                 if me is not None and me.state is ClientState.Healthy and self.trainer.ready:
+                    # Accuse before the epoch's rewards are paid: a trainer that vanished in the
+                    # last round must not earn points for the epoch.
+                    await self._health_checks(s)
                     await self._apply_closed(s)
                     await self._cooldown(s)
                 elif me is None:
@@ -373,7 +378,7 @@ class ClientRuntime:
         """Apply, in step order, every closed round we have not applied yet."""
         while True:
             step = self.applied_step + 1
-            if q.round_for_step(s, step) is None or not q.round_closed(s, step):
+            if step <= 0 or q.round_for_step(s, step) is None or not q.round_closed(s, step):
                 return
             await self._apply(s, step)
 
@@ -399,7 +404,8 @@ class ClientRuntime:
                 providers = [trainer] + [x.id for x in s.clients if x.id not in (trainer, self.me)]
                 data = await self._fetch_result(trainer, c, providers)
                 if data is None:
-                    raise RuntimeError(f"step {step}: the agreed result of {trainer.hex()[:8]} could not be fetched")
+                    await self._resync(f"step {step}: the agreed result of {trainer.hex()[:8]} could not be fetched")
+                    return
             payloads.append(data)
         async with self._lock:
             await asyncio.to_thread(self.trainer.apply, step, payloads)
@@ -409,6 +415,17 @@ class ClientRuntime:
                 self.blobs.pop(h, None)
             del self.books[old]
         self.node.drop_blobs_older_than(step - 1)
+
+    async def _resync(self, why: str) -> None:
+        """We cannot hold the weights everyone else holds: leave, and rejoin with the model from peers.
+
+        Applying a step without one of its agreed results would silently fork this
+        node's weights from the network's; withdrawing keeps the run consistent.
+        """
+        self.say(f"{why}; withdrawing to rejoin next epoch with the model from peers")
+        self.applied_step = -1  # forces a model download at the next warmup
+        self.model_epoch = None
+        await self._submit(Withdraw(), quiet=True)
 
     async def _cooldown(self, s) -> None:
         if self.checkpointed_epoch == s.epoch:
