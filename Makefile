@@ -44,6 +44,8 @@ bench: install
 	$(BIN)/python bench/coordinator.py
 	$(BIN)/python bench/p2p.py
 	$(BIN)/python bench/solana.py
+	$(BIN)/python bench/dashboard.py
+	$(BIN)/python bench/convergence.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
