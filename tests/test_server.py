@@ -134,3 +134,40 @@ def test_envelope_roundtrip_and_rejections():
     tampered[-1] ^= 1
     with pytest.raises(ValueError):
         open_request(bytes(tampered), run_id="r", kind="instruction")
+
+
+def test_pause_and_resume_from_the_cli(tmp_path, authority):
+    import threading
+    import time
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from psyche.cli import app as cli_app
+    from psyche.demo import free_port
+
+    key = tmp_path / "server.key"
+    authority.save(key)
+    stranger = tmp_path / "stranger.key"
+    Identity.generate().save(stranger)
+    server = make_server(tmp_path / "run.sqlite", authority)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        runner = CliRunner()
+        refused = runner.invoke(cli_app, ["pause", "--server", url, "--key", str(stranger)])
+        assert refused.exit_code == 1 and "Unauthorized" in refused.output
+        ok = runner.invoke(cli_app, ["pause", "--server", url, "--key", str(key)])
+        assert ok.exit_code == 0, ok.output
+        assert server.hosts["srv-test"].coordinator.state.run_state.value == "Paused"
+        ok = runner.invoke(cli_app, ["resume", "--server", url, "--key", str(key)])
+        assert ok.exit_code == 0, ok.output
+        assert server.hosts["srv-test"].coordinator.state.run_state.value == "WaitingForMembers"
+    finally:
+        uv.should_exit = True
+        thread.join(10)

@@ -25,6 +25,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def serve_http(app_, *, host: str, port: int, banner: str) -> None:
+    """Print ``banner`` and serve the ASGI ``app_`` with uvicorn until Ctrl-C."""
+    import uvicorn
+
+    console.print(banner, highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 @app.callback()
 def _root() -> None:
     """Psyche in Python: train language models together over the internet."""
@@ -65,16 +73,13 @@ def dashboard_cmd(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Serve the live dashboard here for a remote coordinator server."""
-    import uvicorn
-
     from psyche.dashboard import create_proxy_app
 
     try:
         app_ = create_proxy_app(server)
     except ValueError as exc:
         fail(str(exc))
-    console.print(f"psyche dashboard for {server} at http://{host}:{port}/", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    serve_http(app_, host=host, port=port, banner=f"psyche dashboard for {server} at http://{host}:{port}/")
 
 
 @app.command("keygen")
@@ -239,8 +244,6 @@ def server_cmd(
     """Host a run's coordinator over HTTP + WebSocket, persisted in SQLite, with the dashboard."""
     import logging
 
-    import uvicorn
-
     from psyche.config import ConfigError
     from psyche.ledger.server import create_app, open_server
     from psyche.p2p.identity import Identity
@@ -253,13 +256,57 @@ def server_cmd(
         fail(str(exc))
     if not server.hosts:
         fail(f"{db} holds no run; pass --config RUN.toml to create one")
-    try:
-        from psyche.dashboard import mount_dashboard
-    except ImportError:  # the dashboard package is optional for a headless coordinator
-        mount_dashboard = None
+    from psyche.dashboard import mount_dashboard
+
     app_ = create_app(server, extra_routes=mount_dashboard)
-    console.print(f"psyche server: runs {sorted(server.hosts)} at http://{host}:{port}/", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    serve_http(app_, host=host, port=port, banner=f"psyche server: runs {sorted(server.hosts)} at http://{host}:{port}/")
+
+
+def _authority_instruction(server: str, run_id: str | None, key: Path, instruction_name: str) -> None:
+    import asyncio
+
+    from psyche.client.main import server_run_id
+    from psyche.coordinator import Pause, Resume
+    from psyche.ledger.base import LedgerError
+    from psyche.ledger.remote import ServerLedger
+    from psyche.p2p.identity import Identity
+
+    ident = Identity.load(key)
+    rid = server_run_id(server, run_id)
+    instr = Pause() if instruction_name == "pause" else Resume()
+
+    async def send() -> None:
+        ledger = ServerLedger(server, rid, ident)
+        try:
+            await ledger.submit(instr)
+        finally:
+            await ledger.close()
+
+    try:
+        asyncio.run(send())
+    except LedgerError as exc:
+        fail(f"run {rid}: {instruction_name} refused: {exc}")
+    console.print(f"run {rid}: {instruction_name} accepted", highlight=False)
+
+
+@app.command("pause")
+def pause_cmd(
+    server: Annotated[str, typer.Option(help="Coordinator server URL.")],
+    key: Annotated[Path, typer.Option(help="The run authority's key (the server's --key).")] = Path("server.key"),
+    run_id: Annotated[str | None, typer.Option(help="Run to pause (default: the server's only run).")] = None,
+) -> None:
+    """Pause a server-hosted run at the end of the current round (authority only)."""
+    _authority_instruction(server, run_id, key, "pause")
+
+
+@app.command("resume")
+def resume_cmd(
+    server: Annotated[str, typer.Option(help="Coordinator server URL.")],
+    key: Annotated[Path, typer.Option(help="The run authority's key (the server's --key).")] = Path("server.key"),
+    run_id: Annotated[str | None, typer.Option(help="Run to resume (default: the server's only run).")] = None,
+) -> None:
+    """Resume a paused server-hosted run; clients rejoin and the LR warms up again (authority only)."""
+    _authority_instruction(server, run_id, key, "resume")
 
 
 @app.command("client")
@@ -306,8 +353,6 @@ def data_server_cmd(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Serve a token folder to remote clients (data.location = "psyche://HOST:PORT")."""
-    import uvicorn
-
     from psyche.data.errors import DataError
     from psyche.data.server import create_data_app
 
@@ -315,8 +360,7 @@ def data_server_cmd(
         app_ = create_data_app(data)
     except DataError as exc:
         fail(str(exc))
-    console.print(f"psyche data-server: {data} at psyche://{host}:{port}", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    serve_http(app_, host=host, port=port, banner=f"psyche data-server: {data} at psyche://{host}:{port}")
 
 
 def main() -> None:

@@ -13,14 +13,23 @@ from rich.console import Console
 from psyche.config import ConfigError, RunConfig, parse_config
 
 
-def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
-    """The run id and config the server hosts (the only run, if no id is given)."""
+def server_run_id(url: str, run_id: str | None) -> str:
+    """``run_id``, or the id of the server's only run; SystemExit with a clear line otherwise."""
+    if run_id is not None:
+        return run_id
     try:
         runs = httpx.get(f"{url.rstrip('/')}/api/runs", timeout=10).json()
-        if run_id is None:
-            if len(runs) != 1:
-                raise SystemExit(f"error: the server hosts {len(runs)} runs; pass --run-id (one of {[r['run_id'] for r in runs]})")
-            run_id = runs[0]["run_id"]
+    except httpx.TransportError as exc:
+        raise SystemExit(f"error: cannot reach the coordinator server at {url}: {exc!r}") from None
+    if len(runs) != 1:
+        raise SystemExit(f"error: the server hosts {len(runs)} runs; pass --run-id (one of {[r['run_id'] for r in runs]})")
+    return runs[0]["run_id"]
+
+
+def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
+    """The run id and config the server hosts (the only run, if no id is given)."""
+    run_id = server_run_id(url, run_id)
+    try:
         status = httpx.get(f"{url.rstrip('/')}/api/runs/{run_id}", timeout=10)
     except httpx.TransportError as exc:
         raise SystemExit(f"error: cannot reach the coordinator server at {url}: {exc!r}") from None

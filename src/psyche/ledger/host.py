@@ -129,6 +129,8 @@ class RunHost:
 
     def tick(self) -> bool:
         """Let time pass for the coordinator; True if the state changed."""
+        if self.coordinator.state.run_state in (RunState.Finished, RunState.Paused):
+            return False  # nothing times out there (the coordinator would refuse the tick as Halted)
         seq = self.seq
         self.apply(Tick(), self.host_key)
         return self.seq != seq
