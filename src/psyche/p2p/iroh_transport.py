@@ -5,6 +5,17 @@ Addresses are iroh ``EndpointTicket`` strings (endpoint id + direct addresses
 used, which is what a LAN or a test on loopback needs; ``relay=True`` uses
 iroh's n0 preset with its public relays and hole punching for the internet.
 iroh errors are translated to :class:`TransportError` here, at the boundary.
+
+A peer that was killed and restarted with the same key at a new address needs
+care. iroh keeps one path state per endpoint id while any connection to it is
+open, and sends a new connection's handshake to the path it selected, not to the
+address we dial: that is still the dead process's address (QUIC thinks the dead
+connections open until their idle timeout, about 30 s, and even after that a
+connection from the restarted process keeps the old selection alive). So the
+dial hangs. :meth:`IrohTransport.connect` therefore closes every connection to
+an endpoint id that has been seen at an address the new ticket does not list,
+which resets iroh's state for it; a live connection closed this way is redialed
+by its owner.
 """
 
 from __future__ import annotations
@@ -103,6 +114,13 @@ class IrohConnection:
             return None
         return None if r is None else float(r)
 
+    def remote_addresses(self) -> set[str]:
+        """The peer's UDP addresses ("ip:port") on this connection's direct paths (none if relayed or closed)."""
+        try:
+            return {p.remote_addr for p in self._conn.paths() if p.is_ip}
+        except iroh.IrohError:
+            return set()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -123,6 +141,38 @@ class IrohTransport:
         self._ep = endpoint
         self.local_id: bytes = endpoint.id().to_bytes()
         self.address: str = str(iroh.EndpointTicket.from_addr(endpoint.addr()))
+        # per peer: our open connections (both directions), and the peer addresses seen on
+        # their direct paths since the peer last had no open connection (iroh's state lifetime)
+        self._conns: dict[bytes, list[IrohConnection]] = {}
+        self._seen: dict[bytes, set[str]] = {}
+
+    def _open_conns(self, peer_id: bytes) -> list[IrohConnection]:
+        conns = [c for c in self._conns.pop(peer_id, []) if not c.is_closed]
+        if conns:
+            self._conns[peer_id] = conns
+            seen = self._seen.setdefault(peer_id, set())
+            for c in conns:
+                seen |= c.remote_addresses()
+        else:
+            self._seen.pop(peer_id, None)  # iroh forgot this peer's paths too
+        return conns
+
+    def _track(self, conn: IrohConnection) -> IrohConnection:
+        self._conns[conn.remote_id] = [*self._open_conns(conn.remote_id), conn]
+        self._seen.setdefault(conn.remote_id, set()).update(conn.remote_addresses())
+        return conn
+
+    def _forget_old_incarnation(self, peer_id: bytes, addresses: list[str]) -> None:
+        """Close all connections to ``peer_id`` if one of them was seen at an address other
+        than ``addresses``: it belongs to an earlier process with the same key, and iroh would
+        send our handshake there (see the module docstring)."""
+        conns = self._open_conns(peer_id)
+        if not conns or not addresses or not self._seen.get(peer_id, set()) - set(addresses):
+            return  # nothing open, a relay-only ticket, or every path at a listed address
+        for c in conns:
+            c.close()
+        self._conns.pop(peer_id, None)
+        self._seen.pop(peer_id, None)
 
     @classmethod
     async def bind(cls, secret_key: bytes, *, bind: str = "127.0.0.1:0", relay: bool = False) -> IrohTransport:
@@ -147,11 +197,12 @@ class IrohTransport:
             raise TransportError(f"bad address for {peer_id.hex()[:16]}: {address[:40]!r}") from exc
         if addr.id().to_bytes() != peer_id:
             raise TransportError(f"address {address[:24]}… belongs to another endpoint than {peer_id.hex()[:16]}")
+        self._forget_old_incarnation(peer_id, addr.direct_addresses())
         try:
             conn = await self._ep.connect(addr, ALPN)
         except iroh.IrohError as exc:
             raise TransportError(f"connect to {peer_id.hex()[:16]} failed: {_why(exc)}") from exc
-        return IrohConnection(conn)
+        return self._track(IrohConnection(conn))
 
     async def accept(self) -> IrohConnection | None:
         while True:
@@ -165,7 +216,7 @@ class IrohTransport:
                 conn = await (await inc.accept()).connect()
             except iroh.IrohError:
                 continue  # a handshake that failed is the dialer's problem; keep accepting
-            return IrohConnection(conn)
+            return self._track(IrohConnection(conn))
 
     async def close(self) -> None:
         try:

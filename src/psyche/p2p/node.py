@@ -15,8 +15,11 @@ request frame   reply                                 purpose
 =============== ===================================== =================================
 
 Each node dials its own outbound connection per peer and serves inbound ones;
-only current members are served. Nothing a peer sends is raised to the caller:
-it is dropped and counted in :attr:`P2PNode.counters`.
+only current members are served. A node keeps at most one outbound connection
+per peer, so a newer inbound connection from a peer replaces the older one (which
+may belong to a killed process that QUIC thinks open until its idle timeout).
+Nothing a peer sends is raised to the caller: it is dropped and counted in
+:attr:`P2PNode.counters`.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class P2PNode:
         self.blobs = BlobStore()
         self._members: dict[bytes, str] = {}
         self._links: dict[bytes, _Link] = {}
+        self._inbound: dict[bytes, Connection] = {}  # the latest accepted connection per peer
         self._stats: dict[bytes, PeerStats] = {}
         self._extra_counters: Counter[str] = Counter()
         self._callbacks: list[MessageCallback] = []
@@ -174,10 +178,11 @@ class P2PNode:
     def set_members(self, members: dict[bytes, str]) -> None:
         """Replace the member set. Only members are accepted, served and dialed; our own key may be included."""
         members = {bytes(k): v for k, v in members.items()}
-        for peer, link in list(self._links.items()):
-            if members.get(peer) != self._members.get(peer) and link.conn is not None:
-                link.conn.close()  # departed, or its address changed: redial next time
-                link.conn = None
+        for peer in set(self._links) | set(self._inbound):
+            if members.get(peer) != self._members.get(peer):
+                self._drop_link(peer)  # departed, or its address changed: redial next time
+            if peer not in members:
+                self._close_inbound(peer)  # departed: nothing it sends is served any more
         self._members = members
         self.gossip.set_members(set(members) - {self.public_key}, now=self._loop.time())
         self._wake.set()
@@ -660,15 +665,28 @@ class P2PNode:
                 self._extra_counters["non_member"] += 1
                 conn.close()
                 continue
+            # the peer dials one connection to us at a time: an older one is abandoned,
+            # maybe by a process that was killed and still looks open to QUIC
+            self._close_inbound(conn.remote_id)
+            self._inbound[conn.remote_id] = conn
             self._spawn(self._serve_connection(conn))
 
+    def _close_inbound(self, peer: bytes) -> None:
+        conn = self._inbound.pop(peer, None)
+        if conn is not None:
+            conn.close()
+
     async def _serve_connection(self, conn: Connection) -> None:
-        while not self._closed:
-            try:
-                stream = await conn.accept_stream()
-            except TransportError:
-                return
-            self._spawn(self._serve_stream(conn.remote_id, stream))
+        try:
+            while not self._closed:
+                try:
+                    stream = await conn.accept_stream()
+                except TransportError:
+                    return
+                self._spawn(self._serve_stream(conn.remote_id, stream))
+        finally:
+            if self._inbound.get(conn.remote_id) is conn:
+                del self._inbound[conn.remote_id]
 
     async def _serve_stream(self, peer: bytes, stream: Stream) -> None:
         try:
@@ -773,6 +791,8 @@ class P2PNode:
         for link in self._links.values():
             if link.conn is not None:
                 link.conn.close()
+        for peer in list(self._inbound):
+            self._close_inbound(peer)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
