@@ -93,6 +93,7 @@ class ClientRuntime:
         self.dropped_noted: int | None = None
         self.model_epoch: int | None = None
         self._lock = asyncio.Lock()
+        self._reported = (0, 0)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -324,10 +325,14 @@ class ClientRuntime:
             return
         total = self.trainer.cfg.coordinator.total_steps
         stats = self.node.stats()
+        sent = sum(p.bytes_out for p in stats.values())
+        received = sum(p.bytes_in for p in stats.values())
         data = {"step": step, "loss": out.loss, "tokens": out.tokens, "train_seconds": out.seconds,
                 "tokens_per_sec": out.tokens / max(out.seconds, 1e-9), "result_bytes": len(out.payload),
-                "bytes_sent": sum(p.bytes_out for p in stats.values()),
-                "bytes_received": sum(p.bytes_in for p in stats.values()), "peers": len(stats)}
+                # P2P traffic since our previous report, and in total since this client started.
+                "bytes_sent": sent - self._reported[0], "bytes_received": received - self._reported[1],
+                "bytes_sent_total": sent, "bytes_received_total": received, "peers": len(stats)}
+        self._reported = (sent, received)
         try:
             await report(data)
         except (InstructionRefused, LedgerUnavailable) as exc:

@@ -124,8 +124,8 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "state": c.state.value,
             "points": pts.get(c.id, 0),
             "role": "witness" if c.id in witnesses else ("trainer" if c.id in trainers else None),
-            "bytes_sent": rep.get("bytes_sent"),
-            "bytes_received": rep.get("bytes_received"),
+            "bytes_sent": rep.get("bytes_sent_total"),
+            "bytes_received": rep.get("bytes_received_total"),
             "last_seen": rep.get("received"),
         })
     if history is None:
