@@ -184,7 +184,7 @@ def test_live_feed_pushes_joins_and_metrics_reports(tmp_path):
             assert {c["id"] for c in doc["clients"]} == {a.public_key.hex(), b.public_key.hex()}
             assert doc["clients"][0]["bytes_sent"] is None
             # A metrics report changes no coordinator state, yet it is pushed.
-            report = sign_request(a, RUN, "report", json.dumps({"step": 1, "bytes_sent": 1234, "loss": 2.5}).encode())
+            report = sign_request(a, RUN, "report", json.dumps({"step": 1, "bytes_sent_total": 1234, "loss": 2.5}).encode())
             assert client.post(f"/api/runs/{RUN}/reports", content=report).status_code == 200
             doc = receive_until(ws, lambda d: any(c["bytes_sent"] == 1234 for c in d["clients"]))
             assert next(c for c in doc["clients"] if c["id"] == a.public_key.hex())["last_seen"] is not None
