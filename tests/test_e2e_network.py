@@ -136,8 +136,9 @@ def test_server_restart_continues_the_run(network):
     net.wait_state(lambda s: s["step"] >= after["step"] + 2, 120, "training to go on after the restart")
     # Ctrl-C on a client withdraws it cleanly; the other two finish the run.
     quitter = net.client_id(2)
-    net.procs["client-2"].send_signal(signal.SIGINT)
-    assert net.procs["client-2"].wait(30) == 130
+    quitting = net.procs.pop("client-2")
+    quitting.send_signal(signal.SIGINT)
+    assert quitting.wait(30) == 130
     assert "withdrew from the run" in net.log("client-2")
     net.wait_state(lambda s: any(c["id"] == quitter and c["state"] == "Withdrawn" for c in s["clients"])
                    or s["state"] == "Finished", 60, "client-2 to be Withdrawn")
