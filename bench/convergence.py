@@ -27,6 +27,10 @@ def main() -> None:
     ap.add_argument("--full-precision", action="store_true", help="send values, not signs")
     ap.add_argument("--overlapped", action="store_true", help="apply step t-1's results at step t")
     ap.add_argument("--lr", type=float, default=None, help="DisTrO peak LR")
+    ap.add_argument("--decay", type=float, default=None, help="DisTrO momentum decay β")
+    ap.add_argument("--embedding-lr-scale", type=float, default=None, help="DisTrO LR multiplier of the embeddings")
+    ap.add_argument("--matrix-lr-scale", type=float, default=None, help="DisTrO LR multiplier of the matrices")
+    ap.add_argument("--no-momentum-warmup", action="store_true", help="keep β fixed during the LR warmup")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
@@ -37,8 +41,12 @@ def main() -> None:
     steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
     overrides = dict(steps=steps, peers=args.peers, topk=args.topk, one_bit=not args.full_precision,
                      overlapped=args.overlapped)
-    if args.lr is not None:
-        overrides["distro_lr"] = args.lr
+    for key, value in (("distro_lr", args.lr), ("compression_decay", args.decay),
+                       ("embedding_lr_scale", args.embedding_lr_scale), ("matrix_lr_scale", args.matrix_lr_scale)):
+        if value is not None:
+            overrides[key] = value
+    if args.no_momentum_warmup:
+        overrides["momentum_warmup"] = False
     cfg = config_from(**overrides)
     report = bench(cfg, out_dir=args.out, name="convergence_quick" if args.quick else "convergence",
                    on_eval=lambda name, step, loss: print(f"{name:>16} step {step:>5} val {loss:.4f}", file=sys.stderr))

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psyche.distro import DCTCodec, DisTrO, Overlap, decode_payload, encode_payload
+from psyche.distro.optimizer import param_groups, param_kind, warmup_decay
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +85,64 @@ def test_weight_decay_is_decoupled_and_scaled_by_lr():
     decayed = before * (1 - 0.1 * 0.5)
     moved = (decayed - p.detach()).abs()
     assert (moved <= 0.1 + 1e-6).all() and torch.isclose(moved, torch.tensor(0.1)).any()
+
+
+def test_lr_scale_sets_each_groups_step_size():
+    """A group's sign step is lr·lr_scale; a scale of 1 is the plain optimizer, bit for bit."""
+    model, plain_model = make_model(), make_model()
+    w1, b1, w2, b2 = model.parameters()
+    opt = DisTrO([{"params": [w1, w2], "lr_scale": 2.5}, {"params": [b1, b2], "lr_scale": 1.0}],
+                 lr=0.01, chunk=8, topk=2)
+    plain = DisTrO(plain_model.parameters(), lr=0.01, chunk=8, topk=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    set_grads(model, 0)
+    set_grads(plain_model, 0)
+    opt.apply([opt.generate()])
+    plain.apply([plain.generate()])
+    for b, p, q, scale in zip(before, model.parameters(), plain_model.parameters(), (2.5, 1.0, 2.5, 1.0)):
+        step = (p.detach() - b).abs()
+        assert step.max() == pytest.approx(0.01 * scale, rel=1e-4)
+        assert (step <= 0.01 * scale * (1 + 1e-4)).all()
+        if scale == 1.0:
+            assert torch.equal(p, q)
+
+
+def test_param_groups_split_embeddings_matrices_vectors():
+    emb = torch.nn.Parameter(torch.zeros(10, 4))
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    norm = torch.nn.Parameter(torch.ones(4))
+    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    named = [("model.embed_tokens.weight", emb), ("layers.0.q.weight", w), ("norm.weight", norm),
+             ("frozen", frozen), ("lm_head.weight", emb)]  # tied head: the same tensor again
+    groups = param_groups(named, embedding_lr_scale=2.0, matrix_lr_scale=0.5)
+    assert [(g["kind"], g["lr_scale"], len(g["params"])) for g in groups] == [
+        ("embedding", 2.0, 1), ("matrix", 0.5, 1), ("vector", 1.0, 1)]
+    assert groups[0]["params"][0] is emb and groups[2]["params"][0] is norm
+    assert param_kind("lm_head.weight", w) == "embedding" and param_kind("x.bias", norm) == "vector"
+    with pytest.raises(ValueError, match="lr_scale"):
+        DisTrO([{"params": [w], "lr_scale": -1.0}], lr=0.1)
+
+
+@given(decay=st.floats(0.0, 1.0), f=st.floats(0.0, 1.0))
+def test_warmup_decay_rises_to_the_configured_decay(decay, f):
+    d = warmup_decay(decay, f)
+    assert 0.9 * decay - 1e-12 <= d <= decay + 1e-12
+    assert warmup_decay(decay, 1.0) == decay
+    assert warmup_decay(decay, min(1.0, f + 0.1)) >= d - 1e-12
+
+
+def test_generate_with_warmup_factor_forgets_faster():
+    """During warmup the momentum keeps less of the past: δ = β·(0.9 + 0.1·f^0.1)·δ + lr·g."""
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = DisTrO([p], lr=1.0, compression_decay=1.0, chunk=8, topk=8, one_bit=False)
+    p.grad = torch.ones(8)
+    opt.generate()  # topk = the whole tile: everything is sent, δ = 0 again
+    opt.state[p]["delta"].fill_(1.0)
+    p.grad = torch.zeros(8)
+    sent = opt.generate(warmup_factor=0.0)
+    torch.testing.assert_close(DCTCodec(8).decode(sent, (8,)), torch.full((8,), 0.9))
+    with pytest.raises(ValueError, match="warmup_factor"):
+        opt.generate(warmup_factor=1.5)
 
 
 def test_overlap_applies_previous_step():

@@ -41,11 +41,24 @@ batch this step, or joined late, still ends bit-identical to the others.
 Overlapped mode (:class:`Overlap`): the results applied at step ``t`` are the ones
 generated at step ``t − 1``, so they can travel while step ``t`` trains; the
 ``lr`` used is the one current at apply time.
+
+Two knobs beyond the DeMo core, both neutral by default:
+
+- ``lr_scale`` (a param-group key, default 1.0): the group's effective LR is
+  ``lr · lr_scale``, so one schedule can drive every group while, say, the
+  embeddings move faster than the matrices (:func:`param_groups` builds such
+  groups). A sign update gives every element of a tensor the same step size,
+  unlike Adam, whose per-element steps shrink where gradients are noisy; a
+  per-group scale is the cheap way to give back some of that difference.
+- ``generate(warmup_factor=f)``: while ``f < 1`` (the fraction of the LR warmup
+  done), the momentum decay is ``β·(0.9 + 0.1·f^0.1)``, as Psyche does, so the
+  momentum forgets the large, fast-changing gradients of the first steps sooner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import torch
 
@@ -57,6 +70,9 @@ class DisTrO(torch.optim.Optimizer):
 
     ``step()`` is ``apply([generate()])``: a single peer training alone.
     State per parameter: ``delta`` (float32 momentum); it survives ``state_dict()``.
+    Param groups may set ``lr_scale`` (default 1.0, see the module docstring) and
+    override any constructor option (``compression_decay``, ``chunk``, ``topk``,
+    ``one_bit``, ``weight_decay``).
     """
 
     def __init__(
@@ -79,9 +95,12 @@ class DisTrO(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         defaults = dict(
             lr=lr, compression_decay=compression_decay, chunk=chunk, topk=topk,
-            one_bit=one_bit, weight_decay=weight_decay,
+            one_bit=one_bit, weight_decay=weight_decay, lr_scale=1.0,
         )
         super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            if not group["lr_scale"] >= 0:
+                raise ValueError(f"param group {i}: lr_scale must be >= 0, got {group['lr_scale']}")
         self._codecs: dict[int, DCTCodec] = {}
 
     def _codec(self, chunk: int) -> DCTCodec:
@@ -97,13 +116,17 @@ class DisTrO(torch.optim.Optimizer):
         return [tuple(p.shape) for _, p in self._params()]
 
     @torch.no_grad()
-    def generate(self) -> list[SparseResult]:
+    def generate(self, *, warmup_factor: float = 1.0) -> list[SparseResult]:
         """This peer's results for all parameters, in parameter order; updates the momentum.
 
         A parameter without a gradient counts as a zero gradient (its momentum
         still decays and is still sent), so every peer returns the same number
-        of results. The weights are not touched.
+        of results. The weights are not touched. ``warmup_factor`` in ``(0, 1]``
+        (the fraction of the LR warmup done; 1 after it) shortens the momentum's
+        memory during warmup (:func:`warmup_decay`); 1 leaves β as configured.
         """
+        if not 0.0 <= warmup_factor <= 1.0:
+            raise ValueError(f"warmup_factor must be in [0, 1], got {warmup_factor}")
         out: list[SparseResult] = []
         for group, p in self._params():
             state = self.state[p]
@@ -112,9 +135,9 @@ class DisTrO(torch.optim.Optimizer):
                 # load_state_dict casts state to the parameter's dtype; keep float32.
                 delta = torch.zeros_like(p, dtype=torch.float32) if delta is None else delta.float()
                 state["delta"] = delta
-            delta.mul_(group["compression_decay"])
+            delta.mul_(warmup_decay(group["compression_decay"], warmup_factor))
             if p.grad is not None:
-                delta.add_(p.grad.to(torch.float32), alpha=group["lr"])
+                delta.add_(p.grad.to(torch.float32), alpha=group["lr"] * group.get("lr_scale", 1.0))
             codec = self._codec(group["chunk"])
             sent = codec.encode(delta, group["topk"])
             delta.sub_(codec.decode([sent], delta.shape))
@@ -138,7 +161,7 @@ class DisTrO(torch.optim.Optimizer):
         for i, (group, p) in enumerate(params):
             codec = self._codec(group["chunk"])
             update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape)
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = group["lr"] * group.get("lr_scale", 1.0), group["weight_decay"]
             if wd != 0.0:
                 p.mul_(1.0 - lr * wd)
             p.add_(update.sign_().to(p.dtype), alpha=-lr)
@@ -152,6 +175,62 @@ class DisTrO(torch.optim.Optimizer):
                 loss = closure()
         self.apply([self.generate()])
         return loss
+
+
+def warmup_decay(decay: float, warmup_factor: float) -> float:
+    """The momentum decay to use when a fraction ``warmup_factor`` of the LR warmup is done.
+
+    ``decay`` itself once warmup is over (``warmup_factor >= 1``); before that
+    ``decay · (0.9 + 0.1 · warmup_factor^0.1)``, which rises from ``0.9·decay`` to
+    ``decay``: early gradients change fast, so the momentum should forget them sooner.
+
+    >>> warmup_decay(0.9, 1.0), round(warmup_decay(0.9, 0.0), 3)
+    (0.9, 0.81)
+    """
+    if warmup_factor >= 1.0:
+        return decay
+    return decay * (0.9 + 0.1 * warmup_factor ** 0.1)
+
+
+ParamKind = Literal["embedding", "matrix", "vector"]
+
+
+def param_kind(name: str, p: torch.Tensor) -> ParamKind:
+    """How :func:`param_groups` classes a named parameter.
+
+    ``embedding``: token embeddings and the output head (names containing
+    ``embed`` or ``lm_head``); ``vector``: other 1-D tensors (norm weights, biases);
+    ``matrix``: everything else.
+    """
+    if "embed" in name or "lm_head" in name:
+        return "embedding"
+    return "vector" if p.dim() <= 1 else "matrix"
+
+
+def param_groups(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    *,
+    embedding_lr_scale: float = 1.0,
+    matrix_lr_scale: float = 1.0,
+    vector_lr_scale: float = 1.0,
+) -> list[dict]:
+    """Param groups for :class:`DisTrO` with one ``lr_scale`` per kind (see :func:`param_kind`).
+
+    Groups come in the order embedding, matrix, vector, each keeping the
+    parameters' own order; empty groups are left out. Parameters that do not
+    require a gradient are skipped; a tied parameter seen twice counts once.
+    Every peer of a run must build its groups the same way, since results are
+    matched to parameters by position.
+    """
+    scales = {"embedding": embedding_lr_scale, "matrix": matrix_lr_scale, "vector": vector_lr_scale}
+    members: dict[str, list[torch.Tensor]] = {k: [] for k in scales}
+    seen: set[int] = set()
+    for name, p in named_parameters:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        members[param_kind(name, p)].append(p)
+    return [{"params": ps, "lr_scale": scales[k], "kind": k} for k, ps in members.items() if ps]
 
 
 class Overlap:
