@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--embedding-lr-scale", type=float, default=None, help="DisTrO LR multiplier of the embeddings")
     ap.add_argument("--matrix-lr-scale", type=float, default=None, help="DisTrO LR multiplier of the matrices")
     ap.add_argument("--no-momentum-warmup", action="store_true", help="keep β fixed during the LR warmup")
+    ap.add_argument("--grouped-adamw", action="store_true",
+                    help="also sweep AdamW with DisTrO's per-group LR scales (adamw_grouped_* fields)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
@@ -45,6 +47,8 @@ def main() -> None:
                        ("embedding_lr_scale", args.embedding_lr_scale), ("matrix_lr_scale", args.matrix_lr_scale)):
         if value is not None:
             overrides[key] = value
+    if args.grouped_adamw:
+        overrides["adamw_grouped"] = True
     if args.no_momentum_warmup:
         overrides["momentum_warmup"] = False
     cfg = config_from(**overrides)
