@@ -48,8 +48,9 @@ Two knobs beyond the DeMo core, both neutral by default:
   ``lr · lr_scale``, so one schedule can drive every group while, say, the
   embeddings move faster than the matrices (:func:`param_groups` builds such
   groups). A sign update gives every element of a tensor the same step size,
-  unlike Adam, whose per-element steps shrink where gradients are noisy; a
-  per-group scale is the cheap way to give back some of that difference.
+  so the step suited to the embeddings and the one suited to the matrices can
+  differ a lot (on the small simulated model, 2× and 0.25× the base LR; the
+  same scales help AdamW there too, see ``SimConfig.adamw_grouped``).
 - ``generate(warmup_factor=f)``: while ``f < 1`` (the fraction of the LR warmup
   done), the momentum decay is ``β·(0.9 + 0.1·f^0.1)``, as Psyche does, so the
   momentum forgets the large, fast-changing gradients of the first steps sooner.
@@ -121,7 +122,7 @@ class DisTrO(torch.optim.Optimizer):
 
         A parameter without a gradient counts as a zero gradient (its momentum
         still decays and is still sent), so every peer returns the same number
-        of results. The weights are not touched. ``warmup_factor`` in ``(0, 1]``
+        of results. The weights are not touched. ``warmup_factor`` in ``[0, 1]``
         (the fraction of the LR warmup done; 1 after it) shortens the momentum's
         memory during warmup (:func:`warmup_decay`); 1 leaves β as configured.
         """
