@@ -22,9 +22,10 @@ import torch
 
 from psyche.config import RunConfig
 from psyche.distro import DisTrO, decode_payload, encode_payload
+from psyche.distro.optimizer import param_groups
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained
-from psyche.train.schedule import lr_at
+from psyche.train.schedule import lr_at, warmup_fraction
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
 
 
@@ -85,9 +86,11 @@ class LocalTrainer:
         model.to(self.device)
         self.model = model
         o = self.cfg.optimizer
-        self.optimizer = DisTrO([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr.peak_lr,
-                                compression_decay=o.compression_decay, chunk=o.chunk, topk=o.topk,
-                                one_bit=o.one_bit, weight_decay=o.weight_decay)
+        # Every peer must group the parameters identically: results travel in group order.
+        groups = param_groups(model.named_parameters(), embedding_lr_scale=o.embedding_lr_scale,
+                              matrix_lr_scale=o.matrix_lr_scale, vector_lr_scale=o.vector_lr_scale)
+        self.optimizer = DisTrO(groups, lr=self.cfg.lr.peak_lr, compression_decay=o.compression_decay,
+                                chunk=o.chunk, topk=o.topk, one_bit=o.one_bit, weight_decay=o.weight_decay)
         self.shapes = self.optimizer.parameter_shapes()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -112,6 +115,12 @@ class LocalTrainer:
                 lr *= (step - start + 1) / (end - start)
         return lr
 
+    def warmup_factor(self, step: int) -> float:
+        """Fraction of the LR warmup done at coordinator step ``step`` (1 after it, or when off)."""
+        if not self.cfg.optimizer.momentum_warmup:
+            return 1.0
+        return warmup_fraction(step - 1, self.cfg.lr)
+
     def _set_lr(self, step: int) -> None:
         assert self.optimizer is not None
         for g in self.optimizer.param_groups:
@@ -133,7 +142,7 @@ class LocalTrainer:
                                   grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
-        payload = encode_payload(self.optimizer.generate())
+        payload = encode_payload(self.optimizer.generate(warmup_factor=self.warmup_factor(step)))
         self.model.zero_grad(set_to_none=True)
         return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite)
 

@@ -22,7 +22,7 @@ import torch
 
 from psyche.train.checkpoint import load_checkpoint, save_checkpoint
 from psyche.train.model import build_model, count_parameters
-from psyche.train.schedule import lr_at
+from psyche.train.schedule import lr_at, warmup_fraction
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
 
 if TYPE_CHECKING:
@@ -79,19 +79,22 @@ def build_optimizer(model: torch.nn.Module, opt_cfg: "OptimizerConfig", *, kind:
         if not distro_available():
             raise TrainingError("optimizer 'distro' needs the psyche.distro package, which is not in this tree")
         from psyche.distro import DisTrO
+        from psyche.distro.optimizer import param_groups
 
-        return DisTrO(params, lr=lr, compression_decay=opt_cfg.compression_decay, chunk=opt_cfg.chunk,
+        groups = param_groups(model.named_parameters(), embedding_lr_scale=opt_cfg.embedding_lr_scale,
+                              matrix_lr_scale=opt_cfg.matrix_lr_scale, vector_lr_scale=opt_cfg.vector_lr_scale)
+        return DisTrO(groups, lr=lr, compression_decay=opt_cfg.compression_decay, chunk=opt_cfg.chunk,
                       topk=opt_cfg.topk, one_bit=opt_cfg.one_bit, weight_decay=opt_cfg.weight_decay)
     raise TrainingError(f"optimizer.kind: unknown optimizer {kind!r} (adamw or distro)")
 
 
-def optimizer_update(optimizer: torch.optim.Optimizer, kind: OptimizerKind) -> None:
+def optimizer_update(optimizer: torch.optim.Optimizer, kind: OptimizerKind, *, warmup_factor: float = 1.0) -> None:
     """One update from the gradients in ``.grad``. DisTrO runs as a network of one peer:
-    it applies exactly the results it generated."""
+    it applies exactly the results it generated (``warmup_factor``: see ``DisTrO.generate``)."""
     if kind == "adamw":
         optimizer.step()
     else:
-        results = optimizer.generate()
+        results = optimizer.generate(warmup_factor=warmup_factor)
         optimizer.apply([results])
 
 
@@ -207,7 +210,8 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
                                       grad_clip=cfg.optimizer.grad_clip, autocast_dtype=amp)
             # 3) update, unless the loss or gradient is not finite
             if stats.finite:
-                optimizer_update(opt, kind)
+                optimizer_update(opt, kind, warmup_factor=warmup_fraction(step, cfg.lr)
+                                 if cfg.optimizer.momentum_warmup else 1.0)
                 consecutive_skips = 0
             else:
                 model.zero_grad(set_to_none=True)
