@@ -251,7 +251,12 @@ class ClientRuntime:
 
     async def _warmup(self, s) -> None:
         if self.model_epoch != s.epoch:
-            await self._get_model(s)
+            try:
+                await self._get_model(s)
+            except Exception as exc:  # ModelUnavailable, a mismatching model: try again shortly
+                log.warning("could not get the model for epoch %d: %r", s.epoch, exc)
+                await asyncio.sleep(1.0)
+                return
             self.model_epoch = s.epoch
         self.trainer.lr_window = q.lr_warmup_window(s)
         if q.is_warmup_witness(s, self.me) and self.warmup_reported != s.epoch:
@@ -259,23 +264,31 @@ class ClientRuntime:
                 self.warmup_reported = s.epoch
 
     async def _get_model(self, s) -> None:
-        """Make sure our weights are those of the start of step ``s.step``."""
-        up_to_date = self.trainer.ready and self.applied_step == s.step - 1
-        if up_to_date:
+        """Make sure our weights are those of the start of step ``s.step``.
+
+        Epoch 0: built from the run's seed (or its configured checkpoint). Later: our
+        own weights if we applied every step so far; else downloaded from peers
+        (those that were in the previous epoch, or, when nobody was, from whoever
+        kept the weights, unless the run's last checkpoint is current and on this
+        machine). Raises if no source works; the caller retries.
+        """
+        if self.trainer.ready and self.applied_step == s.step - 1:
             return
         source = q.model_source(s)
-        if source == "init" or (source == "checkpoint" and not Path(q.latest_checkpoint(s).location).exists()):
+        ckpt = q.latest_checkpoint(s)
+        if source == "init":
             self.trainer.init_model()
             self.say(f"model initialised from the run's seed ({self.trainer.parameters() / 1e6:.2f}M parameters)")
-        elif source == "checkpoint":
-            self.trainer.load_checkpoint_folder(q.latest_checkpoint(s).location)
-            self.say(f"model loaded from checkpoint {q.latest_checkpoint(s).location}")
+        elif source == "checkpoint" and ckpt is not None and ckpt.step == s.step - 1 and Path(ckpt.location).is_dir():
+            self.trainer.load_checkpoint_folder(ckpt.location)
+            self.say(f"model loaded from checkpoint {ckpt.location} (step {ckpt.step})")
         else:
-            providers = [c.id for c in s.clients[: s.carried] if c.id != self.me]
+            others = [c.id for c in s.clients if c.id != self.me]
+            providers = [c.id for c in s.clients[: s.carried] if c.id != self.me] or others
             t0 = time.time()
             fetched = await self.node.fetch_model(providers)
             self.trainer.load_state(fetched.to_state_dict())
-            self.say(f"model fetched from {len(providers)} peer(s) in {time.time() - t0:.1f}s")
+            self.say(f"model fetched from {len(fetched.sources)} peer(s) in {time.time() - t0:.1f}s")
         self.applied_step = s.step - 1
         self.trained = {k: v for k, v in self.trained.items() if k <= self.applied_step}
         self._serve_model()
