@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,24 +163,12 @@ class LocalTrainer:
         return loss if math.isfinite(loss) else float("nan")
 
     def save(self, out_dir: str | Path, *, step: int) -> tuple[Path, bytes]:
-        """Write a ``save_pretrained`` folder atomically; return it and the sha256 of its weights."""
+        """Write a ``save_pretrained`` folder (atomically); return it and the sha256 of its weights."""
         assert self.model is not None
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        save_checkpoint(self.model, tmp, tokenizer_path=self.tokenizer_path,
-                        extra={"step": step, "config": self.cfg.model_dump(mode="json"),
-                               "config_digest": self.cfg.digest()})
+        out = save_checkpoint(self.model, out_dir, tokenizer_path=self.tokenizer_path,
+                              extra={"step": step, "config": self.cfg.model_dump(mode="json"),
+                                     "config_digest": self.cfg.digest()})
         digest = hashlib.sha256()
-        for f in sorted(tmp.glob("*.safetensors")):
+        for f in sorted(out.glob("*.safetensors")):
             digest.update(f.read_bytes())
-        # Swap in the new folder; a reader never sees a half-written checkpoint.
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
         return out, digest.digest()
-

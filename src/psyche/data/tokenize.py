@@ -32,6 +32,7 @@ import numpy as np
 from psyche.data.corpus import split_documents, split_validation
 from psyche.data.errors import DataError, DataMissingError
 from psyche.data.provider import DTYPES, META_FORMAT, read_meta, token_dtype_for
+from psyche.fsutil import replace_dir
 
 DEFAULT_CORPUS_DIR = Path("/usr/share/games/fortunes")
 DEFAULT_OUT_DIR = Path("data/fortunes")
@@ -118,17 +119,6 @@ def _encode(tok: Any, texts: list[str], eot_id: int, dtype: np.dtype, advance) -
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an older ``out``."""
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def tokenize_corpus(*, corpus: Sequence[str | Path] | None = None, tokenizer: str | Path | None = None,
                     vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | Path = DEFAULT_OUT_DIR,
                     val_fraction: float = 0.05, progress: bool = True, console: Any = None,
@@ -211,7 +201,7 @@ def tokenize_corpus(*, corpus: Sequence[str | Path] | None = None, tokenizer: st
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             if _replace:
-                _replace_dir(tmp, out)
+                replace_dir(tmp, out)
             else:
                 os.rename(tmp, out)  # raises if another process got there first
         except BaseException:

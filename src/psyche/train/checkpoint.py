@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from psyche.fsutil import replace_dir
 from psyche.train.model import load_pretrained, quiet_transformers
 
 if TYPE_CHECKING:
@@ -81,13 +82,7 @@ def save_checkpoint(model: "PreTrainedModel", out_dir: str | Path, *, tokenizer_
             save_tokenizer(tokenizer_path, tmp, model_max_length=getattr(model.config, "max_position_embeddings", None))
         torch.save(extra, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps(_json_part(extra), indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
