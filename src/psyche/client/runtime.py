@@ -351,7 +351,7 @@ class ClientRuntime:
         except (InstructionRefused, LedgerUnavailable) as exc:
             log.info("metrics report for step %d not taken: %s", step, exc)
         if step == 1 or step % self.eval_every == 0 or step == total:
-            # Validation loss of the weights at the start of this step (all nodes agree on them).
+            # Validation loss of the weights this step trained on (the same on every node).
             async with self._lock:
                 val = await asyncio.to_thread(self.trainer.evaluate)
             try:
