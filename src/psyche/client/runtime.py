@@ -403,11 +403,19 @@ class ClientRuntime:
     async def _apply(self, s, step: int) -> None:
         book = self.books[step]
         batches = q.round_batches(s, step)
+        # Only results a witness quorum downloaded and verified: they can be fetched from those
+        # witnesses, and every node derives this same set from the state. (A trainer that died
+        # after broadcasting its commitment but before serving its blob is left out by all.)
+        verified = set(q.witnessed_trainers(s, step))
         candidates = {}
         owner = {}
         for b in batches:
             c = book.commitments.get(b.client)
-            if c is not None and (c.batch_start, c.batch_end) == (b.start, b.end):
+            if b.client in verified and c is None:
+                # The others will apply a result we never heard of: we would fork.
+                await self._resync(f"step {step}: missed the commitment of {b.client.hex()[:8]}")
+                return
+            if b.client in verified and (c.batch_start, c.batch_end) == (b.start, b.end):
                 candidates[(b.start, b.end)] = [c.blob_hash]
                 owner[(b.start, b.end)] = (b.client, c)
         agreed = q.consensus(s, step, candidates)
