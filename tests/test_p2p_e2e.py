@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import random
-import time
 
 import iroh
 import pytest
 
-from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers
+from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
 
 pytestmark = pytest.mark.e2e
 RUN = "e2e-run"
@@ -18,17 +17,6 @@ def _dead_address(peer_id: bytes) -> str:
     """A ticket with ``peer_id``'s id but a port nobody listens on: the link looks cut."""
     addr = iroh.EndpointAddr(iroh.EndpointId.from_bytes(peer_id), None, ["127.0.0.1:9"])
     return str(iroh.EndpointTicket.from_addr(addr))
-
-
-def _wait(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -64,7 +52,7 @@ def test_round_all_messages_and_blobs_delivered_with_a_cut_link(workers):
         got = [w.call("received")["messages"] for w in ws]
         return all(len(m) >= 2 * (n - 1) for m in got) and got
 
-    got = _wait(everyone_has_all, 30, "all messages")
+    got = wait_until(everyone_has_all, 30, "all messages")
     for i, msgs in enumerate(got):
         commits = {(m["sender"], m["blob_hash"]) for m in msgs if m["type"] == "ResultCommitment"}
         assert commits == {(ws[j].id.hex(), hashes[j]) for j in range(n) if j != i}
@@ -110,7 +98,7 @@ def test_publisher_killed_mid_transfer_others_finish_from_a_peer(workers):
     rb = b.send("fetch", hash=h, size=size, providers=providers, timeout=40)
     rc = c.send("fetch", hash=h, size=size, providers=providers, timeout=40)
     for w in (b, c):
-        _wait(lambda: w.call("stats")["stats"].get(pub.id.hex(), {}).get("bytes_in", 0) > 0, 20, "transfer from publisher")
+        wait_until(lambda: w.call("stats")["stats"].get(pub.id.hex(), {}).get("bytes_in", 0) > 0, 20, "transfer from publisher")
     pub.kill()
     for w, rid in ((b, rb), (c, rc)):
         r = w.result(rid, 60)
@@ -139,7 +127,7 @@ def test_adversarial_inputs_rejected_counted_and_survived(workers):
     assert b.call("inject", peer=a.id.hex(), envelopes=[forged])["acked"] == 1
     # 3. replay: a message signed for step 0, re-sent after the run moved to step 6; and one for another run
     old = b.call("broadcast", kind="finished", step=0, phase="witness")["envelope"]
-    _wait(lambda: len(a.call("received")["messages"]) >= 1, 10, "b's finished at a")
+    wait_until(lambda: len(a.call("received")["messages"]) >= 1, 10, "b's finished at a")
     for w in members:
         w.call("set_step", step=6)
     b.call("inject", peer=a.id.hex(), envelopes=[old])
@@ -163,5 +151,5 @@ def test_adversarial_inputs_rejected_counted_and_survived(workers):
     # a is still healthy: a fresh message from b still arrives exactly once
     before = len(a.call("received")["messages"])
     b.call("broadcast", kind="heartbeat", step=6)
-    _wait(lambda: len(a.call("received")["messages"]) == before + 1, 10, "fresh message after the attacks")
+    wait_until(lambda: len(a.call("received")["messages"]) == before + 1, 10, "fresh message after the attacks")
     assert a.proc.poll() is None and liar.proc.poll() is None

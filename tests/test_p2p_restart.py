@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from psyche.p2p import Finished, Heartbeat, Identity, MemoryNetwork, P2PNode
-from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers
+from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
 
 RUN = "restart-run"
-
-
-def _wait(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _exchange(ws: list[WorkerProcess], *, step: int, seed: int, timeout: float) -> None:
@@ -41,7 +29,7 @@ def _exchange(ws: list[WorkerProcess], *, step: int, seed: int, timeout: float) 
                 return False
         return True
 
-    _wait(commits_everywhere, timeout, f"commitments of step {step} everywhere")
+    wait_until(commits_everywhere, timeout, f"commitments of step {step} everywhere")
     rids = []
     for w in ws:
         items = [{"hash": hashes[x.id.hex()], "size": size, "providers": [x.id.hex()]} for x in ws if x is not w]
@@ -112,7 +100,7 @@ def test_killed_peer_restarted_with_same_key_at_new_address_is_reachable(first):
             c2.call("set_members", members={x.id.hex(): x.address for x in ws2})
             c2.call("set_step", step=1)
             c2.call("broadcast", kind="heartbeat", step=1)
-            _wait(lambda: c2.call("pending")["pending"] == 0, 10, "C' heartbeat acked by A and B")
+            wait_until(lambda: c2.call("pending")["pending"] == 0, 10, "C' heartbeat acked by A and B")
         connect_all(ws2, step=2)
         _exchange(ws2, step=2, seed=20, timeout=8)
     finally:

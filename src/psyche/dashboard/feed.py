@@ -23,6 +23,7 @@ Wire messages (JSON text)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -201,3 +202,13 @@ class Feed:
     async def watched(self) -> None:
         """Return once at least one viewer is subscribed."""
         await self._watched.wait()
+
+
+async def cancel_tasks(tasks: list) -> None:
+    """Cancel ``tasks`` (asyncio tasks), wait for each to end, and empty the list."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()

@@ -9,12 +9,11 @@ then fans the same bytes out to every viewer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from psyche.dashboard.feed import Feed
+from psyche.dashboard.feed import Feed, cancel_tasks
 from psyche.ledger.status import history_rows, run_status, run_summary
 
 if TYPE_CHECKING:
@@ -83,12 +82,7 @@ class LocalHub:
 
     async def close(self) -> None:
         """Stop building documents."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
 
     # -- building --------------------------------------------------------------
 

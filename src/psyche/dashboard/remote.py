@@ -11,13 +11,12 @@ local page survives the remote server's restarts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 
 import httpx
 
-from psyche.dashboard.feed import Feed, apply_delta
+from psyche.dashboard.feed import Feed, apply_delta, cancel_tasks
 
 log = logging.getLogger("psyche.dashboard")
 
@@ -58,12 +57,7 @@ class RemoteHub:
 
     async def close(self) -> None:
         """Stop following the remote server."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
         await self.http.aclose()
 
     def _feed(self, key: str | None) -> Feed:

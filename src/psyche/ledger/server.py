@@ -148,6 +148,13 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
             return
 
+    def stale_nonce(run_id: str, req) -> JSONResponse | None:
+        """The refusal of a request whose nonce is not above its signer's last one (a replay)."""
+        if req.nonce > server.store.last_nonce(run_id, req.signer):
+            return None
+        server.rejected["stale_nonce"] += 1
+        return _error(409, "StaleNonce", "nonce not above the signer's last one (a replayed request?)")
+
     @app.post("/api/runs/{run_id}/instructions")
     async def post_instruction(run_id: str, request: Request):
         host = host_or_404(run_id)
@@ -159,9 +166,8 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
         except ValueError as exc:
             server.rejected["bad_request"] += 1
             return _error(400, "BadRequest", str(exc))
-        if req.nonce <= server.store.last_nonce(run_id, req.signer):
-            server.rejected["stale_nonce"] += 1
-            return _error(409, "StaleNonce", "nonce not above the signer's last one (a replayed request?)")
+        if (stale := stale_nonce(run_id, req)) is not None:
+            return stale
         err = host.apply(instruction, req.signer, nonce=req.nonce)
         if err is not None:
             return _error(409, type(err).__name__, str(err))
@@ -183,9 +189,8 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
         if q.member(host.coordinator.state, req.signer) is None:
             server.rejected["non_member_report"] += 1
             return _error(403, "NotAMember", "only members of the run may report metrics")
-        if req.nonce <= server.store.last_nonce(run_id, req.signer):
-            server.rejected["stale_nonce"] += 1
-            return _error(409, "StaleNonce", "nonce not above the signer's last one (a replayed request?)")
+        if (stale := stale_nonce(run_id, req)) is not None:
+            return stale
         server.store.add_report(run_id, req.signer, report["step"], _clean_report(report), req.nonce)
         return {"ok": True}
 

@@ -338,6 +338,19 @@ class WorkerProcess:
             pass
 
 
+def wait_until(pred, timeout: float, what: str):
+    """Poll ``pred()`` every 0.1 s until it returns something truthy (returned), or raise
+    ``AssertionError`` naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def start_workers(n: int, run_id: str, **options: Any) -> list[WorkerProcess]:
     """Start ``n`` workers in parallel and wait until all are ready."""
     ws = [WorkerProcess(run_id, wait=False, **options) for _ in range(n)]
