@@ -211,3 +211,13 @@ def test_coordinator_imports_no_torch_or_pydantic():
             "bad = [m for m in ('torch', 'pydantic', 'numpy', 'psyche.config') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=64, unique=True), st.data())
+def test_exact_bloom_has_no_false_positive_over_its_universe(universe, data):
+    members = data.draw(st.lists(st.sampled_from(universe), unique=True))
+    f = BloomFilter.exact_for(members, universe)
+    assert all(m in f for m in members)
+    assert not any(u in f for u in universe if u not in members)
+    assert BloomFilter.from_bytes(f.to_bytes()) == f

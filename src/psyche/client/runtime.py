@@ -371,8 +371,9 @@ class ClientRuntime:
         out = self.trained.get(step, (None, None))[0]
         instr = Witness(
             step=step,
-            participant_bloom=BloomFilter.for_items([t for t in book.verified if t in trainers]).to_bytes(),
-            broadcast_bloom=BloomFilter.for_items([c.blob_hash for c in valid.values()]).to_bytes(),
+            participant_bloom=BloomFilter.exact_for([t for t in book.verified if t in trainers], trainers).to_bytes(),
+            broadcast_bloom=BloomFilter.exact_for([c.blob_hash for c in valid.values()],
+                                                  [c.blob_hash for c in book.commitments.values()]).to_bytes(),
             broadcast_merkle=merkle_root([c.blob_hash for c in valid.values()]),
             loss=float(out.loss) if out is not None else 0.0,
             tokens_per_sec=float(out.tokens / max(out.seconds, 1e-9)) if out is not None else 0.0,

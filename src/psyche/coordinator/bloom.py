@@ -65,6 +65,26 @@ class BloomFilter:
             f.add(item)
         return f
 
+    @classmethod
+    def exact_for(cls, items: Iterable[bytes], universe: Iterable[bytes],
+                  fp_rate: float = DEFAULT_FALSE_POSITIVE_RATE) -> BloomFilter:
+        """A filter holding ``items`` that reports no false positive for any other member of
+        ``universe`` (the candidates readers will test), or the largest filter if none fits.
+
+        Witnesses know the candidates (the round's trainers, the commitments they heard
+        of), and every witness holding the same set builds the same filter: a plain
+        1 % false positive would then be shared by all of them and counted as a quorum.
+        The filter starts at ``fp_rate`` and doubles until no outsider tests positive.
+        """
+        items = list(dict.fromkeys(items))
+        outsiders = [u for u in dict.fromkeys(universe) if u not in set(items)]
+        rate = fp_rate
+        while True:
+            f = cls.for_items(items, rate)
+            if not any(u in f for u in outsiders) or f.m >= 8 * MAX_BLOOM_BYTES:
+                return f
+            rate /= 4
+
     def add(self, item: bytes) -> None:
         """Insert ``item``."""
         for p in _positions(item, self.m, self.k):
