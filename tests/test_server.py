@@ -171,3 +171,41 @@ def test_pause_and_resume_from_the_cli(tmp_path, authority):
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+def test_reports_sent_while_the_server_is_down_arrive_once_it_is_back(tmp_path, authority):
+    """A client keeps the metrics the host could not take and sends them, in order, once it is back."""
+    import asyncio
+
+    import httpx
+
+    from psyche.client.runtime import ClientRuntime
+    from psyche.coordinator import queries as q
+    from psyche.ledger.remote import ServerLedger
+
+    a, b = Identity.generate(), Identity.generate()
+    cfg = CFG.model_copy(update={"coordinator": CFG.coordinator.model_copy(update={"waiting_for_members_extra_time": 0})})
+    server = CoordinatorServer(Store(tmp_path / "run.sqlite"), host_key=authority.public_key)
+    host = server.create_run(cfg, authority.public_key)
+    with TestClient(create_app(server)) as client:
+        for who in (a, b):
+            assert post(client, who, Join(p2p_address="addr")).status_code == 200
+        host.tick()
+        assert q.member(host.coordinator.state, a.public_key) is not None
+
+    async def scenario() -> list[int]:
+        down = ServerLedger("http://127.0.0.1:9", "srv-test", a)  # nothing listens: the server is "restarting"
+        runtime = ClientRuntime(down, node=None, trainer=None, identity=a)
+        for step in (1, 2):
+            await runtime._send_report({"step": step, "loss": 3.0 - step})
+        assert [r["step"] for r in runtime._outbox] == [1, 2], "kept while the host is unreachable"
+        await down._http.aclose()
+        # The server is back: the next report sends the kept ones first.
+        runtime.ledger = up = ServerLedger("http://test", "srv-test", a)
+        up._http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server)), base_url="http://test")
+        await runtime._send_report({"step": 3, "loss": 0.5})
+        await up._http.aclose()
+        assert not runtime._outbox
+        return [step for _, step, _, _ in server.store.reports("srv-test")]
+
+    assert asyncio.run(scenario()) == [1, 2, 3]

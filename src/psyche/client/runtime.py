@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,9 @@ from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
 from psyche.p2p import ResultCommitment
 
 log = logging.getLogger("psyche.client")
+
+OUTBOX_LIMIT = 256
+"""Metrics reports kept while the coordinator is unreachable; the oldest go first beyond this."""
 
 
 def merkle_root(leaves: list[bytes]) -> bytes:
@@ -94,6 +97,10 @@ class ClientRuntime:
         self.model_epoch: int | None = None
         self._lock = asyncio.Lock()
         self._reported = (0, 0)
+        # Metrics reports the host could not take yet (it was restarting): sent, oldest
+        # first, once it is back, so a restart loses no step from the run's history.
+        self._outbox: deque[dict] = deque(maxlen=OUTBOX_LIMIT)
+        self._flushing = False
 
     # -- plumbing --------------------------------------------------------------
 
@@ -103,6 +110,8 @@ class ClientRuntime:
             s = coord.state
             self.node.set_members({c.id: c.p2p_address for c in s.clients if c.id != self.me})
             self.node.set_step(s.step)
+            if self._outbox and not self._flushing:
+                asyncio.get_running_loop().create_task(self._flush_reports())
             self._wake.set()
 
     async def _messages(self) -> None:
@@ -176,6 +185,7 @@ class ClientRuntime:
             while True:
                 if self.coord.state.run_state is RunState.Finished:
                     await self._finish_pending()
+                    await self._flush_reports()
                     self.say(f"run finished at step {self.coord.state.settings.total_steps}; "
                              f"final state digest {self.coord.digest()}")
                     return 0
@@ -333,9 +343,8 @@ class ClientRuntime:
         await self._report(step, out)
 
     async def _report(self, step: int, out) -> None:
-        report = getattr(self.ledger, "report", None)
-        if report is None:
-            return
+        if getattr(self.ledger, "report", None) is None:
+            return  # a host without a metrics channel (the chain)
         total = self.trainer.cfg.coordinator.total_steps
         stats = self.node.stats()
         sent = sum(p.bytes_out for p in stats.values())
@@ -346,18 +355,39 @@ class ClientRuntime:
                 "bytes_sent": sent - self._reported[0], "bytes_received": received - self._reported[1],
                 "bytes_sent_total": sent, "bytes_received_total": received, "peers": len(stats)}
         self._reported = (sent, received)
-        try:
-            await report(data)
-        except (InstructionRefused, LedgerUnavailable) as exc:
-            log.info("metrics report for step %d not taken: %s", step, exc)
+        await self._send_report(data)
         if step == 1 or step % self.eval_every == 0 or step == total:
             # Validation loss of the weights this step trained on (the same on every node).
             async with self._lock:
                 val = await asyncio.to_thread(self.trainer.evaluate)
-            try:
-                await report(dict(data, val_loss=val))
-            except (InstructionRefused, LedgerUnavailable):
-                pass
+            await self._send_report(dict(data, val_loss=val))
+
+    async def _send_report(self, data: dict) -> None:
+        """Queue a metrics report and send what is queued, keeping what the host cannot take yet."""
+        if len(self._outbox) == self._outbox.maxlen:
+            log.warning("metrics report for step %d dropped: %d reports wait for the coordinator",
+                        self._outbox[0]["step"], len(self._outbox))
+        self._outbox.append(data)
+        await self._flush_reports()
+
+    async def _flush_reports(self) -> None:
+        """Send queued reports oldest first; stop (keeping them) while the host is unreachable."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._outbox:
+                data = self._outbox[0]
+                try:
+                    await self.ledger.report(data)
+                except LedgerUnavailable as exc:
+                    log.info("metrics report for step %d kept for later: %s", data["step"], exc)
+                    return
+                except InstructionRefused as exc:
+                    log.info("metrics report for step %d not taken: %s", data["step"], exc)
+                self._outbox.popleft()
+        finally:
+            self._flushing = False
 
     async def _witness(self, s, step: int) -> None:
         if step in self.witnessed or not q.is_witness(s, self.me, step=step):
