@@ -321,6 +321,7 @@ def client_cmd(
     solana: Annotated[str | None, typer.Option(help="Solana RPC URL (instead of --server).")] = None,
     keypair: Annotated[Path | None, typer.Option(help="Solana keypair file (with --solana; default: --key).")] = None,
     config: Annotated[Path | None, typer.Option(help="The run's config TOML (with --solana; checked against the chain).")] = None,
+    profile: Annotated[Path | None, typer.Option(help="On exit, write where this node's time went (JSON).")] = None,
 ) -> None:
     """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
     from psyche.client.main import run_client
@@ -328,7 +329,8 @@ def client_cmd(
     if (server is None) == (solana is None):
         fail("pass exactly one of --server URL or --solana URL")
     code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, device=device,
-                      checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console, config=config)
+                      checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console, config=config,
+                      profile=profile)
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@ shows progress, and on finishing leaves in ``--out``:
 - ``checkpoint/``   a ``save_pretrained`` folder that ``AutoModelForCausalLM`` loads
 - ``metrics.jsonl`` one JSON object per step: step, loss, val_loss (when measured),
                     tokens_per_sec, bytes_sent, clients
+- ``profiles/``      per client, where its time went (``psyche client --profile``)
 - ``run.toml``, ``run.sqlite``, ``keys/``, ``logs/``: the run's config, database, keys and logs
 """
 
@@ -126,7 +127,7 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
 
     console = console or Console()
     out = out.resolve()
-    for sub in ("keys", "logs"):
+    for sub in ("keys", "logs", "profiles"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     base = load_config(config or DEFAULT_CONFIG)
     location = base.data.location
@@ -152,7 +153,8 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
         for i in range(clients):
             procs.start(f"client-{i}", ["client", "--server", url, "--run-id", cfg.run_id,
                                          "--key", str(out / "keys" / f"client-{i}.key"),
-                                         "--checkpoint-dir", str(ckpt)],
+                                         "--checkpoint-dir", str(ckpt),
+                                         "--profile", str(out / "profiles" / f"client-{i}.json")],
                         out / "logs" / f"client-{i}.log", env)
         status = _follow(url, cfg.run_id, procs, console, timeout)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
@@ -82,17 +83,33 @@ async def _run(args: dict, console: Console) -> int:
         say("stopped")
         return 130
     finally:
+        _write_profile(runtime, args["profile"], say)
         await node.close()
         await ledger.close()
 
 
+def _write_profile(runtime, path: Path | None, say) -> None:
+    """Say how busy this node was and, with ``--profile``, write where its time went as JSON."""
+    prof = runtime.profile()
+    if prof is None:
+        return
+    say(f"trained {prof['steps_trained']} steps; forward/backward {prof['utilization']:.0%} of "
+        f"{prof['wall_s']:.0f}s wall time, CPU {prof['cpu_share']:.0%} of a core")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(prof, indent=1) + "\n")
+
+
 def run_client(*, server: str | None, solana: str | None, run_id: str | None, key: Path, device: str,
                checkpoint_dir: Path | None, data: str | None, bind: str, console: Console,
-               config: Path | None = None) -> int:
-    """Run one node until the run finishes (0), it is stopped (130), or a user error (1)."""
+               config: Path | None = None, profile: Path | None = None) -> int:
+    """Run one node until the run finishes (0), it is stopped (130), or a user error (1).
+
+    ``profile``: write where this node's time went (JSON, see :mod:`psyche.client.timing`) on exit.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = dict(server=server, solana=solana, run_id=run_id, key=key, device=device,
-                checkpoint_dir=checkpoint_dir, data=data, bind=bind, config=config)
+                checkpoint_dir=checkpoint_dir, data=data, bind=bind, config=config, profile=profile)
     try:
         return asyncio.run(_run(args, console))
     except ConfigError as exc:

@@ -31,6 +31,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psyche.client import timing
 from psyche.coordinator import Checkpoint, HealthCheck, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
@@ -101,6 +102,9 @@ class ClientRuntime:
         # first, once it is back, so a restart loses no step from the run's history.
         self._outbox: deque[dict] = deque(maxlen=OUTBOX_LIMIT)
         self._flushing = False
+        self._training_since: tuple[float, float] | None = None
+        """(wall, process CPU) clock readings when this node first trained: its profile's window."""
+        self.steps_trained = 0
 
     # -- plumbing --------------------------------------------------------------
 
@@ -201,6 +205,18 @@ class ClientRuntime:
         finally:
             watcher.cancel()
             messages.cancel()
+
+    def profile(self) -> dict | None:
+        """Where this node's time went since it first trained (None if it never did).
+
+        See :func:`psyche.client.timing.profile`; written by ``psyche client --profile``.
+        """
+        if self._training_since is None:
+            return None
+        wall0, cpu0 = self._training_since
+        return timing.profile(self.trainer.timer, wall_seconds=time.perf_counter() - wall0,
+                              cpu_seconds=time.process_time() - cpu0, client=self.me.hex(),
+                              steps_trained=self.steps_trained)
 
     async def withdraw(self) -> None:
         """Leave the run cleanly (Ctrl-C)."""
@@ -327,8 +343,13 @@ class ClientRuntime:
 
     async def _train(self, step: int, interval: tuple[int, int]) -> None:
         start, end = interval
+        if self._training_since is None:
+            # The profile covers training: from now on (the model load before is not in it).
+            self._training_since = (time.perf_counter(), time.process_time())
+            self.trainer.timer.reset()
         async with self._lock:
             out = await asyncio.to_thread(self.trainer.train, step, start, end)
+        self.steps_trained += 1
         blob_hash = self.node.publish_blob(out.payload, step=step)
         commitment = ResultCommitment(run_id=self.coord.state.run_id, step=step, batch_start=start,
                                       batch_end=end, blob_hash=blob_hash, size=len(out.payload))
@@ -350,6 +371,7 @@ class ClientRuntime:
         sent = sum(p.bytes_out for p in stats.values())
         received = sum(p.bytes_in for p in stats.values())
         data = {"step": step, "loss": out.loss, "tokens": out.tokens, "train_seconds": out.seconds,
+                "forward_backward_seconds": out.forward_backward_seconds,
                 "tokens_per_sec": out.tokens / max(out.seconds, 1e-9), "result_bytes": len(out.payload),
                 # P2P traffic since our previous report, and in total since this client started.
                 "bytes_sent": sent - self._reported[0], "bytes_received": received - self._reported[1],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
 from psyche.distro import DisTrO, decode_payload, encode_payload
 from psyche.distro.optimizer import param_groups
@@ -35,6 +36,8 @@ class TrainOutput:
     tokens: int
     seconds: float
     finite: bool
+    forward_backward_seconds: float = 0.0
+    """The part of ``seconds`` spent in forward and backward passes."""
 
 
 class LocalTrainer:
@@ -55,6 +58,8 @@ class LocalTrainer:
         self.optimizer: DisTrO | None = None
         self.shapes: list[tuple[int, ...]] = []
         self.lr_window: tuple[int, int] | None = None
+        self.timer = PhaseTimer()
+        """Seconds spent per kind of work (data, forward_backward, compress, verify, apply, ...)."""
 
     # -- the model -----------------------------------------------------------
 
@@ -65,14 +70,20 @@ class LocalTrainer:
 
     def init_model(self) -> None:
         """Build the epoch-0 model: from ``model.checkpoint`` or a fresh init from the run's seed."""
-        self._install(build_model(self.cfg.model))
+        with self.timer.phase("model_load"):
+            self._install(build_model(self.cfg.model))
 
     def load_checkpoint_folder(self, path: str | Path) -> None:
         """Load weights from a ``save_pretrained`` folder (a checkpoint the run reported)."""
-        self._install(load_pretrained(path))
+        with self.timer.phase("model_load"):
+            self._install(load_pretrained(path))
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take weights fetched from peers (same names and shapes as our model)."""
+        with self.timer.phase("model_load"):
+            self._load_state(tensors)
+
+    def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         model = build_model(self.cfg.model)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
@@ -134,18 +145,24 @@ class LocalTrainer:
         assert self.model is not None and self.optimizer is not None
         t0 = time.perf_counter()
         self._set_lr(step)
-        batch = self.data.train.batch(range(start, end))  # (B, T+1)
+        with self.timer.phase("data"):
+            batch = self.data.train.batch(range(start, end))  # (B, T+1)
+        t_fb = time.perf_counter()
         stats = compute_gradients(self.model, batch, micro_batch_size=self.cfg.optimizer.micro_batch_size,
                                   grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
+        fwd_bwd = time.perf_counter() - t_fb
+        self.timer.add("forward_backward", fwd_bwd)
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
-        payload = encode_payload(self.optimizer.generate(warmup_factor=self.warmup_factor(step)))
+        with self.timer.phase("compress"):
+            payload = encode_payload(self.optimizer.generate(warmup_factor=self.warmup_factor(step)))
         self.model.zero_grad(set_to_none=True)
-        return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite)
+        return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite, fwd_bwd)
 
     def check_payload(self, payload: bytes) -> None:
         """Raise ``ValueError`` unless ``payload`` decodes to results for our parameters."""
-        decode_payload(payload, self.shapes)
+        with self.timer.phase("verify"):
+            decode_payload(payload, self.shapes)
 
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply the agreed results of ``step`` (in the order given: the same on every node)."""
@@ -153,22 +170,25 @@ class LocalTrainer:
         if not payloads:
             return
         self._set_lr(step)
-        self.optimizer.apply([decode_payload(p, self.shapes) for p in payloads])
+        with self.timer.phase("apply"):
+            self.optimizer.apply([decode_payload(p, self.shapes) for p in payloads])
 
     def evaluate(self) -> float:
         """Validation loss on the held-out split (the same samples every time)."""
         assert self.model is not None
-        loss = evaluate(self.model, self.data.val, batches=self.eval_batches, batch_size=self.eval_batch_size,
-                        autocast_dtype=self.amp)
+        with self.timer.phase("evaluate"):
+            loss = evaluate(self.model, self.data.val, batches=self.eval_batches, batch_size=self.eval_batch_size,
+                            autocast_dtype=self.amp)
         return loss if math.isfinite(loss) else float("nan")
 
     def save(self, out_dir: str | Path, *, step: int) -> tuple[Path, bytes]:
         """Write a ``save_pretrained`` folder (atomically); return it and the sha256 of its weights."""
         assert self.model is not None
-        out = save_checkpoint(self.model, out_dir, tokenizer_path=self.tokenizer_path,
-                              extra={"step": step, "config": self.cfg.model_dump(mode="json"),
-                                     "config_digest": self.cfg.digest()})
-        digest = hashlib.sha256()
-        for f in sorted(out.glob("*.safetensors")):
-            digest.update(f.read_bytes())
+        with self.timer.phase("checkpoint"):
+            out = save_checkpoint(self.model, out_dir, tokenizer_path=self.tokenizer_path,
+                                  extra={"step": step, "config": self.cfg.model_dump(mode="json"),
+                                         "config_digest": self.cfg.digest()})
+            digest = hashlib.sha256()
+            for f in sorted(out.glob("*.safetensors")):
+                digest.update(f.read_bytes())
         return out, digest.digest()
