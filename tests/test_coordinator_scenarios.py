@@ -99,12 +99,33 @@ def all_intervals(swarm: Swarm) -> list[tuple[int, int]]:
     return [iv for ivs in seen.values() for iv in ivs]
 
 
+def test_witness_window_ends_once_every_witness_reported():
+    # All three witness (witness_nodes=0): the round goes on at the first tick after the
+    # last report, not after round_witness_time.
+    swarm = new_swarm(3, round_witness_time=5)
+    swarm.run_until(state_is(RunState.RoundTrain))
+    step = swarm.coord.state.step
+    swarm.act()  # everyone witnesses
+    assert swarm.coord.state.run_state is RunState.RoundWitness
+    swarm.tick()  # no time has passed
+    assert swarm.coord.state.run_state is RunState.RoundTrain and swarm.coord.state.step == step + 1
+    # With one witness silent, the quorum (2 of 3) ends RoundTrain early but the window waits for it.
+    swarm.offline.add(2)
+    swarm.act()
+    assert swarm.coord.state.run_state is RunState.RoundWitness
+    for _ in range(4):
+        swarm.advance(1)
+        assert swarm.coord.state.run_state is RunState.RoundWitness, "still waiting for the third witness"
+    swarm.advance(1)
+    assert swarm.coord.state.step == step + 2
+
+
 def test_three_clients_run_to_completion_over_several_epochs():
-    swarm = new_swarm(3)
+    swarm = new_swarm(3, warmup_time=2, cooldown_time=2, max_round_train_time=4, epoch_time=8)
     swarm.run_until(state_is(RunState.Finished))
     s = swarm.coord.state
     assert s.step == 21  # steps 1..20 trained
-    assert s.epoch >= 3  # epoch_time 12s, rounds of 2s: several epochs
+    assert s.epoch >= 3  # epoch_time 8s, rounds of 1s: several epochs
     # Honest clients were never refused.
     assert swarm.refused == []
     # Every epoch paid its reward to the three healthy clients equally.
@@ -365,7 +386,7 @@ def test_idle_round_witness_is_dropped_and_no_reports_withdraws_everyone():
 
 def test_batch_size_ramps_with_tokens_and_indices_continue_across_epochs():
     swarm = new_swarm(3, global_batch_size_start=4, global_batch_size_end=16, global_batch_size_warmup_tokens=8 * 40,
-                      epoch_time=15, total_steps=12)
+                      warmup_time=3, cooldown_time=2, max_round_train_time=4, epoch_time=8, total_steps=12)
     swarm.run_until(state_is(RunState.Finished))
     sizes = [e - s for s, e in sorted(all_intervals(swarm))]
     s = swarm.coord.state.settings

@@ -7,7 +7,7 @@ Transitions (``now`` and ``seed`` always come from the host)::
     Warmup ──every selected warmup witness ready, or Tick after warmup_time──► RoundTrain
            └─Tick: fewer than min_clients healthy──► WaitingForMembers
     RoundTrain ──quorum of witness reports, or Tick after max_round_train_time──► RoundWitness
-    RoundWitness ──Tick after round_witness_time──► RoundTrain (next step)
+    RoundWitness ──Tick once every selected witness reported, or after round_witness_time──► RoundTrain (next step)
                  └─► Cooldown if the epoch time ran out, healthy < min_clients,
                      reports < quorum, total_steps done, or a pause is pending
     Cooldown ──Tick after cooldown_time──► WaitingForMembers (next epoch) | Finished | Paused
@@ -444,10 +444,12 @@ class Coordinator:
     def _tick_round_witness(self, now: int, seed: bytes) -> None:
         s = self.state
         cfg = s.settings
-        if now < s.state_started_at + cfg.round_witness_time:
-            return
         r = s.rounds[-1]
         reported = {rep.client for rep in r.reports}
+        # The window is there for late witnesses; once all have reported there is nothing
+        # left to wait for, and waiting would idle every trainer.
+        if now < s.state_started_at + cfg.round_witness_time and len(reported) < r.witnesses:
+            return
         # A selected witness that never reported is treated as gone (else it would stall every round).
         for w in r.trainers[: r.witnesses]:
             if w not in reported and s.clients[w].state is ClientState.Healthy:

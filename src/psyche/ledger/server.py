@@ -171,6 +171,9 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
         err = host.apply(instruction, req.signer, nonce=req.nonce)
         if err is not None:
             return _error(409, type(err).__name__, str(err))
+        # A phase this instruction completed (say the last witness report) moves on now,
+        # not at the next clock tick: every trainer would idle until then.
+        host.tick()
         return {"ok": True, "seq": host.seq, "step": host.coordinator.state.step}
 
     @app.post("/api/runs/{run_id}/reports")
