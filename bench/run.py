@@ -16,7 +16,7 @@ the server's database (per-client reports, step start times) and each client's
   (results to every peer, gossip, acknowledgements), and the payload alone.
 - ``allreduce_equivalent_bytes``: what each client would send per step in a ring
   all-reduce of fp32 gradients, ``2·(N-1)/N · 4 · params``.
-- ``step_time_s``: median wall time between the starts of consecutive steps.
+- ``step_time_s``: median wall time of a step's round, from its start to the next's.
 - ``profile``: per phase, the median share of client wall time; ``other`` is time
   no phase claimed (waiting on the coordinator's round clock, on peers, for a CPU).
 
@@ -94,7 +94,7 @@ def main() -> None:
     reports = [r for _, _, r, _ in store.reports(run_id) if "val_loss" not in r]
     starts = store.step_times(run_id)
     store.close()
-    step_gaps = [starts[s + 1] - starts[s] for s in sorted(starts) if s + 1 in starts]
+    step_gaps = [end - start for start, end in starts.values() if end is not None]
     params = alone["params"]
     n = args.clients
     allreduce = 2 * (n - 1) / n * 4 * params

@@ -209,3 +209,49 @@ def test_reports_sent_while_the_server_is_down_arrive_once_it_is_back(tmp_path, 
         return [step for _, step, _, _ in server.store.reports("srv-test")]
 
     assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority):
+    """Tokens/s of every step, the last one included, is its tokens over its own round's time."""
+    import sqlite3
+
+    from psyche.coordinator.sim import Swarm
+    from psyche.coordinator.state import RunState
+    from psyche.ledger.host import RunHost
+    from psyche.ledger.status import history_rows
+
+    store = Store(tmp_path / "run.sqlite")
+    coord = Coordinator.new(CFG.run_id, CFG, authority=authority.public_key, now=0)
+    store.create_run(CFG.run_id, CFG.model_dump(mode="json"), authority.public_key, coord.to_bytes(), coord.digest())
+
+    class HostedSwarm(Swarm):
+        """The simulated clients, their instructions going through a real RunHost and Store."""
+
+        def submit(self, instr, signer):
+            err = host.apply(instr, signer)
+            if err is not None:
+                self.refused.append((instr, signer, err))
+            return err
+
+    swarm = HostedSwarm(coord)
+    host = RunHost(coord, store=store, clock=lambda: swarm.now + 0.25, host_key=swarm.host_key)
+    swarm.join(range(3))
+    swarm.run_until(lambda c: c.state.run_state is RunState.Finished)
+    spans = store.step_times(CFG.run_id)
+    assert sorted(spans) == list(range(1, CFG.coordinator.total_steps + 1))
+    assert all(end is not None and end > start for start, end in spans.values())
+    member = coord.state.clients[0].id
+    for step in spans:
+        store.add_report(CFG.run_id, member, step, {"step": step, "tokens": 100}, nonce=step)
+    rows = history_rows(coord, store, CFG)
+    assert [r["step"] for r in rows] == sorted(spans)
+    assert all(r["tokens_per_sec"] == pytest.approx(100 / (spans[r["step"]][1] - spans[r["step"]][0])) for r in rows)
+    store.close()
+
+    # A database written before rounds recorded their end opens, and gains the column.
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as db:
+        db.execute("CREATE TABLE step_times (run_id TEXT NOT NULL, step INTEGER NOT NULL, started REAL NOT NULL, "
+                   "PRIMARY KEY (run_id, step))")
+        db.execute("INSERT INTO step_times VALUES ('r', 1, 5.0)")
+    assert Store(old).step_times("r") == {1: (5.0, None)}

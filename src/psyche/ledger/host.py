@@ -88,6 +88,7 @@ class RunHost:
         seed = derive_seed(self.secret, self.run_id, self.seq + 1)
         before = self.coordinator.digest()
         round_before = self._training_step()
+        in_round_before = self._round_step()
         err = self.coordinator.apply(instruction, signer, now, seed)
         if err is not None:
             name = type(err).__name__
@@ -115,6 +116,8 @@ class RunHost:
                 digest=digest,
                 nonce=nonce,
                 step_started=(step, self.clock()) if step is not None and step != round_before else None,
+                step_ended=((in_round_before, self.clock())
+                            if in_round_before is not None and self._round_step() != in_round_before else None),
             )
         for listener in list(self.listeners):
             listener(self.coordinator)
@@ -126,6 +129,11 @@ class RunHost:
         """The step being trained right now (None outside RoundTrain): its start times tokens/s."""
         s = self.coordinator.state
         return s.step if s.run_state is RunState.RoundTrain else None
+
+    def _round_step(self) -> int | None:
+        """The step whose round (train, then witness) is under way (None outside rounds)."""
+        s = self.coordinator.state
+        return s.step if s.run_state in (RunState.RoundTrain, RunState.RoundWitness) else None
 
     def tick(self) -> bool:
         """Let time pass for the coordinator; True if the state changed."""

@@ -78,10 +78,10 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
         losses = [(r["loss"], r.get("tokens", 1)) for r in reports if "loss" in r]
         loss = sum(l * w for l, w in losses) / max(1, sum(w for _, w in losses)) if losses else None
         vals = [r["val_loss"] for r in reports if "val_loss" in r]
-        # Tokens/s of the whole network: the step's tokens over the wall time from its
-        # start to the next step's start (training, exchange and witnessing included).
-        dt = (starts.get(step + 1) or 0) - (starts.get(step) or 0)
-        tps = tokens / dt if dt > 0 and step + 1 in starts else None
+        # Tokens/s of the whole network: the step's tokens over the wall time of its round
+        # (training, exchange and witnessing included).
+        started, ended = starts.get(step, (None, None))
+        tps = tokens / (ended - started) if started is not None and ended is not None and ended > started else None
         if tps is None:
             per_client = [r["tokens_per_sec"] for r in reports if "tokens_per_sec" in r]
             tps = sum(per_client) if per_client else None

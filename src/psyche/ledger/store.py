@@ -11,7 +11,7 @@ Tables:
     instructions  run_id, seq, signer, body, now, seed        (the replayable log)
     snapshots     run_id, seq, state, digest                  (latest state only)
     nonces        run_id, signer, nonce                       (replay protection)
-    step_times    run_id, step, started                       (for tokens/s)
+    step_times    run_id, step, started, ended                (for tokens/s)
     client_reports run_id, signer, step, report (JSON), received
 """
 
@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS step_times (
     run_id TEXT NOT NULL,
     step INTEGER NOT NULL,
     started REAL NOT NULL,
+    ended REAL,
     PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS client_reports (
@@ -92,6 +93,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(step_times)")}
+        if "ended" not in columns:  # a database written before steps recorded their end
+            self._db.execute("ALTER TABLE step_times ADD COLUMN ended REAL")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -137,11 +141,12 @@ class Store:
         digest: str,
         nonce: int | None = None,
         step_started: tuple[int, float] | None = None,
+        step_ended: tuple[int, float] | None = None,
     ) -> None:
         """Append one applied instruction and the state it produced, atomically.
 
         ``nonce`` (if given) becomes the signer's latest accepted nonce;
-        ``step_started`` records when a new step began.
+        ``step_started`` / ``step_ended`` record when a step's round began / ended.
         """
         with self._lock, self._tx():
             self._db.execute(
@@ -162,6 +167,11 @@ class Store:
                 self._db.execute(
                     "INSERT OR IGNORE INTO step_times (run_id, step, started) VALUES (?, ?, ?)",
                     (run_id, step_started[0], step_started[1]),
+                )
+            if step_ended is not None:
+                self._db.execute(
+                    "UPDATE step_times SET ended = ? WHERE run_id = ? AND step = ? AND ended IS NULL",
+                    (step_ended[1], run_id, step_ended[0]),
                 )
 
     def genesis(self, run_id: str) -> bytes:
@@ -200,11 +210,12 @@ class Store:
 
     # -- metrics ------------------------------------------------------------
 
-    def step_times(self, run_id: str) -> dict[int, float]:
-        """When each step started (server clock, unix seconds)."""
+    def step_times(self, run_id: str) -> dict[int, tuple[float, float | None]]:
+        """When each step's round started and ended (server clock, unix seconds; None: not yet)."""
         with self._lock:
-            rows = self._db.execute("SELECT step, started FROM step_times WHERE run_id = ?", (run_id,)).fetchall()
-        return {r[0]: r[1] for r in rows}
+            rows = self._db.execute("SELECT step, started, ended FROM step_times WHERE run_id = ?",
+                                    (run_id,)).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def add_report(self, run_id: str, signer: bytes, step: int, report: dict, nonce: int) -> None:
         """Store one client's metrics report for a step (a later one for the same step replaces it)."""
