@@ -407,7 +407,8 @@ class ClientRuntime:
                     return
                 except InstructionRefused as exc:
                     log.info("metrics report for step %d not taken: %s", data["step"], exc)
-                self._outbox.popleft()
+                if self._outbox and self._outbox[0] is data:  # (a full outbox may have dropped it meanwhile)
+                    self._outbox.popleft()
         finally:
             self._flushing = False
 
