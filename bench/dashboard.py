@@ -57,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
 def run_config(data: Path, steps: int):
     return parse_config({
         "name": "bench-dashboard",
-        "coordinator": dict(warmup_time=20, cooldown_time=2, max_round_train_time=20, round_witness_time=1,
+        "coordinator": dict(warmup_time=20, cooldown_time=2, max_round_train_time=20, round_witness_time=3,
                             epoch_time=3600, total_steps=steps, init_min_clients=2, min_clients=1, witness_nodes=1,
                             global_batch_size_start=8, global_batch_size_end=8, waiting_for_members_extra_time=1,
                             checkpointers=1),

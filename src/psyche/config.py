@@ -36,7 +36,7 @@ class CoordinatorConfig(_Section):
     warmup_time: int = Field(30, gt=0, description="Seconds for warmup (model download) before round 1.")
     cooldown_time: int = Field(10, gt=0, description="Seconds at the end of an epoch for checkpointing.")
     max_round_train_time: int = Field(30, gt=0, description="Upper bound on one round's training phase.")
-    round_witness_time: int = Field(5, gt=0, description="Seconds witnesses have to report after training.")
+    round_witness_time: int = Field(5, gt=0, description="Seconds late witnesses are waited for once a quorum reported; the round goes on at once when all have.")
     epoch_time: int = Field(600, gt=0, description="Wall time of one epoch; must exceed warmup_time + cooldown_time.")
     total_steps: int = Field(100, gt=0, description="The run is Finished after this many optimizer steps.")
     init_min_clients: int = Field(1, ge=1, description="Clients needed before the first epoch starts.")
