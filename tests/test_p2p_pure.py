@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,3 +254,13 @@ def test_identity_file(tmp_path):
         Identity.load(path)
     with pytest.raises(IdentityError, match="no such key file"):
         Identity.load(tmp_path / "none")
+
+
+def test_envelope_with_a_version_outside_two_bytes_is_refused_not_raised_on():
+    # Found by the property test above: a flipped version byte decoded to -31, and
+    # verify() raised OverflowError instead of the envelope being dropped.
+    env = SignedMessage.create(KEYS[0], Heartbeat(run_id="", step=119))
+    for bad in (-31, 0x10000):
+        raw = msgspec.msgpack.encode([bad, env.sender, env.body, env.sig])
+        with pytest.raises(msgspec.ValidationError):
+            decode_envelope(raw)

@@ -19,7 +19,7 @@ counts an unknown version as ``unsupported_version`` and drops it.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import blake3
 import msgspec
@@ -83,7 +83,8 @@ class SignedMessage(msgspec.Struct, array_like=True, frozen=True):
     byte for byte.
     """
 
-    v: int
+    v: Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+    """Wire version (two bytes in what is signed); a decoded envelope outside that range is refused."""
     sender: bytes
     body: bytes
     sig: bytes
