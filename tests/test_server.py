@@ -218,7 +218,7 @@ def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority)
     from psyche.coordinator.sim import Swarm
     from psyche.coordinator.state import RunState
     from psyche.ledger.host import RunHost
-    from psyche.ledger.status import history_rows
+    from psyche.ledger.status import history_rows, run_status
 
     store = Store(tmp_path / "run.sqlite")
     coord = Coordinator.new(CFG.run_id, CFG, authority=authority.public_key, now=0)
@@ -242,10 +242,16 @@ def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority)
     assert all(end is not None and end > start for start, end in spans.values())
     member = coord.state.clients[0].id
     for step in spans:
-        store.add_report(CFG.run_id, member, step, {"step": step, "tokens": 100}, nonce=step)
+        store.add_report(CFG.run_id, member, step, {"step": step, "tokens": 100, "forward_backward_seconds": 0.2},
+                         nonce=step)
     rows = history_rows(coord, store, CFG)
     assert [r["step"] for r in rows] == sorted(spans)
     assert all(r["tokens_per_sec"] == pytest.approx(100 / (spans[r["step"]][1] - spans[r["step"]][0])) for r in rows)
+    # Each client's "busy" figure: forward/backward over its last finished round.
+    clients = {c["id"]: c for c in run_status(host, CFG, store)["clients"]}
+    last = max(spans)
+    assert clients[member.hex()]["utilization"] == pytest.approx(0.2 / (spans[last][1] - spans[last][0]))
+    assert all(c["utilization"] is None for cid, c in clients.items() if cid != member.hex())
     store.close()
 
     # A database written before rounds recorded their end opens, and gains the column.

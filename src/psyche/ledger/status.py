@@ -113,9 +113,16 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
     trainers = set(q.round_trainers(s)) if cur else set()
     witnesses = set(q.round_witnesses(s)) if cur else set()
     last_reports: dict[bytes, dict] = {}
+    busy: dict[bytes, float] = {}
     if store is not None:
-        for signer, _, report, received in store.reports(s.run_id, since_step=max(0, s.step - 3)):
+        since = max(0, s.step - 3)
+        spans = store.step_times(s.run_id, since_step=since)
+        for signer, step, report, received in store.reports(s.run_id, since_step=since):
             last_reports[signer] = dict(report, received=received)
+            started, ended = spans.get(step, (None, None))
+            if "forward_backward_seconds" in report and ended is not None and ended > started:
+                # The share of the client's last finished round it spent in forward/backward.
+                busy[signer] = report["forward_backward_seconds"] / (ended - started)
     clients = []
     for c in s.clients:
         rep = last_reports.get(c.id, {})
@@ -127,6 +134,7 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "bytes_sent": rep.get("bytes_sent_total"),
             "bytes_received": rep.get("bytes_received_total"),
             "last_seen": rep.get("received"),
+            "utilization": busy.get(c.id),
         })
     if history is None:
         history = history_rows(coord, store, cfg)

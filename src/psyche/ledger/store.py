@@ -210,11 +210,11 @@ class Store:
 
     # -- metrics ------------------------------------------------------------
 
-    def step_times(self, run_id: str) -> dict[int, tuple[float, float | None]]:
-        """When each step's round started and ended (server clock, unix seconds; None: not yet)."""
+    def step_times(self, run_id: str, since_step: int = 0) -> dict[int, tuple[float, float | None]]:
+        """When each step from ``since_step`` on started and ended (server clock, unix seconds; None: not yet)."""
         with self._lock:
-            rows = self._db.execute("SELECT step, started, ended FROM step_times WHERE run_id = ?",
-                                    (run_id,)).fetchall()
+            rows = self._db.execute("SELECT step, started, ended FROM step_times WHERE run_id = ? AND step >= ?",
+                                    (run_id, since_step)).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def add_report(self, run_id: str, signer: bytes, step: int, report: dict, nonce: int) -> None:

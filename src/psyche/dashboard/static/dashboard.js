@@ -230,6 +230,7 @@
         <section class="panel"><h2>Clients <span class="note" id="clients-note"></span></h2>
           <div class="table-wrap"><table>
             <thead><tr><th>Client</th><th>Health</th><th>Role this round</th><th class="num">Points</th>
+              <th class="num" title="Share of its last finished round the client spent in forward/backward">Busy</th>
               <th class="num">Sent</th><th class="num">Received</th><th class="num">Last seen</th></tr></thead>
             <tbody id="clients-body"></tbody></table></div></section>
         <div class="two">
@@ -347,6 +348,7 @@
           <td><span class="health ${esc(c.state)}">${esc(c.state)}</span></td>
           <td>${c.role ? `<span class="role ${esc(c.role)}">${esc(c.role)}</span>` : `<span class="faint">${dash}</span>`}</td>
           <td class="num">${fmtInt(c.points)}</td>
+          <td class="num">${isNum(c.utilization) ? Math.round(100 * c.utilization) + "%" : dash}</td>
           <td class="num">${fmtBytes(c.bytes_sent)}</td>
           <td class="num">${fmtBytes(c.bytes_received)}</td>
           <td class="num" data-seen="${isNum(c.last_seen) ? c.last_seen : ""}">${ago(c.last_seen)}</td></tr>`);
@@ -354,10 +356,10 @@
         rows.push(`<tr><td class="mono" title="${esc(id)}">${swatch(id)}${esc(shortId(id))}</td>
           <td><span class="health">joining</span></td><td class="faint">next epoch</td>
           <td class="num">${fmtInt(((doc.accounts || []).find((a) => a.id === id) || {}).points)}</td>
-          <td class="num">${dash}</td><td class="num">${dash}</td><td class="num">${dash}</td></tr>`);
+          <td class="num">${dash}</td><td class="num">${dash}</td><td class="num">${dash}</td><td class="num">${dash}</td></tr>`);
       }
       $("#clients-body").innerHTML = rows.length ? rows.join("") :
-        `<tr><td colspan="7" class="muted">No clients yet. Start one with <code>psyche client --server ${esc(location.origin)}</code></td></tr>`;
+        `<tr><td colspan="8" class="muted">No clients yet. Start one with <code>psyche client --server ${esc(location.origin)}</code></td></tr>`;
     }
 
     function renderWitness(doc) {
