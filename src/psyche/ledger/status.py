@@ -55,6 +55,12 @@ def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
     }
 
 
+def round_seconds(spans: dict[int, tuple[float, float | None]], step: int) -> float | None:
+    """Wall seconds of ``step``'s round from :meth:`Store.step_times` spans (None if unfinished or unknown)."""
+    started, ended = spans.get(step, (None, None))
+    return ended - started if started is not None and ended is not None and ended > started else None
+
+
 def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, since_step: int = 0) -> list[dict]:
     """Per finished step from ``since_step`` on: loss, val_loss, tokens/s, bytes per step, clients.
 
@@ -64,7 +70,7 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
     if store is None:
         return []
     run_id = coord.state.run_id
-    starts = store.step_times(run_id)
+    spans = store.step_times(run_id, since_step=since_step)
     by_step: dict[int, list[dict]] = defaultdict(list)
     for _, step, report, _ in store.reports(run_id, since_step=since_step):
         by_step[step].append(report)
@@ -80,8 +86,8 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
         vals = [r["val_loss"] for r in reports if "val_loss" in r]
         # Tokens/s of the whole network: the step's tokens over the wall time of its round
         # (training, exchange and witnessing included).
-        started, ended = starts.get(step, (None, None))
-        tps = tokens / (ended - started) if started is not None and ended is not None and ended > started else None
+        seconds = round_seconds(spans, step)
+        tps = tokens / seconds if seconds else None
         if tps is None:
             per_client = [r["tokens_per_sec"] for r in reports if "tokens_per_sec" in r]
             tps = sum(per_client) if per_client else None
@@ -119,10 +125,10 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         spans = store.step_times(s.run_id, since_step=since)
         for signer, step, report, received in store.reports(s.run_id, since_step=since):
             last_reports[signer] = dict(report, received=received)
-            started, ended = spans.get(step, (None, None))
-            if "forward_backward_seconds" in report and ended is not None and ended > started:
+            seconds = round_seconds(spans, step)
+            if "forward_backward_seconds" in report and seconds:
                 # The share of the client's last finished round it spent in forward/backward.
-                busy[signer] = report["forward_backward_seconds"] / (ended - started)
+                busy[signer] = report["forward_backward_seconds"] / seconds
     clients = []
     for c in s.clients:
         rep = last_reports.get(c.id, {})
