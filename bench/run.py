@@ -41,6 +41,7 @@ from rich.console import Console  # noqa: E402
 
 from psyche.config import load_config  # noqa: E402
 from psyche.demo import DEFAULT_CONFIG, demo_config, run_demo  # noqa: E402
+from psyche.ledger.status import round_seconds  # noqa: E402
 from psyche.ledger.store import Store  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     reports = [r for _, _, r, _ in store.reports(run_id) if "val_loss" not in r]
     starts = store.step_times(run_id)
     store.close()
-    step_gaps = [end - start for start, end in starts.values() if end is not None]
+    step_gaps = [t for step in starts if (t := round_seconds(starts, step)) is not None]
     params = alone["params"]
     n = args.clients
     allreduce = 2 * (n - 1) / n * 4 * params

@@ -81,14 +81,12 @@ class LocalTrainer:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take weights fetched from peers (same names and shapes as our model)."""
         with self.timer.phase("model_load"):
-            self._load_state(tensors)
-
-    def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        model = build_model(self.cfg.model)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"peer model does not match the run's config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self._install(model)
+            model = build_model(self.cfg.model)
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"peer model does not match the run's config: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+            self._install(model)
 
     def _install(self, model: torch.nn.Module) -> None:
         model.to(self.device)

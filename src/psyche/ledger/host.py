@@ -87,8 +87,7 @@ class RunHost:
         now = self.now()
         seed = derive_seed(self.secret, self.run_id, self.seq + 1)
         before = self.coordinator.digest()
-        round_before = self._training_step()
-        in_round_before = self._round_step()
+        round_before = self._round_step()
         err = self.coordinator.apply(instruction, signer, now, seed)
         if err is not None:
             name = type(err).__name__
@@ -104,7 +103,8 @@ class RunHost:
             return None
         self.seq += 1
         if self.store is not None:
-            step = self._training_step()
+            round_after = self._round_step()
+            changed = round_after != round_before
             self.store.append(
                 self.run_id,
                 self.seq,
@@ -115,20 +115,15 @@ class RunHost:
                 state=self.coordinator.to_bytes(),
                 digest=digest,
                 nonce=nonce,
-                step_started=(step, self.clock()) if step is not None and step != round_before else None,
-                step_ended=((in_round_before, self.clock())
-                            if in_round_before is not None and self._round_step() != in_round_before else None),
+                # A round's span, for tokens/s: from entering its RoundTrain to leaving its RoundWitness.
+                step_started=(round_after, self.clock()) if changed and round_after is not None else None,
+                step_ended=(round_before, self.clock()) if changed and round_before is not None else None,
             )
         for listener in list(self.listeners):
             listener(self.coordinator)
         self._changed.set()
         self._changed = asyncio.Event()
         return None
-
-    def _training_step(self) -> int | None:
-        """The step being trained right now (None outside RoundTrain): its start times tokens/s."""
-        s = self.coordinator.state
-        return s.step if s.run_state is RunState.RoundTrain else None
 
     def _round_step(self) -> int | None:
         """The step whose round (train, then witness) is under way (None outside rounds)."""
