@@ -75,8 +75,13 @@ async def _run(args: dict, console: Console) -> int:
     runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say)
     task = asyncio.create_task(runtime.run())
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        runtime.stop()
+        task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, stop)
     try:
         return await task
     except asyncio.CancelledError:

@@ -84,6 +84,7 @@ class ClientRuntime:
         self.say = say
         self.coord = None
         self._wake = asyncio.Event()
+        self._stop_requested = False
         self.books: dict[int, StepBook] = defaultdict(StepBook)
         self.blobs: dict[bytes, bytes] = {}
         self.applied_step = 0
@@ -187,6 +188,10 @@ class ClientRuntime:
             while self.coord is None:
                 await asyncio.sleep(0.05)
             while True:
+                if self._stop_requested:
+                    # The cancel that came with the request can be lost inside a library's
+                    # await (e.g. Python 3.11's wait_for when the inner wait had just ended).
+                    raise asyncio.CancelledError
                 if self.coord.state.run_state is RunState.Finished:
                     await self._finish_pending()
                     await self._flush_reports()
@@ -196,7 +201,8 @@ class ClientRuntime:
                 await self.act()
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         except asyncio.CancelledError:
@@ -205,6 +211,15 @@ class ClientRuntime:
         finally:
             watcher.cancel()
             messages.cancel()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to withdraw and stop (Ctrl-C); it then raises ``CancelledError``.
+
+        Also cancel the task running :meth:`run` so that a long await ends at once; this
+        flag makes sure the stop happens even if that cancel is swallowed on the way.
+        """
+        self._stop_requested = True
+        self._wake.set()
 
     def profile(self) -> dict | None:
         """Where this node's time went since it first trained (None if it never did).
@@ -222,7 +237,8 @@ class ClientRuntime:
         """Leave the run cleanly (Ctrl-C)."""
         if self.coord is not None and q.member(self.coord.state, self.me) is not None:
             try:
-                await asyncio.wait_for(self.ledger.submit(Withdraw()), 5)
+                async with asyncio.timeout(5):
+                    await self.ledger.submit(Withdraw())
                 self.say("withdrew from the run")
             except (InstructionRefused, LedgerUnavailable, TimeoutError):
                 pass

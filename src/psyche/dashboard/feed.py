@@ -178,7 +178,8 @@ class Feed:
         if frame is None:
             event = self._changed
             try:
-                await asyncio.wait_for(event.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await event.wait()
             except TimeoutError:
                 return None
             frame = self.frame_after(seen)

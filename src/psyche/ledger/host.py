@@ -142,7 +142,8 @@ class RunHost:
         """Wait until the next state change (True) or the timeout (False)."""
         event = self._changed
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
             return True
         except TimeoutError:
             return False

@@ -280,7 +280,8 @@ class P2PNode:
             timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - self._loop.time()))
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.005))
+                async with asyncio.timeout(max(timeout, 0.005)):
+                    await self._wake.wait()
             except asyncio.TimeoutError:
                 pass
 
@@ -386,7 +387,8 @@ class P2PNode:
                     if remaining <= 0:
                         raise BlobUnavailable(blob_hash, size, attempts)
                     try:
-                        return await asyncio.wait_for(self._get_blob_from(peer, blob_hash, size), remaining)
+                        async with asyncio.timeout(remaining):
+                            return await self._get_blob_from(peer, blob_hash, size)
                     except BlobCheckError as exc:
                         self._extra_counters["bad_blob"] += 1
                         self._extra_counters[f"bad_blob_{exc.reason}"] += 1
@@ -540,7 +542,8 @@ class P2PNode:
             strikes = 0
             while not done.is_set() and strikes < 3:
                 try:
-                    ref = await asyncio.wait_for(todo.get(), 0.2)
+                    async with asyncio.timeout(0.2):
+                        ref = await todo.get()
                 except asyncio.TimeoutError:
                     continue
                 key = (ref.kind, ref.name, ref.index)
@@ -579,7 +582,8 @@ class P2PNode:
 
         workers = [self._spawn(worker(p)) for p in agreeing for _ in range(streams_per_peer)]
         try:
-            await asyncio.wait_for(done.wait(), max(0.0, deadline - self._loop.time()))
+            async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
+                await done.wait()
         except asyncio.TimeoutError:
             pass
         finally:
@@ -614,7 +618,8 @@ class P2PNode:
             if link.conn is None or link.conn.is_closed:
                 link.conn = None
                 try:
-                    link.conn = await asyncio.wait_for(self.transport.connect(peer, address), self.connect_timeout)
+                    async with asyncio.timeout(self.connect_timeout):
+                        link.conn = await self.transport.connect(peer, address)
                 except asyncio.TimeoutError:
                     self._peer(peer).failures += 1
                     raise TransportError(f"connect to {peer.hex()[:16]} timed out after {self.connect_timeout}s") from None
@@ -623,7 +628,8 @@ class P2PNode:
                     raise
             conn = link.conn
         try:
-            return await asyncio.wait_for(conn.open_stream(), self.stall_timeout)
+            async with asyncio.timeout(self.stall_timeout):
+                return await conn.open_stream()
         except asyncio.TimeoutError:
             self._drop_link(peer)
             raise _Stalled(f"opening a stream to {peer.hex()[:16]} stalled") from None
@@ -639,7 +645,8 @@ class P2PNode:
 
     async def _read_some(self, stream: Stream, n: int) -> bytes:
         try:
-            return await asyncio.wait_for(stream.read(n), self.stall_timeout)
+            async with asyncio.timeout(self.stall_timeout):
+                return await stream.read(n)
         except asyncio.TimeoutError:
             raise _Stalled(f"no data for {self.stall_timeout}s") from None
 
@@ -649,7 +656,8 @@ class P2PNode:
             return await read_exactly(stream, n)
 
         try:
-            payload = await asyncio.wait_for(read(), self.stall_timeout)
+            async with asyncio.timeout(self.stall_timeout):
+                payload = await read()
         except asyncio.TimeoutError:
             raise _Stalled(f"no frame within {self.stall_timeout}s") from None
         return decode_frame(payload)
