@@ -105,6 +105,9 @@ class ClientRuntime:
         self._flushing = False
         self._training_since: tuple[float, float] | None = None
         """(wall, process CPU) clock readings when this node first trained: its profile's window."""
+        self._background: set[asyncio.Task] = set()
+        self._eval_due: dict | None = None
+        """The report of a step whose validation loss is still to be measured (after witnessing)."""
         self.steps_trained = 0
 
     # -- plumbing --------------------------------------------------------------
@@ -116,7 +119,7 @@ class ClientRuntime:
             self.node.set_members({c.id: c.p2p_address for c in s.clients if c.id != self.me})
             self.node.set_step(s.step)
             if self._outbox and not self._flushing:
-                asyncio.get_running_loop().create_task(self._flush_reports())
+                self._spawn(self._flush_reports())
             self._wake.set()
 
     async def _messages(self) -> None:
@@ -137,7 +140,7 @@ class ClientRuntime:
         book.commitments[sender] = c
         if sender not in book.fetching:
             book.fetching.add(sender)
-            asyncio.get_running_loop().create_task(self._fetch_result(sender, c))
+            self._spawn(self._fetch_result(sender, c))
 
     async def _fetch_result(self, sender: bytes, c: ResultCommitment, providers: list[bytes] | None = None) -> bytes | None:
         book = self.books[c.step]
@@ -160,7 +163,20 @@ class ClientRuntime:
         book.verified[sender] = c.blob_hash
         book.bytes_received += len(data)
         self._wake.set()
+        s = self.coord.state if self.coord is not None else None
+        rnd = q.current_round(s) if s is not None and s.run_state is not RunState.Cooldown else None
+        if rnd is not None and rnd.step == c.step:
+            # The last result of a round may be what a witness waits for: say so now rather
+            # than when the main loop is next free (it may be applying or evaluating).
+            self._spawn(self._witness(s, c.step))
         return data
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` beside the main loop, holding a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _submit(self, instruction, *, quiet: bool = False) -> bool:
         """Submit, retrying while the host is unreachable; False if refused."""
@@ -198,8 +214,9 @@ class ClientRuntime:
                     self.say(f"run finished at step {self.coord.state.settings.total_steps}; "
                              f"final state digest {self.coord.digest()}")
                     return 0
-                await self.act()
+                # Cleared before acting: news that arrives while we act wakes the next turn at once.
                 self._wake.clear()
+                await self.act()
                 try:
                     async with asyncio.timeout(0.5):
                         await self._wake.wait()
@@ -211,6 +228,8 @@ class ClientRuntime:
         finally:
             watcher.cancel()
             messages.cancel()
+            for task in list(self._background):
+                task.cancel()
 
     def stop(self) -> None:
         """Ask :meth:`run` to withdraw and stop (Ctrl-C); it then raises ``CancelledError``.
@@ -352,6 +371,10 @@ class ClientRuntime:
                 await self._train(step, interval)
             else:
                 self.trained[step] = (None, None)
+        # Witness first: the round (everyone's next step) waits for it; evaluating and
+        # applying only wait for us.
+        await self._witness(s, step)
+        await self._evaluate_due()
         if overlapped:
             await self._apply_closed(s)
         await self._witness(s, step)
@@ -395,10 +418,20 @@ class ClientRuntime:
         self._reported = (sent, received)
         await self._send_report(data)
         if step == 1 or step % self.eval_every == 0 or step == total:
-            # Validation loss of the weights this step trained on (the same on every node).
-            async with self._lock:
-                val = await asyncio.to_thread(self.trainer.evaluate)
-            await self._send_report(dict(data, val_loss=val))
+            self._eval_due = data
+
+    async def _evaluate_due(self) -> None:
+        """Measure and report the validation loss a step's report asked for.
+
+        Runs before the step's agreed results are applied, so it is the loss of the
+        weights that step trained on (the same on every node).
+        """
+        data, self._eval_due = self._eval_due, None
+        if data is None:
+            return
+        async with self._lock:
+            val = await asyncio.to_thread(self.trainer.evaluate)
+        await self._send_report(dict(data, val_loss=val))
 
     async def _send_report(self, data: dict) -> None:
         """Queue a metrics report and send what is queued, keeping what the host cannot take yet."""
