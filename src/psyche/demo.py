@@ -186,21 +186,25 @@ def _wait_http(url: str, timeout: float) -> None:
 def _follow(url: str, run_id: str, procs: Processes, console: Console, timeout: float) -> dict | None:
     deadline = time.time() + timeout
     status: dict | None = None
-    with Live(console=console, refresh_per_second=2) as live:
-        while time.time() < deadline:
-            try:
-                status = httpx.get(f"{url}/api/runs/{run_id}", timeout=5).json()
-                live.update(_progress_table(status, url))
-            except (httpx.TransportError, ValueError):
-                pass
-            if status and status.get("state") == "Finished":
-                # Give the checkpointing client a moment to finish writing.
-                _wait_clients(procs, 60)
-                return status
-            if failed := procs.failed():
-                console.print(f"[red]process(es) exited with errors: {failed}[/]")
-                return status
-            time.sleep(0.5)
+    try:
+        with Live(console=console, refresh_per_second=2) as live:
+            while time.time() < deadline:
+                try:
+                    status = httpx.get(f"{url}/api/runs/{run_id}", timeout=5).json()
+                    live.update(_progress_table(status, url))
+                except (httpx.TransportError, ValueError):
+                    pass
+                if status and status.get("state") == "Finished":
+                    # Give the checkpointing client a moment to finish writing.
+                    _wait_clients(procs, 60)
+                    return status
+                if failed := procs.failed():
+                    console.print(f"[red]process(es) exited with errors: {failed}[/]")
+                    return status
+                time.sleep(0.5)
+    finally:
+        if not console.is_terminal:
+            console.line()  # rich leaves the last frame of a Live without a line end when not on a terminal
     console.print(f"[red]timed out after {timeout:.0f}s[/]")
     return status
 
