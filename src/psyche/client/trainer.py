@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +21,16 @@ import torch
 
 from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
-from psyche.distro import DisTrO, decode_payload, encode_payload
+from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
 from psyche.distro.optimizer import param_groups
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained
 from psyche.train.schedule import lr_at, warmup_fraction
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
+
+
+PARSED_CACHE_BYTES = 256 << 20
+"""Tensor bytes of parsed payloads kept between verifying a result and applying it."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ class LocalTrainer:
         self.model: torch.nn.Module | None = None
         self.optimizer: DisTrO | None = None
         self.shapes: list[tuple[int, ...]] = []
+        # Payloads parsed when verified, kept for the apply a step later: parsing (the
+        # position codes) is most of the cost of both, and each result is needed twice.
+        self._parsed: OrderedDict[bytes, tuple[list[SparseResult], int]] = OrderedDict()
+        self._parsed_bytes = 0
+        self._parsed_lock = threading.Lock()  # verify runs on the event loop, apply in a worker thread
         self.lr_window: tuple[int, int] | None = None
         self.timer = PhaseTimer()
         """Seconds spent per kind of work (data, forward_backward, compress, verify, apply, ...)."""
@@ -160,7 +171,27 @@ class LocalTrainer:
     def check_payload(self, payload: bytes) -> None:
         """Raise ``ValueError`` unless ``payload`` decodes to results for our parameters."""
         with self.timer.phase("verify"):
-            decode_payload(payload, self.shapes)
+            key = hashlib.blake2b(payload, digest_size=16).digest()
+            results = decode_payload(payload, self.shapes)
+        size = sum(r.indices.nbytes + r.values.nbytes for r in results)
+        with self._parsed_lock:
+            if key in self._parsed or size > PARSED_CACHE_BYTES:
+                return
+            self._parsed[key] = (results, size)
+            self._parsed_bytes += size
+            while self._parsed_bytes > PARSED_CACHE_BYTES:
+                _, (_, dropped) = self._parsed.popitem(last=False)
+                self._parsed_bytes -= dropped
+
+    def _parsed_payload(self, payload: bytes) -> list[SparseResult]:
+        """``payload`` parsed: taken from what :meth:`check_payload` kept (and forgotten), or parsed now."""
+        key = hashlib.blake2b(payload, digest_size=16).digest()
+        with self._parsed_lock:
+            hit = self._parsed.pop(key, None)
+            if hit is not None:
+                self._parsed_bytes -= hit[1]
+                return hit[0]
+        return decode_payload(payload, self.shapes)
 
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply the agreed results of ``step`` (in the order given: the same on every node)."""
@@ -169,7 +200,7 @@ class LocalTrainer:
             return
         self._set_lr(step)
         with self.timer.phase("apply"):
-            self.optimizer.apply([decode_payload(p, self.shapes) for p in payloads])
+            self.optimizer.apply([self._parsed_payload(p) for p in payloads])
 
     def evaluate(self) -> float:
         """Validation loss on the held-out split (the same samples every time)."""

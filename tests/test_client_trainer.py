@@ -1,0 +1,58 @@
+"""The client's trainer: results parsed when verified are reused, exactly, when applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    from psyche.config import load_config
+    from psyche.data import ensure_default_dataset
+    from psyche.demo import DEFAULT_CONFIG, demo_config
+
+    data = ensure_default_dataset(ROOT / "data" / "fortunes", progress=False)
+    return demo_config(load_config(DEFAULT_CONFIG), clients=2, steps=4, data_location=str(data))
+
+
+def _weights(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_applying_verified_results_gives_the_same_weights_as_parsing_them_afresh(cfg):
+    from psyche.client.trainer import LocalTrainer
+
+    a, b = LocalTrainer(cfg), LocalTrainer(cfg)
+    for t in (a, b):
+        t.init_model()
+    out_a, out_b = a.train(1, 0, 4), b.train(1, 4, 8)
+    payloads = [out_a.payload, out_b.payload]
+    for p in payloads:
+        a.check_payload(p)  # a keeps both parsed; b parses them when it applies
+    assert len(a._parsed) == 2
+    a.apply(1, payloads)
+    b.apply(1, payloads)
+    assert not a._parsed, "what was applied is forgotten"
+    assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b), strict=True))
+
+
+def test_the_parsed_results_kept_stay_within_their_byte_budget(cfg, monkeypatch):
+    from psyche.client import trainer as trainer_mod
+
+    t = trainer_mod.LocalTrainer(cfg)
+    t.init_model()
+    payloads = [t.train(1, 4 * i, 4 * i + 4).payload for i in range(3)]
+    t.check_payload(payloads[0])
+    one = t._parsed_bytes
+    monkeypatch.setattr(trainer_mod, "PARSED_CACHE_BYTES", 2 * one)
+    for p in payloads[1:]:
+        t.check_payload(p)
+    assert len(t._parsed) == 2 and t._parsed_bytes == 2 * one, "the oldest was dropped"
+    with pytest.raises(ValueError):
+        t.check_payload(payloads[0][:-1])  # a truncated payload is still refused, and not kept
+    assert len(t._parsed) == 2
