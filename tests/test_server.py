@@ -120,6 +120,34 @@ def test_websocket_pushes_state(tmp_path, authority):
             assert pushed.is_member(a.public_key)
 
 
+def test_state_feed_ends_when_its_client_leaves_though_nothing_changes(tmp_path, authority):
+    """A gone client's feed must not wait for a state change that may never come (a Finished
+    run): such handlers piled up and held the server's Ctrl-C until it was killed."""
+    import asyncio
+
+    server = make_server(tmp_path / "run.sqlite", authority)
+    app = create_app(server)
+
+    async def scenario() -> list[str]:
+        inbox: asyncio.Queue = asyncio.Queue()
+        for msg in ({"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}):
+            inbox.put_nowait(msg)
+        sent: list[str] = []
+
+        async def send(msg):
+            sent.append(msg["type"])
+
+        scope = {"type": "websocket", "path": "/api/runs/srv-test/ws", "raw_path": b"/api/runs/srv-test/ws",
+                 "query_string": b"", "headers": [], "scheme": "ws", "server": ("test", 80), "client": ("test", 1),
+                 "root_path": "", "subprotocols": [], "asgi": {"version": "3.0"}, "app": app}
+        # Nothing changes in the run: only the client's leaving can end the handler. (The
+        # host's own wait is 10 s, so a handler that ignored the leaving would not end in 5.)
+        await asyncio.wait_for(app(scope, inbox.get, send), 5)
+        return sent
+
+    assert asyncio.run(scenario()) == ["websocket.accept", "websocket.send"]
+
+
 def test_envelope_roundtrip_and_rejections():
     ident = Identity.generate()
     body = encode_instruction(Tick())

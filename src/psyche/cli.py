@@ -30,7 +30,8 @@ def serve_http(app_, *, host: str, port: int, banner: str) -> None:
     import uvicorn
 
     console.print(banner, highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    # A feed a peer never closed must not keep Ctrl-C waiting: drop such connections after 5 s.
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 @app.callback()

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psyche.dashboard.feed import Feed, encode
+from psyche.wsutil import until_closed
 
 STATIC = Path(__file__).parent / "static"
 PING_SECONDS = 20.0
@@ -45,16 +46,11 @@ class Hub(Protocol):
     async def close(self) -> None: ...
 
 
-async def _until_closed(ws: WebSocket) -> None:
-    while (await ws.receive())["type"] != "websocket.disconnect":
-        pass  # viewers have nothing to say; their messages are ignored
-
-
 async def serve_feed(ws: WebSocket, feed: Feed) -> None:
     """Send ``feed`` to one viewer until it goes away: a snapshot, then a frame per change."""
     await ws.accept()
     feed.subscribe()
-    closed = asyncio.ensure_future(_until_closed(ws))
+    closed = asyncio.ensure_future(until_closed(ws))
     try:
         seen: int | None = None
         while not closed.done():

@@ -36,6 +36,7 @@ from psyche.ledger.envelope import open_request
 from psyche.ledger.host import RunHost
 from psyche.ledger.status import run_status, run_summary
 from psyche.ledger.store import Store
+from psyche.wsutil import until_closed
 
 log = logging.getLogger("psyche.server")
 
@@ -138,15 +139,20 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
             await ws.close(code=4404)
             return
         await ws.accept()
+        closed = asyncio.ensure_future(until_closed(ws))
         try:
             seq = -1
-            while True:
+            while not closed.done():
                 if host.seq != seq:
                     seq = host.seq
                     await ws.send_bytes(host.coordinator.to_bytes())
-                await host.wait_changed(timeout=10)
+                changed = asyncio.ensure_future(host.wait_changed(timeout=10))
+                await asyncio.wait({changed, closed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
             return
+        finally:
+            closed.cancel()
 
     def stale_nonce(run_id: str, req) -> JSONResponse | None:
         """The refusal of a request whose nonce is not above its signer's last one (a replay)."""
