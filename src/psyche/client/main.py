@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,10 @@ def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
 
 
 async def _run(args: dict, console: Console) -> int:
+    from psyche.train.model import import_model_code
+
+    # Transformers takes seconds to import: let that overlap joining and waiting for the run.
+    threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
     from psyche.client.runtime import ClientRuntime
     from psyche.client.trainer import LocalTrainer
     from psyche.p2p import Identity, P2PNode

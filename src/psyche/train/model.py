@@ -62,6 +62,15 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> 
     return model.to(device)
 
 
+def import_model_code() -> None:
+    """Import the Transformers model classes :func:`build_model` needs.
+
+    They take seconds to import; a client calls this in a background thread when it
+    starts, so the import overlaps waiting for the run rather than delaying its warmup.
+    """
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+
+
 def build_model(model_cfg: "ModelConfig", *, seed: int | None = None, eot_token_id: int = 0) -> "PreTrainedModel":
     """A causal LM for ``model_cfg``: loaded from ``model_cfg.checkpoint`` if set, else
     freshly initialised on CPU in float32 from ``seed`` (default ``model_cfg.init_seed``).
