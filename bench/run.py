@@ -9,7 +9,7 @@ the server's database (per-client reports, step start times) and each client's
   its first step to the end of the run; the median over clients is the headline.
 - ``utilization_in_rounds``: the same over the rounds alone (first step's start
   to last step's end, server clock): a long run's figure, where the epoch's
-  warmup and cooldown (10 s each in the demo config) weigh little.
+  warmup and cooldown (5 s in the demo config) weigh little.
 - ``utilization_alone``: the baseline measured in the same run: one trainer in
   this process, no network and no coordinator, doing the same per-client work
   (train its share of the batch, compress, apply N results), one torch thread as
