@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small_config(name: str, *, data: Path, **coordinator) -> RunConfig:
     """A CPU-quick run: a ~0.6M-parameter LLaMA on the fortunes token folder."""
-    c = dict(warmup_time=20, cooldown_time=2, max_round_train_time=20, round_witness_time=3, epoch_time=600,
+    # Cooldown: the clock counts whole seconds, so 4 s gives the checkpointer 3 to 4 s to save.
+    c = dict(warmup_time=20, cooldown_time=4, max_round_train_time=20, round_witness_time=3, epoch_time=600,
              total_steps=10, init_min_clients=3, min_clients=2, witness_nodes=0, global_batch_size_start=12,
              global_batch_size_end=12, waiting_for_members_extra_time=1, checkpointers=1)
     c.update(coordinator)
