@@ -423,8 +423,8 @@ class ClientRuntime:
     async def _evaluate_due(self) -> None:
         """Measure and report the validation loss a step's report asked for.
 
-        Runs before the step's agreed results are applied, so it is the loss of the
-        weights that step trained on (the same on every node).
+        Runs right after witnessing and before any further results are applied, so it
+        is the loss of the weights that step trained on (the same on every node).
         """
         data, self._eval_due = self._eval_due, None
         if data is None:
