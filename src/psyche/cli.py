@@ -245,14 +245,23 @@ def server_cmd(
     """Host a run's coordinator over HTTP + WebSocket, persisted in SQLite, with the dashboard."""
     import logging
 
-    from psyche.config import ConfigError
+    from psyche.config import ConfigError, load_config
     from psyche.ledger.server import create_app, open_server
     from psyche.p2p.identity import Identity
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Check what was asked before creating anything: a bad config leaves no key or database behind.
+    cfg = None
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except ConfigError as exc:
+            fail(str(exc))
+    elif not db.exists():
+        fail(f"{db} does not exist; pass --config RUN.toml to create a run in it")
     ident = Identity.load_or_create(key)
     try:
-        server = open_server(config, db, authority=ident.public_key, host_key=ident.public_key)
+        server = open_server(cfg, db, authority=ident.public_key, host_key=ident.public_key)
     except ConfigError as exc:
         fail(str(exc))
     if not server.hosts:

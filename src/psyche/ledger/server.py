@@ -229,12 +229,10 @@ def _clean_report(report: dict) -> dict:
     return out
 
 
-def open_server(config_path: str | Path | None, db: str | Path, *, authority: bytes,
+def open_server(config: RunConfig | None, db: str | Path, *, authority: bytes,
                 host_key: bytes = bytes(32), tick_interval: float = 0.25) -> CoordinatorServer:
-    """Open (or create) the database and host the config's run in it."""
-    from psyche.config import load_config
-
+    """Open (or create) the database and host ``config``'s run in it (if given and not there yet)."""
     server = CoordinatorServer(Store(db), host_key=host_key, tick_interval=tick_interval)
-    if config_path is not None:
-        server.create_run(load_config(config_path), authority)
+    if config is not None:
+        server.create_run(config, authority)
     return server
