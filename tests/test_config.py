@@ -58,14 +58,3 @@ def test_cli_validate_config(tmp_path):
     missing = runner.invoke(app, ["validate-config", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 1 and "cannot read" in missing.output
 
-
-def test_server_refuses_a_bad_config_and_leaves_nothing_behind(tmp_path):
-    runner = CliRunner()
-    bad = tmp_path / "bad.toml"
-    bad.write_text('name = "b"\n[coordinator]\nwarmup_time = 900\nepoch_time = 600\n')
-    db, key = tmp_path / "run.sqlite", tmp_path / "server.key"
-    res = runner.invoke(app, ["server", "--config", str(bad), "--db", str(db), "--key", str(key)])
-    assert res.exit_code == 1 and "warmup_time must be < epoch_time" in res.output
-    missing = runner.invoke(app, ["server", "--db", str(db), "--key", str(key)])
-    assert missing.exit_code == 1 and "does not exist" in missing.output
-    assert not db.exists() and not key.exists(), "a refused command creates no database and no key"

@@ -45,6 +45,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def require_port(host: str, port: int) -> None:
+    """Exit with a clear line unless a server could listen on ``host:port``; call before creating anything."""
+    from psyche.demo import port_problem
+
+    if problem := port_problem(host, port):
+        fail(f"{problem}; is another server running there? Pass another --port")
+
+
 @app.command("validate-config")
 def validate_config(
     path: Annotated[Path, typer.Argument(help="A run config TOML file.")],
@@ -75,6 +83,8 @@ def dashboard_cmd(
 ) -> None:
     """Serve the live dashboard here for a remote coordinator server."""
     from psyche.dashboard import create_proxy_app
+
+    require_port(host, port)
 
     try:
         app_ = create_proxy_app(server)
@@ -250,7 +260,9 @@ def server_cmd(
     from psyche.p2p.identity import Identity
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # Check what was asked before creating anything: a bad config leaves no key or database behind.
+    # Check what was asked before creating anything: a bad config or a busy port leaves no key
+    # or database behind.
+    require_port(host, port)
     cfg = None
     if config is not None:
         try:
@@ -367,6 +379,8 @@ def data_server_cmd(
     """Serve a token folder to remote clients (data.location = "psyche://HOST:PORT")."""
     from psyche.data.errors import DataError
     from psyche.data.server import create_data_app
+
+    require_port(host, port)
 
     try:
         app_ = create_data_app(data)

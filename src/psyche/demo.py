@@ -41,6 +41,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` right now (None if it could)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            # As uvicorn binds: connections of a server that just stopped (TIME_WAIT) do not count.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def demo_config(base: RunConfig, *, clients: int, steps: int, data_location: str) -> RunConfig:
     """The base config resized for ``clients`` local clients and ``steps`` steps."""
     data = base.model_dump(mode="json")
@@ -126,6 +138,9 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
     from psyche.data import ensure_default_dataset
 
     console = console or Console()
+    if port is not None and (problem := port_problem("127.0.0.1", port)):
+        console.print(f"[red]error:[/] {problem}; pass another --port, or none to use a free one")
+        return 1
     out = out.resolve()
     for sub in ("keys", "logs", "profiles"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -146,9 +161,11 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
     env.setdefault("OMP_NUM_THREADS", "1")
     procs = Processes()
     try:
-        procs.start("server", ["server", "--config", str(out / "run.toml"), "--db", str(db), "--port", str(port),
-                               "--key", str(out / "keys" / "server.key")], out / "logs" / "server.log", env)
-        _wait_http(url + "/healthz", 60)
+        server = procs.start("server", ["server", "--config", str(out / "run.toml"), "--db", str(db), "--port", str(port),
+                                        "--key", str(out / "keys" / "server.key")], out / "logs" / "server.log", env)
+        if not _wait_http(url + "/healthz", 60, server):
+            console.print(f"[red]the coordinator server did not start[/]; its log: {out / 'logs' / 'server.log'}")
+            return 1
         console.print(f"coordinator server at [bold]{url}[/] (dashboard: {url}/)")
         for i in range(clients):
             procs.start(f"client-{i}", ["client", "--server", url, "--run-id", cfg.run_id,
@@ -171,16 +188,17 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
     return 0
 
 
-def _wait_http(url: str, timeout: float) -> None:
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> bool:
+    """Wait until ``url`` answers 200 (True), or ``proc`` serving it exits or the time is up (False)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
             if httpx.get(url, timeout=2).status_code == 200:
-                return
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up within {timeout:.0f}s")
+    return False
 
 
 def _follow(url: str, run_id: str, procs: Processes, console: Console, timeout: float) -> dict | None:

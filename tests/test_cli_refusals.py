@@ -1,0 +1,49 @@
+"""Commands that refuse what they were asked say why in one line and leave nothing behind."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from psyche.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_server_refuses_a_bad_config_and_leaves_nothing_behind(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "b"\n[coordinator]\nwarmup_time = 900\nepoch_time = 600\n')
+    db, key = tmp_path / "run.sqlite", tmp_path / "server.key"
+    res = runner.invoke(app, ["server", "--config", str(bad), "--db", str(db), "--key", str(key)])
+    assert res.exit_code == 1 and "warmup_time must be < epoch_time" in res.output
+    missing = runner.invoke(app, ["server", "--db", str(db), "--key", str(key)])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        good = ROOT / "config" / "tiny-fortunes.toml"
+        taken = runner.invoke(app, ["server", "--config", str(good), "--db", str(db), "--key", str(key),
+                                    "--port", str(port)])
+    assert taken.exit_code == 1 and "cannot listen" in taken.output and "--port" in taken.output
+    assert not db.exists() and not key.exists(), "a refused command creates no database and no key"
+
+
+def test_demo_refuses_a_busy_port_before_starting_anything(tmp_path):
+    import io
+    import socket
+
+    from rich.console import Console
+
+    from psyche.demo import run_demo
+
+    out = io.StringIO()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code = run_demo(clients=2, steps=2, out=tmp_path / "demo", port=busy.getsockname()[1],
+                        console=Console(file=out, width=200))
+    assert code == 1 and "cannot listen" in out.getvalue() and "--port" in out.getvalue()
+    assert not (tmp_path / "demo").exists()
