@@ -47,3 +47,27 @@ def test_demo_refuses_a_busy_port_before_starting_anything(tmp_path):
                         console=Console(file=out, width=200))
     assert code == 1 and "cannot listen" in out.getvalue() and "--port" in out.getvalue()
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_unusable_key_file_is_named_with_its_problem(tmp_path):
+    runner = CliRunner()
+    loose = tmp_path / "loose.key"
+    loose.write_text("psyche-ed25519-secret-v1\n" + "00" * 32 + "\n")
+    loose.chmod(0o644)
+    junk = tmp_path / "junk.key"
+    junk.write_text("not a key\n")
+    junk.chmod(0o600)
+    db = tmp_path / "run.sqlite"
+    cases = [
+        (["server", "--config", str(ROOT / "config" / "tiny-fortunes.toml"), "--db", str(db), "--key", str(loose)],
+         "too open; run chmod 600"),
+        (["pause", "--server", "http://127.0.0.1:9", "--key", str(junk)], "not a psyche key file"),
+        (["resume", "--server", "http://127.0.0.1:9", "--key", str(tmp_path / "none.key")], "no such key file"),
+        (["client", "--server", "http://127.0.0.1:9", "--key", str(loose)], "too open; run chmod 600"),
+    ]
+    for args, problem in cases:
+        res = runner.invoke(app, args)
+        said = " ".join(res.output.split())  # rich wraps long lines
+        assert res.exit_code == 1, (args, res.output)
+        assert "--key" in said and problem in said, (args, res.output)
+    assert not db.exists(), "the server created no database for a refused key"

@@ -45,6 +45,22 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def load_node_key(path: Path, *, create: bool = False):
+    """The node key in ``path`` (created first if ``create`` and it is missing).
+
+    Exits with one line naming the file and the problem (missing, too open, not a key).
+    """
+    from psyche.p2p.errors import IdentityError
+    from psyche.p2p.identity import Identity
+
+    try:
+        return Identity.load_or_create(path) if create else Identity.load(path)
+    except IdentityError as exc:
+        fail(f"--key {exc}")
+    except OSError as exc:
+        fail(f"--key {path}: {exc.strerror}")
+
+
 def require_port(host: str, port: int) -> None:
     """Exit with a clear line unless a server could listen on ``host:port``; call before creating anything."""
     from psyche.demo import port_problem
@@ -257,7 +273,6 @@ def server_cmd(
 
     from psyche.config import ConfigError, load_config
     from psyche.ledger.server import create_app, open_server
-    from psyche.p2p.identity import Identity
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Check what was asked before creating anything: a bad config or a busy port leaves no key
@@ -271,7 +286,7 @@ def server_cmd(
             fail(str(exc))
     elif not db.exists():
         fail(f"{db} does not exist; pass --config RUN.toml to create a run in it")
-    ident = Identity.load_or_create(key)
+    ident = load_node_key(key, create=True)
     try:
         server = open_server(cfg, db, authority=ident.public_key, host_key=ident.public_key)
     except ConfigError as exc:
@@ -291,9 +306,8 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
     from psyche.coordinator import Pause, Resume
     from psyche.ledger.base import LedgerError
     from psyche.ledger.remote import ServerLedger
-    from psyche.p2p.identity import Identity
 
-    ident = Identity.load(key)
+    ident = load_node_key(key)
     rid = server_run_id(server, run_id)
     instr = Pause() if instruction_name == "pause" else Resume()
 

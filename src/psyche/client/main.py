@@ -48,8 +48,12 @@ async def _run(args: dict, console: Console) -> int:
     from psyche.client.runtime import ClientRuntime
     from psyche.client.trainer import LocalTrainer
     from psyche.p2p import Identity, P2PNode
+    from psyche.p2p.errors import IdentityError
 
-    identity = Identity.load_or_create(args["key"])
+    try:
+        identity = Identity.load_or_create(args["key"])
+    except IdentityError as exc:
+        raise SystemExit(f"error: --key {exc}") from None
     if args["server"] is not None:
         from psyche.ledger.remote import ServerLedger
 
@@ -65,7 +69,10 @@ async def _run(args: dict, console: Console) -> int:
         if args["run_id"] is None or args["config"] is None:
             raise SystemExit("error: --solana needs --run-id and --config (the run's config file)")
         cfg = load_config(args["config"])
-        keypair = load_keypair(Path(args["key"]), create=True)
+        try:
+            keypair = load_keypair(Path(args["key"]), create=True)
+        except ValueError as exc:
+            raise SystemExit(f"error: --key {exc}") from None
         local = urlparse(args["solana"]).hostname in ("127.0.0.1", "localhost", "::1")
         ledger = SolanaLedger(args["solana"], args["run_id"], keypair, airdrop=local)
         await ledger.state()
