@@ -71,3 +71,27 @@ def test_an_unusable_key_file_is_named_with_its_problem(tmp_path):
         assert res.exit_code == 1, (args, res.output)
         assert "--key" in said and problem in said, (args, res.output)
     assert not db.exists(), "the server created no database for a refused key"
+
+
+def test_a_device_this_machine_lacks_is_refused_before_joining(tmp_path):
+    import torch
+
+    from psyche.train.device import device_problem
+
+    assert device_problem("cpu") is None
+    assert "not a device" in device_problem("tpu")
+    assert "only" in device_problem("meta")
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in device_problem("cuda:0")
+    else:
+        assert device_problem("cuda") is None
+        assert "CUDA device(s)" in device_problem(f"cuda:{torch.cuda.device_count()}")
+    runner = CliRunner()
+    # The server URL is never reached: the device is checked first.
+    for args in (["client", "--server", "http://127.0.0.1:9", "--key", str(tmp_path / "c.key"), "--device", "tpu"],
+                 ["generate", "--checkpoint", str(tmp_path), "--device", "tpu"],
+                 ["train", "--device", "tpu"]):
+        res = runner.invoke(app, args)
+        said = " ".join(res.output.split())
+        assert res.exit_code == 1 and "--device 'tpu' is not a device" in said, (args, res.output)
+    assert not (tmp_path / "c.key").exists()

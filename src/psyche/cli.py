@@ -61,6 +61,14 @@ def load_node_key(path: Path, *, create: bool = False):
         fail(f"--key {path}: {exc.strerror}")
 
 
+def require_device(device: str) -> None:
+    """Exit with one line unless ``device`` is a torch device this machine has."""
+    from psyche.train.device import device_problem
+
+    if problem := device_problem(device):
+        fail(f"--device {problem}")
+
+
 def require_port(host: str, port: int) -> None:
     """Exit with a clear line unless a server could listen on ``host:port``; call before creating anything."""
     from psyche.demo import port_problem
@@ -217,6 +225,8 @@ def train_cmd(
 
     if optimizer not in (None, "adamw", "distro"):
         fail(f"--optimizer must be adamw or distro (got {optimizer!r})")
+    if device is not None:
+        require_device(device)
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -247,6 +257,7 @@ def generate_cmd(
 
     from psyche.generate import GenerateError, Generator
 
+    require_device(device)
     try:
         gen = Generator.from_checkpoint(checkpoint, device=device)
         sys.stdout.write(prompt)
@@ -364,6 +375,7 @@ def client_cmd(
 
     if (server is None) == (solana is None):
         fail("pass exactly one of --server URL or --solana URL")
+    require_device(device)
     code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, device=device,
                       checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console, config=config,
                       profile=profile)
