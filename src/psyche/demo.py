@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -115,6 +116,21 @@ def write_metrics(status: dict, path: Path) -> int:
     return len(rows)
 
 
+def run_summary_line(status: dict) -> str | None:
+    """One line on what a finished run achieved: validation loss, and bytes sent against an fp32 all-reduce."""
+    hist = status.get("history") or []
+    vals = [h["val_loss"] for h in hist if h.get("val_loss") is not None]
+    ratios = [h["compression_ratio"] for h in hist if h.get("compression_ratio")]
+    parts = []
+    if len(vals) >= 2:
+        parts.append(f"validation loss {vals[0]:.2f} → {vals[-1]:.2f}")
+    if ratios:
+        per_client = statistics.median(h["bytes_per_step"] / h["clients"] for h in hist if h.get("clients"))
+        parts.append(f"{per_client:,.0f} bytes of results per client per step, "
+                     f"{statistics.median(ratios):,.0f}× fewer than an fp32 all-reduce")
+    return "; ".join(parts) or None
+
+
 def _progress_table(status: dict, url: str) -> Table:
     t = Table(title=f"psyche demo — run {status.get('run_id')} — dashboard {url}", expand=False)
     for col in ("state", "epoch", "step", "loss", "val loss", "clients", "tokens/s", "bytes/step"):
@@ -181,6 +197,8 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
         return 1
     n = write_metrics(status, out / "metrics.jsonl")
     console.print(f"finished {status['step']} steps; {n} metric rows in {out / 'metrics.jsonl'}")
+    if summary := run_summary_line(status):
+        console.print(summary, highlight=False)
     if not (ckpt / "config.json").exists():
         console.print(f"[red]no checkpoint was written to {ckpt}[/]")
         return 1
