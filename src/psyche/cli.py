@@ -9,10 +9,13 @@ them, so ``psyche --help`` and ``psyche validate-config`` stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from psyche.p2p.identity import Identity
 
 app = typer.Typer(
     name="psyche",
@@ -45,7 +48,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_node_key(path: Path, *, create: bool = False):
+def load_node_key(path: Path, *, create: bool = False) -> Identity:
     """The node key in ``path`` (created first if ``create`` and it is missing).
 
     Exits with one line naming the file and the problem (missing, too open, not a key).
