@@ -25,6 +25,37 @@ def test_keygen_creates_0600_key_and_refuses_to_overwrite(tmp_path):
     assert Identity.load(path).public_key != ident.public_key
 
 
+def test_nodes_creating_the_same_key_at_once_all_get_that_one_key(tmp_path):
+    """A key file appears whole: a node loading it while another writes it never reads half.
+
+    (Threads racing on one path: before the file was written aside and linked into place,
+    most rounds had a thread read an empty or partial key.)
+    """
+    import threading
+
+    for round_ in range(20):
+        path = tmp_path / f"node-{round_}.key"
+        start = threading.Barrier(8)
+        got: list = []
+
+        def load() -> None:
+            start.wait()
+            try:
+                got.append(Identity.load_or_create(path).public_key)
+            except Exception as exc:  # noqa: BLE001 - what we look for
+                got.append(exc)
+
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not [g for g in got if isinstance(g, Exception)], got
+        assert len(set(got)) == 1, "every node holds the same key"
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
+
+
 def test_iroh_endpoint_id_is_the_node_key(tmp_path):
     ident = Identity.load_or_create(tmp_path / "k")
 

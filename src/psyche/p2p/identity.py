@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -71,17 +72,30 @@ class Identity:
         return cls(secret)
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Write the secret to ``path`` with mode 0600 (created that way, never widened)."""
+        """Write the secret to ``path`` with mode 0600 (created that way, never widened).
+
+        The file appears whole or not at all (written aside, then linked into place), so
+        a process loading it at the same moment never reads half a key.
+        """
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        if p.exists() and not overwrite:
+            raise IdentityError(str(p), "already exists (refusing to overwrite a key)")
+        fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")  # mode 0600
+        tmp = Path(name)
         try:
-            fd = os.open(p, flags, 0o600)
-        except FileExistsError:
-            raise IdentityError(str(p), "already exists (refusing to overwrite a key)") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{_HEADER}\n{self.secret_bytes.hex()}\n")
-        os.chmod(p, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{_HEADER}\n{self.secret_bytes.hex()}\n")
+            os.chmod(tmp, 0o600)
+            if overwrite:
+                os.replace(tmp, p)
+            else:
+                try:
+                    os.link(tmp, p)  # fails if another process created the key meanwhile
+                except FileExistsError:
+                    raise IdentityError(str(p), "already exists (refusing to overwrite a key)") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
