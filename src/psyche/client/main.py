@@ -45,7 +45,7 @@ async def _run(args: dict, console: Console) -> int:
 
     # Transformers takes seconds to import: let that overlap joining and waiting for the run.
     threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
-    from psyche.client.runtime import ClientRuntime
+    from psyche.client.runtime import ClientRuntime, KeyInUse
     from psyche.client.trainer import LocalTrainer
     from psyche.p2p import Identity, P2PNode
     from psyche.p2p.errors import IdentityError
@@ -99,6 +99,9 @@ async def _run(args: dict, console: Console) -> int:
     except asyncio.CancelledError:
         say("stopped")
         return 130
+    except KeyInUse as exc:
+        say(f"[red]error:[/] {exc}")
+        return 1
     finally:
         _write_profile(runtime, args["profile"], say)
         await node.close()

@@ -70,6 +70,10 @@ class StepBook:
     bytes_received: int = 0
 
 
+class KeyInUse(Exception):
+    """Another live process registered this node's key at its own address: two nodes, one identity."""
+
+
 class ClientRuntime:
     """One node in one run. ``node`` is a started :class:`psyche.p2p.P2PNode`."""
 
@@ -85,6 +89,8 @@ class ClientRuntime:
         self.coord = None
         self._wake = asyncio.Event()
         self._stop_requested = False
+        self._registered: set[str] = set()
+        """P2P addresses this process has registered for its key (its joins)."""
         self.books: dict[int, StepBook] = defaultdict(StepBook)
         self.blobs: dict[bytes, bytes] = {}
         self.applied_step = 0
@@ -266,6 +272,7 @@ class ClientRuntime:
         """Do what the current state asks of us that we have not done yet."""
         coord = self.coord
         s = coord.state
+        await self._claim_address(s)
         me = q.member(s, self.me)
         if me is not None and me.state is not ClientState.Healthy and self.dropped_noted != s.epoch:
             self.dropped_noted = s.epoch
@@ -296,6 +303,26 @@ class ClientRuntime:
             case RunState.Paused:
                 pass
 
+    async def _claim_address(self, s) -> None:
+        """Make the run reach this process at its own address; raise :class:`KeyInUse` if another does.
+
+        The run keeps one address per key. If it holds one this process never registered,
+        either an earlier process with this key died (a restart: re-join to take the key
+        over) or, once we had registered ours, another live process took it over: two
+        nodes would then sign as one, so this one stops.
+        """
+        if not (self.me in s.pending or (m := q.member(s, self.me)) is not None and m.state is ClientState.Healthy):
+            return
+        account = next((a for a in s.accounts if a.id == self.me), None)
+        if account is None or account.p2p_address == self.node.address:
+            return
+        if self._registered and account.p2p_address not in self._registered:
+            raise KeyInUse(f"another process registered this node's key at {account.p2p_address[:40]}...; "
+                           "two nodes cannot share a key: stop one, or give each its own --key")
+        if await self._submit(Join(self.node.address)):
+            self._registered.add(self.node.address)
+            self.say("re-registered this key at this process's P2P address (the run had an earlier one)")
+
     async def _ensure_joined(self, s) -> None:
         if self.me in s.pending:
             return
@@ -307,6 +334,7 @@ class ClientRuntime:
         if self.joined_epoch == s.epoch and me is None and s.run_state is not RunState.WaitingForMembers:
             return  # already asked for the next epoch
         if await self._submit(Join(self.node.address)):
+            self._registered.add(self.node.address)
             self.joined_epoch = s.epoch
             self.say(f"joined run {s.run_id} (epoch {s.epoch})")
 
