@@ -201,15 +201,9 @@ def test_pause_and_resume_from_the_cli(tmp_path, authority):
         thread.join(10)
 
 
-def test_reports_sent_while_the_server_is_down_arrive_once_it_is_back(tmp_path, authority):
-    """A client keeps the metrics the host could not take and sends them, in order, once it is back."""
-    import asyncio
-
-    import httpx
-
-    from psyche.client.runtime import ClientRuntime
+def _server_with_member(tmp_path, authority) -> tuple[CoordinatorServer, Identity]:
+    """A server whose run has started with two members; returns it and the first member."""
     from psyche.coordinator import queries as q
-    from psyche.ledger.remote import ServerLedger
 
     a, b = Identity.generate(), Identity.generate()
     cfg = CFG.model_copy(update={"coordinator": CFG.coordinator.model_copy(update={"waiting_for_members_extra_time": 0})})
@@ -219,7 +213,20 @@ def test_reports_sent_while_the_server_is_down_arrive_once_it_is_back(tmp_path, 
         for who in (a, b):
             assert post(client, who, Join(p2p_address="addr")).status_code == 200
         host.tick()
-        assert q.member(host.coordinator.state, a.public_key) is not None
+    assert q.member(host.coordinator.state, a.public_key) is not None
+    return server, a
+
+
+def test_reports_sent_while_the_server_is_down_arrive_once_it_is_back(tmp_path, authority):
+    """A client keeps the metrics the host could not take and sends them, in order, once it is back."""
+    import asyncio
+
+    import httpx
+
+    from psyche.client.runtime import ClientRuntime
+    from psyche.ledger.remote import ServerLedger
+
+    server, a = _server_with_member(tmp_path, authority)
 
     async def scenario() -> list[int]:
         down = ServerLedger("http://127.0.0.1:9", "srv-test", a)  # nothing listens: the server is "restarting"
@@ -237,6 +244,44 @@ def test_reports_sent_while_the_server_is_down_arrive_once_it_is_back(tmp_path, 
         return [step for _, step, _, _ in server.store.reports("srv-test")]
 
     assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_a_clients_concurrent_requests_are_all_taken(tmp_path, authority):
+    """A client's witness and its metrics go out at the same moment. Over several HTTP
+    connections they can arrive in any order, and the server takes a signer's nonces only in
+    increasing order. So each request is signed when its turn comes, one at a time. Before,
+    about half of 195 concurrent reports were refused as stale, and a refused witness gets
+    its node dropped."""
+    import asyncio
+
+    import uvicorn
+
+    from psyche.demo import free_port
+    from psyche.ledger.remote import ServerLedger
+
+    server, a = _server_with_member(tmp_path, authority)
+
+    async def scenario() -> list:
+        port = free_port()
+        http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+        serving = asyncio.create_task(http.serve())
+        while not http.started:
+            await asyncio.sleep(0.02)
+        ledger = ServerLedger(f"http://127.0.0.1:{port}", "srv-test", a)
+        try:
+            got = []
+            for burst in range(4):
+                got += await asyncio.gather(*(ledger.report({"step": 100 * burst + i, "loss": 1.0}) for i in range(1, 40)),
+                                            return_exceptions=True)
+            return got
+        finally:
+            await ledger.close()
+            http.should_exit = True
+            await serving
+
+    refused = [r for r in asyncio.run(scenario()) if r is not None]
+    assert refused == []
+    assert len(server.store.reports("srv-test")) == 4 * 39
 
 
 def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority):

@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from psyche.coordinator import Coordinator, Instruction, encode_instruction
 from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
-from psyche.ledger.envelope import Signer, sign_request
+from psyche.ledger.envelope import RequestKind, Signer, sign_request
 
 
 class ServerLedger(Ledger):
@@ -27,12 +27,19 @@ class ServerLedger(Ledger):
         self.run_id = run_id
         self.signer = signer
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        # The server takes a signer's nonces only in increasing order, and requests sent at
+        # once over several connections can arrive in any order: so one signed request at a
+        # time, each signed when its turn comes.
+        self._signed_post = asyncio.Lock()
 
-    async def _post(self, path: str, body: bytes) -> httpx.Response:
-        try:
-            return await self._http.post(path, content=body, headers={"content-type": "application/msgpack"})
-        except httpx.TransportError as exc:
-            raise LedgerUnavailable(f"cannot reach coordinator server {self.url}: {exc!r}") from exc
+    async def _post_signed(self, path: str, kind: RequestKind, body: bytes) -> None:
+        async with self._signed_post:
+            signed = sign_request(self.signer, self.run_id, kind, body)
+            try:
+                resp = await self._http.post(path, content=signed, headers={"content-type": "application/msgpack"})
+            except httpx.TransportError as exc:
+                raise LedgerUnavailable(f"cannot reach coordinator server {self.url}: {exc!r}") from exc
+        self._raise_for(resp)
 
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:
@@ -47,13 +54,11 @@ class ServerLedger(Ledger):
             raise InstructionRefused(str(resp.status_code), resp.text[:200]) from None
 
     async def submit(self, instruction: Instruction) -> None:
-        body = sign_request(self.signer, self.run_id, "instruction", encode_instruction(instruction))
-        self._raise_for(await self._post(f"/api/runs/{self.run_id}/instructions", body))
+        await self._post_signed(f"/api/runs/{self.run_id}/instructions", "instruction", encode_instruction(instruction))
 
     async def report(self, report: dict) -> None:
         """Send this client's metrics for a step (shown by the dashboard and `psyche demo`)."""
-        body = sign_request(self.signer, self.run_id, "report", json.dumps(report).encode())
-        self._raise_for(await self._post(f"/api/runs/{self.run_id}/reports", body))
+        await self._post_signed(f"/api/runs/{self.run_id}/reports", "report", json.dumps(report).encode())
 
     async def state(self) -> Coordinator:
         try:
