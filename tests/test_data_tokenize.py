@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from psyche.data import EOT, DataError, DataMissingError, ensure_default_dataset, read_meta, tokenize_corpus
+from tests.concurrently import run_at_once
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
          "every jolly boxer and my grandmother knits warm socks for winter evenings").split()
@@ -96,20 +96,8 @@ def test_default_corpus_missing_says_what_to_install(tmp_path, monkeypatch):
 def test_ensure_dataset_concurrent_builders_agree(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "data" / "fortunes"
-    results, errors = [], []
-
-    def build():
-        try:
-            results.append(ensure_default_dataset(out, corpus=[corpus]))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=build) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and results == [out] * 4
+    results = run_at_once(lambda: ensure_default_dataset(out, corpus=[corpus]), 4)
+    assert results == [out] * 4, results
     assert read_meta(out)["splits"]["train"]["tokens"] > 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["fortunes"]  # no temp folders left
     # a second call reuses the folder as is

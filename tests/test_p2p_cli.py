@@ -31,25 +31,11 @@ def test_nodes_creating_the_same_key_at_once_all_get_that_one_key(tmp_path):
     (Threads racing on one path: before the file was written aside and linked into place,
     most rounds had a thread read an empty or partial key.)
     """
-    import threading
+    from tests.concurrently import run_at_once
 
     for round_ in range(20):
         path = tmp_path / f"node-{round_}.key"
-        start = threading.Barrier(8)
-        got: list = []
-
-        def load() -> None:
-            start.wait()
-            try:
-                got.append(Identity.load_or_create(path).public_key)
-            except Exception as exc:  # noqa: BLE001 - what we look for
-                got.append(exc)
-
-        threads = [threading.Thread(target=load) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = run_at_once(lambda: Identity.load_or_create(path).public_key, 8)  # noqa: B023 - called in-loop
         assert not [g for g in got if isinstance(g, Exception)], got
         assert len(set(got)) == 1, "every node holds the same key"
         assert path.stat().st_mode & 0o777 == 0o600

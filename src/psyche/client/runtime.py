@@ -313,11 +313,11 @@ class ClientRuntime:
         """
         if not (self.me in s.pending or (m := q.member(s, self.me)) is not None and m.state is ClientState.Healthy):
             return
-        account = next((a for a in s.accounts if a.id == self.me), None)
-        if account is None or account.p2p_address == self.node.address:
+        registered = q.address_of(s, self.me)
+        if registered is None or registered == self.node.address:
             return
-        if self._registered and account.p2p_address not in self._registered:
-            raise KeyInUse(f"another process registered this node's key at {account.p2p_address[:40]}...; "
+        if self._registered and registered not in self._registered:
+            raise KeyInUse(f"another process registered this node's key at {registered[:40]}...; "
                            "two nodes cannot share a key: stop one, or give each its own --key")
         if await self._submit(Join(self.node.address)):
             self._registered.add(self.node.address)
