@@ -7,6 +7,8 @@ DEB_STAMP := $(VENV)/.debian
 # Debian packages the project uses: the default English corpus (fortunes),
 # headless Chromium for the dashboard test, clang (bpfel) to build the Solana program.
 DEB_PACKAGES := fortunes chromium clang
+# Only for `make bench`: Python's documentation sources, a corpus of bench/convergence_matrix.py.
+BENCH_DEB_PACKAGES := python3-doc
 
 .PHONY: demo test install debian bench clean
 
@@ -40,12 +42,16 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
+	@for p in $(BENCH_DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$p >/dev/null; }; done
 	$(BIN)/python bench/distro_codec.py
 	$(BIN)/python bench/coordinator.py
 	$(BIN)/python bench/p2p.py
 	$(BIN)/python bench/solana.py
 	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/convergence.py --quick
+	$(BIN)/python bench/convergence_matrix.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -26,13 +26,16 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--full-precision", action="store_true", help="send values, not signs")
     ap.add_argument("--overlapped", action="store_true", help="apply step t-1's results at step t")
-    ap.add_argument("--lr", type=float, default=None, help="DisTrO peak LR")
+    ap.add_argument("--lr", type=float, default=None, help="DisTrO peak LR (default: DisTrO.DEFAULT_LR)")
     ap.add_argument("--decay", type=float, default=None, help="DisTrO momentum decay β")
+    ap.add_argument("--matrix-update", choices=("orthogonal", "sign"), default=None,
+                    help="how DisTrO steps weight matrices (default: orthogonal)")
     ap.add_argument("--embedding-lr-scale", type=float, default=None, help="DisTrO LR multiplier of the embeddings")
     ap.add_argument("--matrix-lr-scale", type=float, default=None, help="DisTrO LR multiplier of the matrices")
     ap.add_argument("--no-momentum-warmup", action="store_true", help="keep β fixed during the LR warmup")
     ap.add_argument("--grouped-adamw", action="store_true",
-                    help="also sweep AdamW with DisTrO's per-group LR scales (adamw_grouped_* fields)")
+                    help="also sweep AdamW with a per-kind LR split, embeddings x2 and matrices x0.25 "
+                         "(adamw_grouped_* fields)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
@@ -43,7 +46,7 @@ def main() -> None:
     steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
     overrides = dict(steps=steps, peers=args.peers, topk=args.topk, one_bit=not args.full_precision,
                      overlapped=args.overlapped)
-    for key, value in (("distro_lr", args.lr), ("compression_decay", args.decay),
+    for key, value in (("distro_lr", args.lr), ("compression_decay", args.decay), ("matrix_update", args.matrix_update),
                        ("embedding_lr_scale", args.embedding_lr_scale), ("matrix_lr_scale", args.matrix_lr_scale)):
         if value is not None:
             overrides[key] = value

@@ -56,3 +56,29 @@ def test_the_parsed_results_kept_stay_within_their_byte_budget(cfg, monkeypatch)
     with pytest.raises(ValueError):
         t.check_payload(payloads[0][:-1])  # a truncated payload is still refused, and not kept
     assert len(t._parsed) == 2
+
+
+def test_trainer_single_machine_loop_and_simulation_build_the_same_distro(cfg):
+    """One builder: the client, `psyche train` and the benchmarks all get DisTrO.for_model's groups and options."""
+    from psyche.client.trainer import LocalTrainer
+    from psyche.distro import DisTrO
+    from psyche.distro.simulate import build_distro, config_from
+    from psyche.train.loop import build_optimizer
+    from psyche.train.model import build_model
+
+    def described(opt):
+        return [(g["kind"], g["lr_scale"], g["compression_decay"], g["topk"], g["matrix_update"], len(g["params"]))
+                for g in opt.param_groups]
+
+    t = LocalTrainer(cfg)
+    t.init_model()
+    reference = described(DisTrO.for_model(build_model(cfg.model), cfg.lr.peak_lr))
+    assert described(t.optimizer) == reference
+    assert described(build_optimizer(build_model(cfg.model), cfg.optimizer, kind="distro", lr=cfg.lr.peak_lr)) == reference
+    assert described(build_distro(config_from(), build_model(cfg.model))) == reference
+    # A config that sets an option passes it through, and only it.
+    custom = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"matrix_lr_scale": 0.5})})
+    t2 = LocalTrainer(custom)
+    t2.init_model()
+    scales = {g["kind"]: g["lr_scale"] for g in t2.optimizer.param_groups}
+    assert scales["matrix"] == 0.5 and scales["embedding"] == DisTrO.DEFAULT_KIND_SCALES["embedding"]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psyche.distro import DCTCodec, DisTrO, Overlap, decode_payload, encode_payload
-from psyche.distro.optimizer import param_groups, param_kind, warmup_decay
+from psyche.distro.optimizer import orthogonalize, param_groups, param_kind, warmup_decay
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def test_one_bit_subtracts_exact_values_not_signs():
 def test_apply_moves_every_weight_by_lr_sign():
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = DisTrO(model.parameters(), lr=0.01, chunk=8, topk=2)
+    opt = DisTrO(model.parameters(), lr=0.01, chunk=8, topk=2, matrix_update="sign")
     set_grads(model, 0)
     opt.apply([opt.generate()])
     for b, p in zip(before, model.parameters()):
@@ -76,7 +76,7 @@ def test_apply_moves_every_weight_by_lr_sign():
 
 def test_weight_decay_is_decoupled_and_scaled_by_lr():
     p = torch.nn.Parameter(torch.full((4, 4), 2.0))
-    opt = DisTrO([p], lr=0.1, weight_decay=0.5, chunk=4, topk=16, one_bit=False)
+    opt = DisTrO([p], lr=0.1, weight_decay=0.5, chunk=4, topk=16, one_bit=False, matrix_update="sign")
     p.grad = torch.zeros(4, 4)
     p.grad[0, 0] = 1.0
     before = p.detach().clone()
@@ -92,8 +92,8 @@ def test_lr_scale_sets_each_groups_step_size():
     model, plain_model = make_model(), make_model()
     w1, b1, w2, b2 = model.parameters()
     opt = DisTrO([{"params": [w1, w2], "lr_scale": 2.5}, {"params": [b1, b2], "lr_scale": 1.0}],
-                 lr=0.01, chunk=8, topk=2)
-    plain = DisTrO(plain_model.parameters(), lr=0.01, chunk=8, topk=2)
+                 lr=0.01, chunk=8, topk=2, matrix_update="sign")
+    plain = DisTrO(plain_model.parameters(), lr=0.01, chunk=8, topk=2, matrix_update="sign")
     before = [p.detach().clone() for p in model.parameters()]
     set_grads(model, 0)
     set_grads(plain_model, 0)
@@ -248,3 +248,91 @@ def test_single_peer_training_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_orthogonal_update_steps_matrices_by_rms_lr_and_the_rest_by_sign():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = DisTrO(model.parameters(), lr=0.01, chunk=8, topk=2)  # matrix_update="orthogonal" by default
+    set_grads(model, 0)
+    opt.apply([opt.generate()])
+    for b, p in zip(before, model.parameters()):
+        step = (p.detach() - b)
+        if p.dim() == 2:
+            assert step.pow(2).mean().sqrt().item() == pytest.approx(0.01, rel=1e-3)
+            assert step.abs().max() > 0.0101  # not a sign step: sizes vary
+        else:
+            assert torch.allclose(step.abs(), torch.full_like(step, 0.01), atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 48), cols=st.integers(1, 48), seed=st.integers(0, 1000))
+def test_orthogonalize_equalizes_singular_values_at_rms_one(rows, cols, seed):
+    m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    x = orthogonalize(m)
+    assert x.shape == m.shape
+    assert x.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    polar = u @ vh  # the exact orthogonal factor
+    polar = polar / polar.pow(2).mean().sqrt()
+    # Five iterations leave the tiniest singular directions short, but the bulk lands near the exact factor.
+    assert torch.nn.functional.cosine_similarity(x.flatten(), polar.flatten(), dim=0) > 0.9
+    s = torch.linalg.svdvals(x)
+    assert (s.max() / s.median()).item() < 1.8
+    assert torch.equal(orthogonalize(m), x)  # deterministic
+    assert torch.equal(orthogonalize(torch.zeros(rows, cols)), torch.zeros(rows, cols))
+
+
+def _llama_like():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(40, 16)
+            self.q_proj = torch.nn.Linear(16, 16, bias=False)
+            self.norm = torch.nn.LayerNorm(16)
+            self.lm_head = torch.nn.Linear(16, 40, bias=False)
+
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def test_named_parameters_get_the_per_kind_defaults():
+    model = _llama_like()
+    opt = DisTrO.for_model(model)
+    kinds = {g["kind"]: g for g in opt.param_groups}
+    assert set(kinds) == {"embedding", "matrix", "vector"}
+    for kind, scale in DisTrO.DEFAULT_KIND_SCALES.items():
+        assert kinds[kind]["lr_scale"] == scale
+    assert opt.defaults["lr"] == DisTrO.DEFAULT_LR
+    assert opt.defaults["compression_decay"] == DisTrO.DEFAULT_COMPRESSION_DECAY
+    # The same thing spelled out, and an override of one kind.
+    same = DisTrO(model.named_parameters(), DisTrO.DEFAULT_LR)
+    assert [(g["kind"], g["lr_scale"]) for g in same.param_groups] == [(g["kind"], g["lr_scale"]) for g in opt.param_groups]
+    custom = DisTrO.for_model(model, 0.5, matrix_lr_scale=1.0)
+    assert {g["kind"]: g["lr_scale"] for g in custom.param_groups}["matrix"] == 1.0
+    assert custom.defaults["lr"] == 0.5
+    with pytest.raises(ValueError, match="named parameters"):
+        DisTrO(model.parameters(), 0.1, matrix_lr_scale=0.5)
+    with pytest.raises(ValueError, match="matrix_update"):
+        DisTrO.for_model(model, matrix_update="adam")
+
+
+def test_warmup_steps_shorten_the_momentum_by_the_optimizers_own_count():
+    """Without a warmup_factor, generate k of warmup_steps w uses f = k/w; the count survives state_dict."""
+    def run(warmup_steps, factors=None):
+        p = torch.nn.Parameter(torch.zeros(8))
+        opt = DisTrO([p], lr=1.0, compression_decay=0.5, chunk=8, topk=1, one_bit=False, warmup_steps=warmup_steps)
+        for i in range(4):
+            p.grad = torch.arange(8.0) + i
+            opt.generate() if factors is None else opt.generate(warmup_factor=factors[i])
+        return opt, opt.state[p]["delta"].clone()
+
+    counted, delta = run(3)
+    _, explicit = run(0, factors=[0.0, 1 / 3, 2 / 3, 1.0])
+    assert torch.equal(delta, explicit)
+    _, plain = run(0)
+    assert not torch.equal(delta, plain)
+    p2 = torch.nn.Parameter(torch.zeros(8))
+    restored = DisTrO([p2], lr=1.0, compression_decay=0.5, chunk=8, topk=1, one_bit=False, warmup_steps=3)
+    restored.load_state_dict(counted.state_dict())
+    assert restored.param_groups[0]["generated"] == 4

@@ -90,18 +90,25 @@ class OptimizerConfig(_Section):
     """The optimizer each client runs; ``distro`` exchanges compressed results between peers."""
 
     kind: Literal["distro", "adamw"] = "distro"
-    compression_decay: float = Field(0.999, ge=0, lt=1, description="Momentum decay β of DisTrO.")
+    compression_decay: float | None = Field(None, ge=0, lt=1, description="Momentum decay β of DisTrO (unset: DisTrO's default).")
     chunk: int = Field(64, gt=0, description="DCT tile edge (largest divisor of each dim <= chunk).")
     topk: int = Field(8, gt=0, description="Coefficients kept per DCT tile.")
     one_bit: bool = Field(True, description="Send only the sign of each kept coefficient.")
     weight_decay: float = Field(0.0, ge=0)
-    embedding_lr_scale: float = Field(1.0, gt=0, description="DisTrO LR multiplier for token embeddings and the output head.")
-    matrix_lr_scale: float = Field(1.0, gt=0, description="DisTrO LR multiplier for the other weight matrices.")
-    vector_lr_scale: float = Field(1.0, gt=0, description="DisTrO LR multiplier for 1-D tensors (norm weights, biases).")
+    embedding_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for token embeddings and the output head (unset: DisTrO's default).")
+    matrix_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for the other weight matrices (unset: DisTrO's default).")
+    vector_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for 1-D tensors, norm weights and biases (unset: DisTrO's default).")
+    matrix_update: Literal["orthogonal", "sign"] | None = Field(None, description="How DisTrO steps weight matrices: 'orthogonal' (Muon-style) or 'sign' (DeMo) (unset: DisTrO's default, orthogonal).")
     momentum_warmup: bool = Field(True, description="Shorten DisTrO's momentum memory during the LR warmup (as Psyche does).")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0 = off).")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one device.")
     overlapped: bool = Field(True, description="Apply step t-1's results while training step t.")
+
+    def distro_options(self) -> dict[str, Any]:
+        """The options this config sets for ``DisTrO.for_model`` (unset ones keep DisTrO's defaults)."""
+        keys = ("compression_decay", "chunk", "topk", "one_bit", "weight_decay", "embedding_lr_scale",
+                "matrix_lr_scale", "vector_lr_scale", "matrix_update")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 class RunConfig(_Section):

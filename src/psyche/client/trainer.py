@@ -22,7 +22,6 @@ import torch
 from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
 from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
-from psyche.distro.optimizer import param_groups
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained
 from psyche.train.schedule import lr_at, warmup_fraction
@@ -102,12 +101,9 @@ class LocalTrainer:
     def _install(self, model: torch.nn.Module) -> None:
         model.to(self.device)
         self.model = model
-        o = self.cfg.optimizer
-        # Every peer must group the parameters identically: results travel in group order.
-        groups = param_groups(model.named_parameters(), embedding_lr_scale=o.embedding_lr_scale,
-                              matrix_lr_scale=o.matrix_lr_scale, vector_lr_scale=o.vector_lr_scale)
-        self.optimizer = DisTrO(groups, lr=self.cfg.lr.peak_lr, compression_decay=o.compression_decay,
-                                chunk=o.chunk, topk=o.topk, one_bit=o.one_bit, weight_decay=o.weight_decay)
+        # Every peer builds it the same way (results travel in parameter-group order);
+        # the momentum warmup follows the run's step (see warmup_factor), not a local count.
+        self.optimizer = DisTrO.for_model(model, self.cfg.lr.peak_lr, **self.cfg.optimizer.distro_options())
         self.shapes = self.optimizer.parameter_shapes()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

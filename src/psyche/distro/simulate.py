@@ -16,11 +16,13 @@ Peer ``w`` at step ``s`` trains sample indices ``(s·W + w)·B … (s·W + w + 1
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,24 +53,15 @@ class SimConfig:
     layers: int = 2
     heads: int = 4
     tie_embeddings: bool = True
-    # DisTrO
-    distro_lr: float = 6e-3
-    """Peak LR of DisTrO: the step size of each parameter's sign update."""
-    compression_decay: float = 0.97
-    """Momentum decay β. With one LR for all tensors, 0.9 was best at 150 steps (0.999 → ratio 1.064,
-    0.9 → 1.047); with the per-group scales below, 0.97 is best at 600 steps and near-best at 150."""
-    chunk: int = 64
-    topk: int = 8
-    one_bit: bool = True
+    # DisTrO: built by DisTrO.for_model, so its defaults are what every run uses
+    distro_lr: float | None = None
+    """Peak LR of DisTrO (the sign step of a tensor with LR scale 1); None: ``DisTrO.DEFAULT_LR``."""
+    distro_options: tuple[tuple[str, Any], ...] = ()
+    """Options passed to :meth:`DisTrO.for_model` over its defaults, as ``(name, value)`` pairs
+    (``config_from`` routes ``topk=...``, ``compression_decay=...`` and the like here)."""
     overlapped: bool = False
-    embedding_lr_scale: float = 2.0
-    """DisTrO LR multiplier of the (tied) token embeddings (tuned: 1.5, 2, 3 tried)."""
-    matrix_lr_scale: float = 0.25
-    """DisTrO LR multiplier of the attention and MLP matrices (tuned: 1.5, 1, 0.7, 0.5, 0.35, 0.25, 0.15)."""
-    vector_lr_scale: float = 1.0
-    """DisTrO LR multiplier of 1-D parameters (norm weights)."""
     momentum_warmup: bool = True
-    """Shorten DisTrO's momentum memory during LR warmup, as Psyche does (:func:`psyche.distro.optimizer.warmup_decay`)."""
+    """Shorten DisTrO's momentum memory during the LR warmup (:func:`psyche.distro.optimizer.warmup_decay`)."""
     weight_decay: float = 0.0
     """Decoupled weight decay, for DisTrO and AdamW alike."""
     # schedule, shared by both optimizers
@@ -80,8 +73,9 @@ class SimConfig:
     at 150 steps and 2e-3 at 600, inside the sweep both times."""
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_grouped: bool = False
-    """Also sweep AdamW with DisTrO's per-group LR scales (a stronger baseline than the one
-    the goal is stated against: these scales help AdamW too), reported as ``adamw_grouped_*``."""
+    """Also sweep AdamW with a per-kind LR split (``adamw_kind_scales``), reported as ``adamw_grouped_*``."""
+    adamw_kind_scales: tuple[float, float, float] = (2.0, 0.25, 1.0)
+    """AdamW LR multipliers of embeddings, matrices and vectors in the per-kind sweep."""
     grad_clip: float = 1.0
     eval_every: int = 25
     eval_batches: int = 4
@@ -89,12 +83,17 @@ class SimConfig:
     seed: int = 0
     data_dir: str = "data/fortunes"
 
+    @property
+    def lr_of_distro(self) -> float:
+        """DisTrO's peak LR: ``distro_lr``, or DisTrO's default."""
+        return DisTrO.DEFAULT_LR if self.distro_lr is None else self.distro_lr
+
     def distro_config(self) -> dict:
-        """DisTrO's hyperparameters, as reported next to the results."""
-        keys = ("distro_lr", "compression_decay", "chunk", "topk", "one_bit", "overlapped", "embedding_lr_scale",
-                "matrix_lr_scale", "vector_lr_scale", "momentum_warmup", "weight_decay", "schedule", "warmup_steps",
-                "final_lr_fraction", "batch_per_peer", "grad_clip")
-        return {k: getattr(self, k) for k in keys}
+        """DisTrO's hyperparameters (the defaults and what this run overrides), as reported next to the results."""
+        keys = ("overlapped", "momentum_warmup", "weight_decay", "schedule", "warmup_steps", "final_lr_fraction",
+                "batch_per_peer", "grad_clip")
+        return {"distro_lr": self.lr_of_distro, **DISTRO_DEFAULTS, **dict(self.distro_options),
+                **{k: getattr(self, k) for k in keys}}
 
 
 @dataclass
@@ -129,6 +128,10 @@ class DistroRun:
 def _model_cfg(cfg: SimConfig, vocab_size: int):
     from psyche.config import ModelConfig
 
+    # The model's vocabulary is the data's rounded up to a multiple of 64, as nanoGPT
+    # does for speed; for DisTrO it also keeps the embedding's DCT tiles square (a prime
+    # vocabulary such as 257 bytes would cut them 1 row high, sending 8x the bytes).
+    vocab_size = -(-vocab_size // 64) * 64
     return ModelConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
@@ -158,14 +161,16 @@ def _indices(cfg: SimConfig, step: int, peer: int) -> range:
     return range(start, start + cfg.batch_per_peer)
 
 
-def _groups(cfg: SimConfig, model: torch.nn.Module) -> list[dict]:
-    return param_groups(model.named_parameters(), embedding_lr_scale=cfg.embedding_lr_scale,
-                        matrix_lr_scale=cfg.matrix_lr_scale, vector_lr_scale=cfg.vector_lr_scale)
+def _adamw_groups(cfg: SimConfig, model: torch.nn.Module) -> list[dict]:
+    emb, mat, vec = cfg.adamw_kind_scales
+    return param_groups(model.named_parameters(), embedding_lr_scale=emb, matrix_lr_scale=mat, vector_lr_scale=vec)
 
 
-def _warmup_factor(cfg: SimConfig, step: int) -> float:
-    # The fraction of the LR warmup done, as lr_at ramps it: (step+1)/(warmup+1), then 1.
-    return min(1.0, (step + 1) / (cfg.warmup_steps + 1)) if step < cfg.warmup_steps else 1.0
+def build_distro(cfg: SimConfig, model: torch.nn.Module) -> DisTrO:
+    """The DisTrO of one simulated peer: :meth:`DisTrO.for_model` with the run's options."""
+    warmup = cfg.warmup_steps if cfg.momentum_warmup else 0
+    return DisTrO.for_model(model, cfg.lr_of_distro, weight_decay=cfg.weight_decay, warmup_steps=warmup,
+                            **dict(cfg.distro_options))
 
 
 def _should_eval(cfg: SimConfig, step: int) -> bool:
@@ -185,20 +190,15 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
     train, val, vocab = _data(cfg)
     mcfg = _model_cfg(cfg, vocab)
     models = [build_model(mcfg) for _ in range(cfg.peers)]  # same seed: identical copies
-    opts = [
-        DisTrO(_groups(cfg, m), lr=cfg.distro_lr, compression_decay=cfg.compression_decay, chunk=cfg.chunk,
-               topk=cfg.topk, one_bit=cfg.one_bit, weight_decay=cfg.weight_decay)
-        for m in models
-    ]
+    opts = [build_distro(cfg, m) for m in models]
     shapes = opts[0].parameter_shapes()
-    lr_cfg = _lr_cfg(cfg, cfg.distro_lr)
+    lr_cfg = _lr_cfg(cfg, cfg.lr_of_distro)
     overlap = Overlap() if cfg.overlapped else None
     curve = Curve("distro")
     sent = 0
     losses: list[float] = []
     for step in range(cfg.steps):
         lr = lr_at(step, lr_cfg, cfg.steps)
-        warmup_factor = _warmup_factor(cfg, step) if cfg.momentum_warmup else 1.0
         blobs = []
         step_loss = 0.0
         for peer, (model, opt) in enumerate(zip(models, opts)):
@@ -207,7 +207,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
             step_loss += stats.loss / cfg.peers
             for group in opt.param_groups:
                 group["lr"] = lr
-            blobs.append(encode_payload(opt.generate(warmup_factor=warmup_factor)))
+            blobs.append(encode_payload(opt.generate()))
         sent += sum(len(b) for b in blobs)
         losses.append(step_loss)
         to_apply = overlap.exchange(blobs) if overlap is not None else blobs
@@ -234,8 +234,8 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
 def run_adamw(cfg: SimConfig, lr: float, *, grouped: bool = False, on_eval: OnEval | None = None) -> Curve:
     """Train one copy with AdamW on the union of the peers' batches each step, at peak ``lr``.
 
-    ``grouped``: each parameter kind's LR is ``lr`` times DisTrO's scale for it
-    (``embedding_lr_scale``, ...), the same schedule shape driving all of them.
+    ``grouped``: each parameter kind's LR is ``lr`` times its ``cfg.adamw_kind_scales``
+    entry, the same schedule shape driving all of them.
     """
     from psyche.train import build_model
     from psyche.train.schedule import lr_at
@@ -243,7 +243,7 @@ def run_adamw(cfg: SimConfig, lr: float, *, grouped: bool = False, on_eval: OnEv
 
     train, val, vocab = _data(cfg)
     model = build_model(_model_cfg(cfg, vocab))
-    groups = _groups(cfg, model) if grouped else [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    groups = _adamw_groups(cfg, model) if grouped else [{"params": list(model.parameters()), "lr_scale": 1.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.adamw_betas, weight_decay=cfg.weight_decay)
     lr_cfg = _lr_cfg(cfg, lr)
     curve = Curve(f"adamw{' grouped' if grouped else ''} lr={lr:g}")
@@ -337,16 +337,34 @@ def plot(curves: list[Curve], path: str | Path, *, title: str) -> Path:
     return path
 
 
+def _distro_defaults() -> dict[str, Any]:
+    # Read off DisTrO's own signature, so the report can never drift from what it builds.
+    out = {name: p.default for name, p in inspect.signature(DisTrO.__init__).parameters.items()
+           if p.default is not inspect.Parameter.empty and name not in ("lr", "weight_decay", "warmup_steps")}
+    return out | {f"{k}_lr_scale": v for k, v in DisTrO.DEFAULT_KIND_SCALES.items()}
+
+
+DISTRO_DEFAULTS = _distro_defaults()
+"""What :meth:`DisTrO.for_model` uses unless told otherwise (reported with each run)."""
+
+
 def config_from(**overrides) -> SimConfig:
-    """A :class:`SimConfig` with ``overrides`` applied (unknown keys raise ``TypeError``)."""
-    return SimConfig(**{**asdict(SimConfig()), **overrides})
+    """A :class:`SimConfig` with ``overrides`` applied; DisTrO's own options (``topk``,
+    ``compression_decay``, ``matrix_lr_scale``, ...) go into ``distro_options``.
+    Unknown keys raise ``TypeError``."""
+    options = dict(SimConfig().distro_options) | dict(overrides.pop("distro_options", ()))
+    for key in list(overrides):
+        if key in DISTRO_DEFAULTS:
+            options[key] = overrides.pop(key)
+    return SimConfig(**{**asdict(SimConfig()), **overrides, "distro_options": tuple(sorted(options.items()))})
 
 
 def bench(cfg: SimConfig, *, out_dir: str | Path = "bench/out", name: str = "distro_sim",
           on_eval: OnEval | None = None) -> dict:
     """Run :func:`compare`, write ``<out_dir>/<name>.png`` and return the report with its path."""
     report, curves = compare(cfg, on_eval=on_eval)
-    title = (f"{cfg.peers} peers, top-{cfg.topk}/{cfg.chunk}², {'1-bit' if cfg.one_bit else 'full'}"
+    d = cfg.distro_config()
+    title = (f"{cfg.peers} peers, top-{d['topk']}/{d['chunk']}², {'1-bit' if d['one_bit'] else 'full'}"
              f"{', overlapped' if cfg.overlapped else ''}: DisTrO vs AdamW")
     report["plot"] = str(plot(curves, Path(out_dir) / f"{name}.png", title=title))
     return report

@@ -79,12 +79,8 @@ def build_optimizer(model: torch.nn.Module, opt_cfg: "OptimizerConfig", *, kind:
         if not distro_available():
             raise TrainingError("optimizer 'distro' needs the psyche.distro package, which is not in this tree")
         from psyche.distro import DisTrO
-        from psyche.distro.optimizer import param_groups
 
-        groups = param_groups(model.named_parameters(), embedding_lr_scale=opt_cfg.embedding_lr_scale,
-                              matrix_lr_scale=opt_cfg.matrix_lr_scale, vector_lr_scale=opt_cfg.vector_lr_scale)
-        return DisTrO(groups, lr=lr, compression_decay=opt_cfg.compression_decay, chunk=opt_cfg.chunk,
-                      topk=opt_cfg.topk, one_bit=opt_cfg.one_bit, weight_decay=opt_cfg.weight_decay)
+        return DisTrO.for_model(model, lr, **opt_cfg.distro_options())
     raise TrainingError(f"optimizer.kind: unknown optimizer {kind!r} (adamw or distro)")
 
 
