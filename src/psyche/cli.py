@@ -169,7 +169,7 @@ def bench_distro_cmd(
     chunk: Annotated[int, typer.Option(help="DCT tile edge.")] = 64,
     one_bit: Annotated[bool, typer.Option(help="Send signs only.")] = True,
     overlapped: Annotated[bool, typer.Option(help="Apply step t-1's results at step t.")] = False,
-    lr: Annotated[float | None, typer.Option(help="DisTrO peak LR (default: the tuned one).")] = None,
+    lr: Annotated[float | None, typer.Option(help="DisTrO peak LR (default: DisTrO.DEFAULT_LR).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the loss-curve PNG.")] = Path("bench/out"),
 ) -> None:
     """Simulated DisTrO network in one process vs AdamW on the same tokens: one JSON line."""

@@ -55,7 +55,7 @@ class SimConfig:
     tie_embeddings: bool = True
     # DisTrO: built by DisTrO.for_model, so its defaults are what every run uses
     distro_lr: float | None = None
-    """Peak LR of DisTrO (the sign step of a tensor with LR scale 1); None: ``DisTrO.DEFAULT_LR``."""
+    """Peak LR of DisTrO (the step of a tensor with LR scale 1); None: ``DisTrO.DEFAULT_LR``."""
     distro_options: tuple[tuple[str, Any], ...] = ()
     """Options passed to :meth:`DisTrO.for_model` over its defaults, as ``(name, value)`` pairs
     (``config_from`` routes ``topk=...``, ``compression_decay=...`` and the like here)."""
