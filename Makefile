@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
+BENCH_DEB_STAMP := $(VENV)/.debian-bench
 # Debian packages the project uses: the default English corpus (fortunes),
 # headless Chromium for the dashboard test, clang (bpfel) to build the Solana program.
 DEB_PACKAGES := fortunes chromium clang
@@ -15,13 +16,22 @@ BENCH_DEB_PACKAGES := python3-doc
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
-$(DEB_STAMP): | $(VENV)/bin/python
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# $(call apt_install,PACKAGES): install those of PACKAGES that are missing (sudo unless root).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+$(DEB_STAMP): | $(VENV)/bin/python
+	$(call apt_install,$(DEB_PACKAGES))
+	touch $@
+
+$(BENCH_DEB_STAMP): | $(VENV)/bin/python
+	$(call apt_install,$(BENCH_DEB_PACKAGES))
 	touch $@
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python
@@ -41,10 +51,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
-	@for p in $(BENCH_DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || { \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$p >/dev/null; }; done
+bench: install $(BENCH_DEB_STAMP)
 	$(BIN)/python bench/distro_codec.py
 	$(BIN)/python bench/coordinator.py
 	$(BIN)/python bench/p2p.py

@@ -24,7 +24,7 @@ per parameter per step) and writes ``bench/out/convergence_matrix.png``. AdamW r
 are cached in ``bench/out/matrix_runs.jsonl`` (they do not depend on DisTrO);
 ``--fresh`` recomputes them.
 
-    python bench/convergence_matrix.py                 # the whole matrix (about 40 min, 2 jobs)
+    python bench/convergence_matrix.py                 # the whole matrix (about an hour on 2 cores)
     python bench/convergence_matrix.py --quick         # tuning cells only, short horizon
     python bench/convergence_matrix.py --variant no_topk --variant no_one_bit   # ablations
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import math
 import sys
@@ -136,7 +135,7 @@ def run_one(job: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    kind, cell, arg, options = job if len(job) == 4 else (*job, None)
+    kind, cell, arg, options = job
     t0 = time.perf_counter()
     from psyche.distro.simulate import run_adamw, run_distro
 
@@ -152,7 +151,7 @@ def run_one(job: tuple) -> dict:
         run = run_distro(cfg)
         out = {"val": run.curve.final, "bytes_per_param_step": run.payload_bytes_per_peer_step / run.params,
                "bit_identical": run.peers_bit_identical, "curve": [run.curve.tokens, run.curve.val_loss]}
-    return {"job": _key(job[:3]), **out, "seconds": round(time.perf_counter() - t0, 1)}
+    return {**out, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _key(job: tuple) -> str:
@@ -206,7 +205,7 @@ def main() -> None:
         for line in cache_path.read_text().splitlines():
             rec = json.loads(line)
             cache[rec["job"]] = rec
-    jobs = [("adamw", c, (lr, g)) for c in todo for g in (False, True) for lr in adamw_lrs(c)]
+    jobs = [("adamw", c, (lr, g), None) for c in todo for g in (False, True) for lr in adamw_lrs(c)]
     if not args.adamw_only:
         jobs += [("distro", c, v, VARIANTS[v]) for c in todo for v in variants]
         if args.ablations:
@@ -238,7 +237,7 @@ def main() -> None:
         variants += [v for v in ABLATIONS if v not in variants]
     report = summarize(todo, variants, results)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    report["plot"] = str(plot(todo, variants, results, out / "convergence_matrix.png"))
+    report["plot"] = str(plot(report["cells"], variants, out / "convergence_matrix.png"))
     print(json.dumps(report))
 
 
@@ -281,30 +280,23 @@ def summarize(todo: list[Cell], variants: list[str], results: dict[str, dict]) -
     return report
 
 
-def plot(todo: list[Cell], variants: list[str], results: dict[str, dict], path: Path) -> Path:
-    """One bar per cell and variant: DisTrO's loss over the best AdamW's (1.0 = as good)."""
+def plot(rows: list[dict], variants: list[str], path: Path) -> Path:
+    """One bar per cell and variant of :func:`summarize`'s rows: DisTrO's loss over the best AdamW's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(todo) + 2), 5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(rows) + 2), 5))
     width = 0.8 / len(variants)
     for j, v in enumerate(variants):
-        xs, ratios = [], []
-        for i, cell in enumerate(todo):
-            rec = results.get(_key(("distro", cell, v)))
-            if rec is None:
-                continue
-            best = min(results[_key(("adamw", cell, (lr, g)))]["val"] for lr in adamw_lrs(cell) for g in (False, True))
-            xs.append(i + j * width)
-            ratios.append(rec["val"] / best)
-        ax.bar(xs, ratios, width, label=v)
+        mine = [(i, r[v]["ratio"]) for i, r in enumerate(rows) if v in r]
+        ax.bar([i + j * width for i, _ in mine], [ratio for _, ratio in mine], width, label=v)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.03, color="gray", linewidth=0.8, linestyle="--")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(todo))])
-    ax.set_xticklabels([f"{c.name}{'*' if c.split == 'tuning' else ''}" for c in todo], rotation=60, ha="right",
-                       fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f"{r['cell']}{'*' if r['split'] == 'tuning' else ''}" for r in rows], rotation=60,
+                       ha="right", fontsize=7)
     ax.set_ylabel("DisTrO val loss / best AdamW")
     ax.set_ylim(0.9, max(1.2, ax.get_ylim()[1]))
     ax.set_title("DisTrO vs the best AdamW at equal tokens (* = tuning cell)")
