@@ -83,27 +83,38 @@ class BlobReceiver:
     """Accumulates a blob's bytes and checks them against the expected size and hash.
 
     ``expected_hash=None`` checks the size only (for data verified another way,
-    such as a manifest chosen by digest or majority). Feed chunks in arrival order with :meth:`feed` (raises ``oversized`` as soon
-    as more than ``size`` bytes arrive, so a lying peer cannot make us buffer
-    more than we agreed to), then call :meth:`finish` at end of stream.
+    such as a manifest chosen by digest or majority). Feed chunks in arrival order
+    with :meth:`feed` (raises ``oversized`` as soon as more than ``size`` bytes
+    arrive, so a lying peer cannot make us buffer more than we agreed to), then
+    call :meth:`finish` at end of stream.
+
+    ``into``, a writable buffer of exactly ``size`` bytes, makes the chunks land
+    there (their final place, e.g. a model tensor's memory) instead of in a buffer
+    of the receiver's own; a part that fails its check leaves junk there that a
+    retry overwrites. Without it the chunks are kept as they came and joined once
+    at the end (a blob that arrives in one read is not copied at all).
     """
 
-    def __init__(self, *, expected_hash: bytes | None, size: int) -> None:
+    def __init__(self, *, expected_hash: bytes | None, size: int, into: memoryview | bytearray | None = None) -> None:
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self.expected_hash = expected_hash
         self.size = size
-        self._buf = bytearray()
+        self._into = None if into is None else memoryview(into).cast("B")
+        if self._into is not None and (self._into.readonly or self._into.nbytes != size):
+            raise ValueError(f"into must be a writable buffer of exactly {size} bytes")
+        self._chunks: list[bytes] = []
+        self._received = 0
 
     @property
     def received(self) -> int:
         """Bytes received so far."""
-        return len(self._buf)
+        return self._received
 
     @property
     def remaining(self) -> int:
         """Bytes still expected."""
-        return self.size - len(self._buf)
+        return self.size - self._received
 
     def check_announced(self, announced: int) -> None:
         """Reject a header announcing a size other than the expected one."""
@@ -113,16 +124,27 @@ class BlobReceiver:
             raise BlobCheckError("truncated", f"peer announced {announced} bytes, expected {self.size}")
 
     def feed(self, chunk: bytes) -> None:
-        """Append a chunk; raises ``oversized`` if the total would exceed ``size``."""
-        if len(self._buf) + len(chunk) > self.size:
+        """Take a chunk; raises ``oversized`` if the total would exceed ``size``."""
+        n = len(chunk)
+        if self._received + n > self.size:
             raise BlobCheckError("oversized", f"received more than the expected {self.size} bytes")
-        self._buf += chunk
+        if self._into is not None:
+            self._into[self._received : self._received + n] = chunk
+        elif n:
+            self._chunks.append(chunk)
+        self._received += n
 
-    def finish(self) -> bytes:
-        """Check length and hash at end of stream; returns the verified bytes."""
-        if len(self._buf) < self.size:
-            raise BlobCheckError("truncated", f"stream ended after {len(self._buf)} of {self.size} bytes")
-        data = bytes(self._buf)
+    def finish(self) -> bytes | memoryview:
+        """Check length and hash at end of stream; returns the verified bytes (the ``into``
+        buffer when one was given)."""
+        if self._received < self.size:
+            raise BlobCheckError("truncated", f"stream ended after {self._received} of {self.size} bytes")
+        if self._into is not None:
+            data: bytes | memoryview = self._into
+        else:
+            data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            data = bytes(data) if not isinstance(data, bytes) else data
+        self._chunks = []
         if self.expected_hash is None:
             return data
         got = content_hash(data)

@@ -16,14 +16,66 @@ dial hangs. :meth:`IrohTransport.connect` therefore closes every connection to
 an endpoint id that has been seen at an address the new ticket does not list,
 which resets iroh's state for it; a live connection closed this way is redialed
 by its owner.
+
+The ``iroh`` wheel's generated bindings (uniffi before 0.32) copy every byte of a
+``bytes`` argument into Rust's buffer in an interpreted loop, ~100-250 ns a byte,
+which capped a stream at a few MB/s; :func:`install_fast_buffer_copy` replaces
+that one method with a ``memmove`` when (and only when) the installed bindings
+still carry the loop.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import iroh
+import iroh.iroh_ffi as _ffi
 
 from psyche.p2p.errors import TransportError
 from psyche.p2p.wire import ALPN
+
+FAST_COPY_ENV = "PSYCHE_IROH_FAST_COPY"
+"""Set to ``0`` to keep the bindings' own per-byte copy (to measure it, or to rule the fix out)."""
+
+
+def _memmove_write(self, value) -> None:
+    """``_UniffiRustBufferBuilder.write`` as uniffi 0.32 does it: one memmove of the whole value."""
+    data = value if isinstance(value, bytes) else bytes(value)
+    n = len(data)
+    with self._reserve(n):  # grows the Rust buffer first; self.rbuf may be a new one after this
+        if n:
+            ctypes.memmove(ctypes.addressof(self.rbuf.data.contents) + self.rbuf.len, data, n)
+
+
+def install_fast_buffer_copy(builder: type | None = None) -> bool:
+    """Make the bindings copy a ``bytes`` argument into Rust's buffer with one memmove.
+
+    Applies only while ``builder.write`` (default: the installed bindings'
+    ``iroh.iroh_ffi._UniffiRustBufferBuilder``) is the old per-byte loop
+    (uniffi < 0.32; the upstream fix is uniffi-rs PR 2824, tracked for iroh in
+    iroh-ffi issue 229), so a fixed wheel is left alone; and not at all when
+    ``PSYCHE_IROH_FAST_COPY=0``. Returns True iff writes go through one memmove
+    after the call (ours or the binding's own). Idempotent.
+    """
+    if builder is None:
+        builder = getattr(_ffi, "_UniffiRustBufferBuilder", None)
+    write = getattr(builder, "write", None)
+    if write is None:
+        return False
+    if write is _memmove_write:
+        return True
+    names = getattr(getattr(write, "__code__", None), "co_names", ())
+    if "memmove" in names:
+        return True  # a fixed binding: nothing to do
+    if os.environ.get(FAST_COPY_ENV, "1") == "0" or "enumerate" not in names:
+        return False  # switched off, or a copy we don't recognise: leave it as it is
+    builder.write = _memmove_write  # type: ignore[union-attr]
+    return True
+
+
+FAST_BUFFER_COPY = install_fast_buffer_copy()
+"""Whether writes go through one memmove (ours, or a fixed binding's)."""
 
 
 def _why(exc: Exception) -> str:
