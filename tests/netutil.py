@@ -66,9 +66,9 @@ class Network:
                                "--port", str(self.port), "--key", str(self.root / "server.key")])
         self.wait(lambda: self._healthy(), 60, "server up")
 
-    def start_client(self, i: int) -> None:
+    def start_client(self, i: int, *extra: str) -> None:
         self._spawn(f"client-{i}", ["client", "--server", self.url, "--key", str(self.root / f"client-{i}.key"),
-                                    "--checkpoint-dir", str(self.root / "checkpoint")])
+                                    "--checkpoint-dir", str(self.root / "checkpoint"), *extra])
 
     def kill(self, name: str) -> None:
         """SIGKILL a process (and forget it, so waits do not count it as a failure)."""

@@ -95,3 +95,12 @@ def test_a_device_this_machine_lacks_is_refused_before_joining(tmp_path):
         said = " ".join(res.output.split())
         assert res.exit_code == 1 and "--device 'tpu' is not a device" in said, (args, res.output)
     assert not (tmp_path / "c.key").exists()
+
+
+def test_a_rate_cap_that_is_not_a_rate_is_refused_before_joining(tmp_path):
+    runner = CliRunner()
+    for flag in ("--max-upload-rate", "--max-download-rate"):
+        res = runner.invoke(app, ["client", "--server", "http://127.0.0.1:9", "--key", str(tmp_path / "c.key"), flag, "5 Mbit/s"])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 1 and f"{flag}: '5 Mbit/s' is not a rate" in said and "e.g. 500K" in said, res.output
+    assert not (tmp_path / "c.key").exists()

@@ -121,15 +121,17 @@ def test_killed_client_is_dropped_and_rejoins_with_model_from_peers(network):
     after = net.wait_state(lambda s: s["epoch"] > epoch_killed, 120, "the epoch to end")
     assert {a["id"]: a["points"] for a in after["accounts"]}[victim] == points_when_dropped
     # ... and it rejoins at a later epoch, fetching the model from its peers, and trains.
-    net.start_client(2)
+    net.start_client(2, "--max-download-rate", "50M", "--max-upload-rate", "20MiB/s")  # caps it shows, not feels
     net.wait_state(lambda s: s["epoch"] > epoch_killed and any(
         c["id"] == victim and c["state"] == "Healthy" for c in s["clients"]) and s["state"] not in BEFORE_TRAINING,
         180, "client-2 to rejoin")
     net.wait(lambda: "model fetched from" in net.log("client-2"), 60, "client-2 to fetch the model from peers")
     net.wait(lambda: ": trained samples" in net.log("client-2", tail=1_000_000).rsplit("model fetched from", 1)[-1], 120,
              "client-2 to train with the fetched model")
-    now = net.wait_state(lambda s: not any(c["state"] == "Dropped" for c in s["clients"]), 120,
-                         "every member healthy")
+    assert "downloads ≤ 50.00 MB/s" in " ".join(net.log("client-2", tail=1_000_000).split())  # rich wraps lines
+    now = net.wait_state(lambda s: not any(c["state"] == "Dropped" for c in s["clients"]) and any(
+        c["id"] == victim and c["download_limit"] == 50e6 and c["upload_limit"] == 20 * 2**20 for c in s["clients"]),
+        120, "every member healthy, and client-2's caps in the status")
     steps = history_steps(now)
     assert steps == sorted(set(steps)), "no step is reported twice"
     pts = {c["id"]: c["points"] for c in now["accounts"]}

@@ -153,3 +153,32 @@ def test_adversarial_inputs_rejected_counted_and_survived(workers):
     b.call("broadcast", kind="heartbeat", step=6)
     wait_until(lambda: len(a.call("received")["messages"]) == before + 1, 10, "fresh message after the attacks")
     assert a.proc.poll() is None and liar.proc.poll() is None
+
+
+def test_model_joiner_finishes_after_a_provider_is_killed(workers):
+    """A LLaMA served by three processes; a fourth joins and fetches it into its own model (in place),
+    with one provider on standby. One serving provider is SIGKILLed mid-transfer: its parts are
+    fetched again from the others, the standby steps in, and the weights arrive exactly."""
+    ws = workers(5)
+    connect_all(ws)
+    llama = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4)  # ~5.3M parameters, 21 MB
+    providers, joiner = ws[:4], ws[4]
+    served = [w.call("serve_model", llama=llama, seed=3, part_size=1 << 20, reply_timeout=120) for w in providers]
+    assert len({s["state_hash"] for s in served}) == 1
+    for w in providers:
+        w.call("set_upload_rate", rate=1_000_000)  # slow enough that the kill lands mid-transfer
+    rid = joiner.send("fetch_model", llama=llama, providers=[w.id.hex() for w in providers], max_providers=3, timeout=120)
+    # the joiner enlists three of the four (in random order); kill one that has served it a part
+    # (more bytes than its two streams can hold unfinished)
+    victim = wait_until(lambda: next((w for w in providers
+                                      if joiner.call("stats")["stats"].get(w.id.hex(), {}).get("bytes_in", 0) > 2_500_000), None),
+                        30, "a part from a provider")
+    victim.kill()
+    r = joiner.result(rid, 180)
+    assert r["ok"], r
+    assert r["state_hash"] == served[0]["state_hash"]  # every weight arrived, verified and in place
+    assert 0 < r["sources"].get(victim.id.hex(), 0) < r["model_bytes"]
+    assert r["counters"].get("model_provider_dropped", 0) >= 1
+    alive = [w.id.hex() for w in providers if w is not victim]
+    assert sum(r["sources"].get(p, 0) for p in alive) + r["sources"].get(victim.id.hex(), 0) == r["model_bytes"]

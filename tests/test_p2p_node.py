@@ -201,3 +201,96 @@ def test_model_part_from_lying_provider_is_refetched_elsewhere():
             await nd.close()
 
     asyncio.run(main())
+
+
+def test_model_fetched_into_a_state_dict_in_place_and_mismatch_refused_first():
+    import torch
+
+    from psyche.p2p.model import ModelMismatch
+    from psyche.p2p.torch_io import StateDictSink, model_from_state_dict
+
+    async def main():
+        net, nodes = await _cluster(3)
+        g = torch.Generator().manual_seed(0)
+        theirs = {"a.weight": torch.randn(64, 33, generator=g), "b.bias": torch.randn(7, generator=g).to(torch.bfloat16),
+                  "steps": torch.arange(5)}
+        for nd in nodes[:2]:
+            nd.serve_model(model_from_state_dict(theirs, {"config.json": b"{}"}, part_size=1000))
+        ours = {k: torch.zeros_like(v) for k, v in theirs.items()}
+        before = {k: v.data_ptr() for k, v in ours.items()}
+        sink = StateDictSink(ours)
+        got = await nodes[2].fetch_model([n.public_key for n in nodes[:2]], into=sink, timeout=10)
+        for k in theirs:
+            assert torch.equal(ours[k], theirs[k]) and ours[k].data_ptr() == before[k]  # written in place
+        assert sink.files == {"config.json": bytearray(b"{}")} and got.files == {"config.json": b"{}"}
+        assert sum(got.sources.values()) == got.manifest.total_bytes()
+
+        wrong = dict(ours, **{"a.weight": torch.zeros(64, 32)})
+        with pytest.raises(ModelMismatch, match="a.weight"):
+            await nodes[2].fetch_model([nodes[0].public_key], into=StateDictSink(wrong), timeout=10)
+        with pytest.raises(ModelMismatch, match="missing"):
+            await nodes[2].fetch_model([nodes[0].public_key], into=StateDictSink({"x": torch.zeros(1)}), timeout=10)
+        for nd in nodes:
+            await nd.close()
+
+    asyncio.run(main())
+
+
+def test_model_standby_provider_replaces_one_that_goes_away():
+    async def main():
+        net, nodes = await _cluster(4)
+        tensors = {"w": RawTensor("U8", (40_000,), bytes(range(200)) * 200)}
+        for nd in nodes[:3]:
+            nd.serve_model(InMemoryModel(tensors, {}, part_size=1000))
+        joiner = nodes[3]
+        # one provider at a time: whichever is enlisted first goes away after serving a little
+        served = {"n": 0}
+        first = {}
+
+        class Fading(InMemoryModel):
+            def read(self, kind, name, offset, length):
+                served["n"] += 1
+                if served["n"] == 3:
+                    net.block(first["who"], joiner.public_key)
+                return super().read(kind, name, offset, length)
+
+        for nd in nodes[:3]:
+            nd.serve_model(Fading(tensors, {}, part_size=1000))
+        orig = joiner._get_part
+
+        async def spy(peer, digest, ref, into=None):
+            first.setdefault("who", peer)
+            return await orig(peer, digest, ref, into=into)
+
+        joiner._get_part = spy
+        got = await joiner.fetch_model([n.public_key for n in nodes[:3]], max_providers=1, timeout=20)
+        assert got.tensors["w"].data == tensors["w"].data
+        assert joiner.counters["model_provider_dropped"] >= 1
+        assert len(got.sources) >= 2  # the standby stepped in
+        for nd in nodes:
+            await nd.close()
+
+    asyncio.run(main())
+
+
+def test_upload_and_download_caps_are_kept_and_shown_per_peer():
+    async def main():
+        net, nodes = await _cluster(3)
+        a, b, c = nodes
+        data = bytes(range(256)) * 2000  # 512 KB
+        h = a.publish_blob(data, step=0)
+        a.set_upload_rate(2_000_000)
+        await b.fetch_blob(h, len(data), [a.public_key], timeout=20)
+        out = a.stats()[b.public_key]
+        burst = a._up.burst
+        # the cap's own accounting: the upload waited for what exceeded one bucket at 2 MB/s
+        assert out.throttled_out_s == pytest.approx((len(data) - burst) / 2_000_000, rel=0.2)
+        a.set_upload_rate(None)
+        c.set_download_rate(4_000_000)
+        await c.fetch_blob(h, len(data), [a.public_key], timeout=20)
+        assert c.stats()[a.public_key].throttled_in_s == pytest.approx((len(data) - c._down.burst) / 4_000_000, rel=0.2)
+        assert c.download_rate == 4_000_000 and a.upload_rate is None
+        for nd in nodes:
+            await nd.close()
+
+    asyncio.run(main())

@@ -264,3 +264,67 @@ def test_envelope_with_a_version_outside_two_bytes_is_refused_not_raised_on():
         raw = msgspec.msgpack.encode([bad, env.sender, env.body, env.sig])
         with pytest.raises(msgspec.ValidationError):
             decode_envelope(raw)
+
+
+# --- rate limits -------------------------------------------------------------------
+
+
+@given(rate=st.floats(1e3, 1e8), sizes=st.lists(st.integers(1, 1 << 20), min_size=1, max_size=60),
+       gaps=st.lists(st.floats(0, 2.0), min_size=60, max_size=60))
+def test_rate_limit_never_lets_more_than_rate_times_time_plus_burst(rate, sizes, gaps):
+    from psyche.p2p.ratelimit import RateLimit
+
+    lim = RateLimit(rate)
+    now, moves = 0.0, []  # (time asked, time the bytes may move, bytes)
+    for n, gap in zip(sizes, gaps):
+        now += gap
+        asked = now
+        wait = lim.reserve(n, now)
+        assert wait >= 0
+        now += wait  # the caller waits, then moves the bytes
+        moves.append((asked, now, n))
+    # from any request on, what moved by any later time is at most a full bucket plus the rate since
+    for i, (start, _, _) in enumerate(moves):
+        for _, end, _ in moves[i:]:
+            moved = sum(n for _, t, n in moves[i:] if t <= end)
+            assert moved <= lim.burst + rate * (end - start) + 1e-6 * rate
+
+
+def test_rate_limit_off_and_changes():
+    from psyche.p2p.ratelimit import RateLimit
+
+    lim = RateLimit(None)
+    assert lim.reserve(10**9, 0.0) == 0.0
+    lim.set_rate(1000.0)
+    assert lim.reserve(int(lim.burst) + 1000, 0.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="> 0"):
+        lim.set_rate(0)
+
+
+@pytest.mark.parametrize("text,want", [("500000", 5e5), ("500K", 5e5), ("2.5M", 2.5e6), ("10MB/s", 1e7),
+                                       ("1MiB/s", 1 << 20), ("1 gbps", 1e9), ("64kib", 65536)])
+def test_parse_rate(text, want):
+    from psyche.p2p.ratelimit import parse_rate
+
+    assert parse_rate(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "fast", "-1M", "0", "1T", "5 Mbit/s"])
+def test_parse_rate_refuses_with_the_accepted_forms(text):
+    from psyche.p2p.ratelimit import parse_rate
+
+    with pytest.raises(ValueError, match="e.g. 500K"):
+        parse_rate(text)
+
+
+def test_blob_receiver_into_final_place():
+    data = os.urandom(10_000)
+    place = bytearray(10_000)
+    r = BlobReceiver(expected_hash=content_hash(data), size=len(data), into=memoryview(place))
+    for i in range(0, len(data), 3000):
+        r.feed(data[i : i + 3000])
+    assert bytes(r.finish()) == data and bytes(place) == data
+    with pytest.raises(ValueError, match="exactly"):
+        BlobReceiver(expected_hash=None, size=5, into=bytearray(4))
+    with pytest.raises(ValueError, match="writable"):
+        BlobReceiver(expected_hash=None, size=4, into=memoryview(b"abcd"))

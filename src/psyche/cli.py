@@ -372,16 +372,25 @@ def client_cmd(
     keypair: Annotated[Path | None, typer.Option(help="Solana keypair file (with --solana; default: --key).")] = None,
     config: Annotated[Path | None, typer.Option(help="The run's config TOML (with --solana; checked against the chain).")] = None,
     profile: Annotated[Path | None, typer.Option(help="On exit, write where this node's time went (JSON).")] = None,
+    max_upload_rate: Annotated[str | None, typer.Option(help="Cap this node's P2P uploads (results and model parts), bytes/s: e.g. 500K, 2.5M, 1MiB/s.")] = None,
+    max_download_rate: Annotated[str | None, typer.Option(help="Cap this node's P2P downloads, same form as --max-upload-rate.")] = None,
 ) -> None:
     """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
     from psyche.client.main import run_client
+    from psyche.p2p.ratelimit import parse_rate
 
     if (server is None) == (solana is None):
         fail("pass exactly one of --server URL or --solana URL")
     require_device(device)
+    rates = {}
+    for name, value in (("max-upload-rate", max_upload_rate), ("max-download-rate", max_download_rate)):
+        try:
+            rates[name] = None if value is None else parse_rate(value)
+        except ValueError as exc:
+            fail(f"--{name}: {exc}")
     code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, device=device,
                       checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console, config=config,
-                      profile=profile)
+                      profile=profile, upload_rate=rates["max-upload-rate"], download_rate=rates["max-download-rate"])
     raise typer.Exit(code)
 
 

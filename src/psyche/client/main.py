@@ -82,8 +82,11 @@ async def _run(args: dict, console: Console) -> int:
                              f"(digest {cfg.digest()[:12]} vs {digest[:12]} on chain)")
     say = lambda msg: console.print(f"[dim]{identity.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
     trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
-    node = await P2PNode.start(identity, cfg.run_id, bind=args["bind"])
-    say(f"client {identity.public_key.hex()} for run {cfg.run_id}; p2p address ready")
+    node = await P2PNode.start(identity, cfg.run_id, bind=args["bind"], upload_rate=args["upload_rate"],
+                               download_rate=args["download_rate"])
+    caps = [f"{what} ≤ {rate / 1e6:,.2f} MB/s" for what, rate in (("uploads", node.upload_rate), ("downloads", node.download_rate))
+            if rate is not None]
+    say(f"client {identity.public_key.hex()} for run {cfg.run_id}; p2p address ready" + (f" ({', '.join(caps)})" if caps else ""))
     runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say)
     task = asyncio.create_task(runtime.run())
     loop = asyncio.get_running_loop()
@@ -122,14 +125,17 @@ def _write_profile(runtime, path: Path | None, say) -> None:
 
 def run_client(*, server: str | None, solana: str | None, run_id: str | None, key: Path, device: str,
                checkpoint_dir: Path | None, data: str | None, bind: str, console: Console,
-               config: Path | None = None, profile: Path | None = None) -> int:
+               config: Path | None = None, profile: Path | None = None,
+               upload_rate: float | None = None, download_rate: float | None = None) -> int:
     """Run one node until the run finishes (0), it is stopped (130), or a user error (1).
 
     ``profile``: write where this node's time went (JSON, see :mod:`psyche.client.timing`) on exit.
+    ``upload_rate`` / ``download_rate``: caps on this node's P2P traffic in bytes per second.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = dict(server=server, solana=solana, run_id=run_id, key=key, device=device,
-                checkpoint_dir=checkpoint_dir, data=data, bind=bind, config=config, profile=profile)
+                checkpoint_dir=checkpoint_dir, data=data, bind=bind, config=config, profile=profile,
+                upload_rate=upload_rate, download_rate=download_rate)
     try:
         return asyncio.run(_run(args, console))
     except ConfigError as exc:

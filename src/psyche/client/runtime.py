@@ -254,9 +254,12 @@ class ClientRuntime:
         if self._training_since is None:
             return None
         wall0, cpu0 = self._training_since
-        return timing.profile(self.trainer.timer, wall_seconds=time.perf_counter() - wall0,
+        prof = timing.profile(self.trainer.timer, wall_seconds=time.perf_counter() - wall0,
                               cpu_seconds=time.process_time() - cpu0, client=self.me.hex(),
                               steps_trained=self.steps_trained)
+        prof["p2p"] = {"upload_limit": self.node.upload_rate, "download_limit": self.node.download_rate,
+                       "peers": {k.hex(): v.to_dict() for k, v in self.node.stats().items()}}
+        return prof
 
     async def withdraw(self) -> None:
         """Leave the run cleanly (Ctrl-C)."""
@@ -375,9 +378,11 @@ class ClientRuntime:
             others = [c.id for c in s.clients if c.id != self.me]
             providers = [c.id for c in s.clients[: s.carried] if c.id != self.me] or others
             t0 = time.time()
-            fetched = await self.node.fetch_model(providers)
-            self.trainer.load_state(fetched.to_state_dict())
-            self.say(f"model fetched from {len(fetched.sources)} peer(s) in {time.time() - t0:.1f}s")
+            fetched = await self.trainer.fetch_from_peers(lambda sink: self.node.fetch_model(providers, into=sink))
+            took = time.time() - t0
+            size = fetched.manifest.total_bytes()
+            self.say(f"model fetched from {len(fetched.sources)} peer(s) in {took:.1f}s "
+                     f"({size / 1e6:,.1f} MB at {size / 1e6 / max(took, 1e-9):,.1f} MB/s)")
         self.applied_step = s.step - 1
         self.trained = {k: v for k, v in self.trained.items() if k <= self.applied_step}
         self._serve_model()
@@ -442,7 +447,9 @@ class ClientRuntime:
                 "tokens_per_sec": out.tokens / max(out.seconds, 1e-9), "result_bytes": len(out.payload),
                 # P2P traffic since our previous report, and in total since this client started.
                 "bytes_sent": sent - self._reported[0], "bytes_received": received - self._reported[1],
-                "bytes_sent_total": sent, "bytes_received_total": received, "peers": len(stats)}
+                "bytes_sent_total": sent, "bytes_received_total": received, "peers": len(stats),
+                **{k: v for k, v in (("upload_limit", self.node.upload_rate), ("download_limit", self.node.download_rate))
+                   if v is not None}}
         self._reported = (sent, received)
         await self._send_report(data)
         if step == 1 or step % self.eval_every == 0 or step == total:

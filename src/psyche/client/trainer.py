@@ -14,8 +14,10 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +28,10 @@ from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained
 from psyche.train.schedule import lr_at, warmup_fraction
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
+
+if TYPE_CHECKING:
+    from psyche.p2p.model import FetchedModel
+    from psyche.p2p.torch_io import StateDictSink
 
 
 PARSED_CACHE_BYTES = 256 << 20
@@ -88,15 +94,20 @@ class LocalTrainer:
         with self.timer.phase("model_load"):
             self._install(load_pretrained(path))
 
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Take weights fetched from peers (same names and shapes as our model)."""
+    async def fetch_from_peers(self, fetch: Callable[[StateDictSink], Awaitable[FetchedModel]]) -> FetchedModel:
+        """Take the weights from peers: ``fetch(sink)`` (a :meth:`P2PNode.fetch_model` call) writes
+        each verified part straight into a freshly built CPU model of the run's architecture,
+        which is installed once every part is in. The model is held once, never as a download
+        buffer plus a copy. Raises what ``fetch`` raises (``ModelMismatch`` when peers serve
+        another architecture)."""
+        from psyche.p2p.torch_io import StateDictSink
+
         with self.timer.phase("model_load"):
             model = build_model(self.cfg.model)
-            missing, unexpected = model.load_state_dict(tensors, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"peer model does not match the run's config: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}")
+        fetched = await fetch(StateDictSink(model.state_dict()))
+        with self.timer.phase("model_load"):
             self._install(model)
+        return fetched
 
     def _install(self, model: torch.nn.Module) -> None:
         model.to(self.device)

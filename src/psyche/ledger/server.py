@@ -217,7 +217,8 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
 
 # Only these report fields are kept, as numbers: the dashboard and demo read them.
 REPORT_FIELDS = ("loss", "val_loss", "tokens", "train_seconds", "forward_backward_seconds", "tokens_per_sec", "result_bytes",
-                 "bytes_sent", "bytes_received", "bytes_sent_total", "bytes_received_total", "applied_results", "peers")
+                 "bytes_sent", "bytes_received", "bytes_sent_total", "bytes_received_total", "applied_results", "peers",
+                 "upload_limit", "download_limit")
 
 
 def _clean_report(report: dict) -> dict:

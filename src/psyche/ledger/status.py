@@ -139,6 +139,8 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "role": "witness" if c.id in witnesses else ("trainer" if c.id in trainers else None),
             "bytes_sent": rep.get("bytes_sent_total"),
             "bytes_received": rep.get("bytes_received_total"),
+            "upload_limit": rep.get("upload_limit"),
+            "download_limit": rep.get("download_limit"),
             "last_seen": rep.get("received"),
             "utilization": busy.get(c.id),
         })

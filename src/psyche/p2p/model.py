@@ -14,6 +14,12 @@ strict majority of the providers that answered is taken, and at least
 ``min_agree`` of them must agree; providers that served a different manifest
 are not used. This package stays torch-free: :mod:`psyche.p2p.torch_io`
 converts to and from torch state dicts.
+
+**Where fetched bytes go**: a :class:`ModelSink` hands the fetcher one writable
+buffer per entry, and every verified part is written straight into its place
+there. :class:`MemorySink` (the default) allocates them;
+:class:`psyche.p2p.torch_io.StateDictSink` is a model's own parameter memory,
+so a joining node holds the model once, not a download buffer and then a copy.
 """
 
 from __future__ import annotations
@@ -117,16 +123,20 @@ class PartRef:
     hash: bytes
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 @dataclass(frozen=True, slots=True)
 class RawTensor:
-    """A tensor as bytes: safetensors dtype name, shape and little-endian C-order data."""
+    """A tensor as bytes: safetensors dtype name, shape and little-endian C-order data
+    (``bytes``, or a buffer over memory someone else owns, e.g. a torch tensor's)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: Buffer
 
 
-def _part_hashes(data: bytes, part_size: int) -> list[bytes]:
+def _part_hashes(data: Buffer, part_size: int) -> list[bytes]:
     mv = memoryview(data)
     return [content_hash(mv[i : i + part_size]) for i in range(0, len(data), part_size)]
 
@@ -149,7 +159,7 @@ class ModelProvider(Protocol):
     def manifest(self) -> Manifest:
         """The manifest of the served model."""
 
-    def read(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
+    def read(self, kind: Kind, name: str, offset: int, length: int) -> Buffer:
         """``length`` bytes of entry ``kind``/``name`` from ``offset``."""
 
 
@@ -164,9 +174,33 @@ class InMemoryModel:
     def manifest(self) -> Manifest:
         return self._manifest
 
-    def read(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
+    def read(self, kind: Kind, name: str, offset: int, length: int) -> Buffer:
         data = self.tensors[name].data if kind == "tensor" else self.files[name]
-        return data[offset : offset + length]
+        return memoryview(data)[offset : offset + length]  # a view: parts are not copied to be served
+
+
+class ModelSink(Protocol):
+    """Where a fetched model's bytes are written as they arrive."""
+
+    def buffers(self, manifest: Manifest) -> dict[tuple[Kind, str], memoryview]:
+        """A writable buffer of exactly ``entry.nbytes`` bytes for every entry of ``manifest``,
+        keyed ``(kind, name)``. Raises :class:`ModelMismatch` (naming the entry and the rule)
+        if the manifest does not fit this sink; called before any part is fetched."""
+
+
+class ModelMismatch(ValueError):
+    """The model peers serve does not fit the destination (names, dtypes, shapes or sizes)."""
+
+
+class MemorySink:
+    """A :class:`ModelSink` that allocates one ``bytearray`` per entry (the default)."""
+
+    def buffers(self, manifest: Manifest) -> dict[tuple[Kind, str], memoryview]:
+        out: dict[tuple[Kind, str], memoryview] = {}
+        for kind, entries in (("tensor", manifest.tensors), ("file", manifest.files)):
+            for e in entries:
+                out[(kind, e.name)] = memoryview(bytearray(e.nbytes))
+        return out
 
 
 @dataclass(slots=True)
@@ -175,12 +209,13 @@ class FetchedModel:
 
     manifest: Manifest
     tensors: dict[str, RawTensor]
+    """Each tensor's bytes: a view of the sink's buffer (no copy)."""
     files: dict[str, bytes]
     sources: dict[bytes, int]
     """Bytes fetched from each provider."""
 
     def to_state_dict(self):  # -> dict[str, torch.Tensor]
-        """The tensors as torch tensors (imports torch)."""
+        """The tensors as torch tensors over the fetched buffers (imports torch; no copy)."""
         from psyche.p2p.torch_io import raw_to_state_dict
 
         return raw_to_state_dict(self.tensors)

@@ -38,7 +38,19 @@ from psyche.p2p.blobs import BlobCheckError, BlobReceiver, BlobStore
 from psyche.p2p.errors import BlobUnavailable, ModelUnavailable, NotAMember, TransportError
 from psyche.p2p.gossip import Gossip
 from psyche.p2p.identity import Identity
-from psyche.p2p.model import FetchedModel, Manifest, ModelProvider, PartRef, RawTensor, choose_manifest, decode_manifest
+from psyche.p2p.model import (
+    FetchedModel,
+    Manifest,
+    MemorySink,
+    ModelMismatch,
+    ModelProvider,
+    ModelSink,
+    PartRef,
+    RawTensor,
+    choose_manifest,
+    decode_manifest,
+)
+from psyche.p2p.ratelimit import RateLimit
 from psyche.p2p.stats import PeerStats
 from psyche.p2p.transport import Connection, Stream, Transport, read_exactly
 from psyche.p2p.wire import (
@@ -96,6 +108,7 @@ class P2PNode:
         stall_timeout: float = 5.0,
         keep_blob_steps: int = 2,
         upload_rate: float | None = None,
+        download_rate: float | None = None,
         message_queue_size: int = 10_000,
     ) -> None:
         if transport.local_id != identity.public_key:
@@ -107,7 +120,8 @@ class P2PNode:
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
         self.keep_blob_steps = keep_blob_steps
-        self.upload_rate = upload_rate
+        self._up = RateLimit(upload_rate)
+        self._down = RateLimit(download_rate)
         self.gossip = Gossip(
             local_id=self.public_key, run_id=run_id, step_window=step_window,
             resend_interval=resend_interval, fanout=fanout,
@@ -125,7 +139,6 @@ class P2PNode:
         self._provider: ModelProvider | None = None
         self._provider_digest: bytes | None = None
         self._provider_manifest: bytes | None = None
-        self._next_upload = 0.0
         self._wake = asyncio.Event()
         self._out: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._senders: dict[bytes, asyncio.Task] = {}
@@ -150,7 +163,8 @@ class P2PNode:
 
         ``options`` are the keyword options of :class:`P2PNode` (``step_window``,
         ``resend_interval``, ``fanout``, ``max_parallel_downloads``,
-        ``connect_timeout``, ``stall_timeout``, ``keep_blob_steps``, ``upload_rate``).
+        ``connect_timeout``, ``stall_timeout``, ``keep_blob_steps``, ``upload_rate``,
+        ``download_rate``; rates in bytes per second, None for no cap).
         """
         if transport is None:
             from psyche.p2p.iroh_transport import IrohTransport
@@ -194,8 +208,23 @@ class P2PNode:
         self.blobs.drop_older_than(step - self.keep_blob_steps)
 
     def set_upload_rate(self, bytes_per_second: float | None) -> None:
-        """Cap what this node uploads (blobs and model parts), or None for no cap."""
-        self.upload_rate = bytes_per_second
+        """Cap what this node uploads (result blobs and model parts together), or None for no cap."""
+        self._up.set_rate(bytes_per_second)
+
+    def set_download_rate(self, bytes_per_second: float | None) -> None:
+        """Cap what this node downloads (result blobs and model parts together), or None for no cap.
+        The cap is kept by reading slower, so QUIC's flow control slows the sender down."""
+        self._down.set_rate(bytes_per_second)
+
+    @property
+    def upload_rate(self) -> float | None:
+        """The upload cap in bytes per second (None: none)."""
+        return self._up.rate
+
+    @property
+    def download_rate(self) -> float | None:
+        """The download cap in bytes per second (None: none)."""
+        return self._down.rate
 
     @property
     def counters(self) -> dict[str, int]:
@@ -425,9 +454,11 @@ class P2PNode:
         self._peer(peer).record_in(len(data), self._loop.time() - t0, now=self._loop.time())
         return data
 
-    async def _read_payload(self, stream: Stream, peer: bytes, *, size: int, expected_hash: bytes | None) -> bytes:
+    async def _read_payload(self, stream: Stream, peer: bytes, *, size: int, expected_hash: bytes | None,
+                            into: memoryview | None = None) -> bytes | memoryview:
         """Read a DataHeader and its raw bytes. With ``expected_hash`` the size must be exactly
-        ``size`` and the hash must match (else BlobCheckError); without, ``size`` is a cap."""
+        ``size`` and the hash must match (else BlobCheckError); without, ``size`` is a cap.
+        ``into`` (exactly ``size`` writable bytes) receives the bytes in place."""
         header = await self._read_frame(stream)
         if not isinstance(header, DataHeader):
             raise ValueError(f"expected a data header, got {type(header).__name__}")
@@ -440,14 +471,18 @@ class P2PNode:
                 raise BlobCheckError("oversized", f"{header.size} bytes announced, limit {size}")
             receiver = BlobReceiver(expected_hash=None, size=header.size)
         else:
-            receiver = BlobReceiver(expected_hash=expected_hash, size=size)
+            receiver = BlobReceiver(expected_hash=expected_hash, size=size, into=into)
             receiver.check_announced(header.size)
+        stats = self._peer(peer)
         while receiver.remaining > 0:
-            chunk = await self._read_some(stream, min(receiver.remaining, _CHUNK))
+            capped = self._down.rate is not None
+            chunk = await self._read_some(stream, min(receiver.remaining, _THROTTLED_CHUNK if capped else _CHUNK))
             if not chunk:
                 break
             receiver.feed(chunk)
-            self._peer(peer).bytes_in += len(chunk)  # counted on arrival, so partial transfers show too
+            stats.bytes_in += len(chunk)  # counted on arrival, so partial transfers show too
+            if capped:
+                stats.throttled_in_s += await self._wait_for(self._down, len(chunk))
         if receiver.remaining == 0:
             extra = await self._read_some(stream, 1)
             if extra:
@@ -472,8 +507,10 @@ class P2PNode:
         self,
         providers: list[bytes],
         *,
+        into: ModelSink | None = None,
         manifest_digest: bytes | None = None,
         min_agree: int = 1,
+        max_providers: int = 3,
         streams_per_peer: int = 2,
         timeout: float = 600.0,
         max_manifest_bytes: int = MAX_FRAME,
@@ -483,10 +520,20 @@ class P2PNode:
         The manifest is trusted per :func:`~psyche.p2p.model.choose_manifest`:
         the one whose sha256 is ``manifest_digest`` if given, else the one served
         by a strict majority of the providers that answered (and by at least
-        ``min_agree``). Parts are spread over the agreeing providers,
-        ``streams_per_peer`` at a time each; a part that fails is retried on
-        another provider. Raises :class:`ModelUnavailable`.
+        ``min_agree``). ``into`` says where the bytes go (default: a
+        :class:`~psyche.p2p.model.MemorySink`); each part is verified and lands in
+        its final place there, so the model is held once.
+
+        Up to ``max_providers`` of the agreeing providers serve at a time,
+        ``streams_per_peer`` parts each; the rest stand by. A provider that stops
+        answering (two failures in a row), says it no longer serves the model, or
+        sends two bad parts is dropped, its parts go back in the queue and a
+        standby takes its place. Raises :class:`ModelMismatch` if the manifest does
+        not fit ``into``, :class:`ModelUnavailable` if no trusted manifest or not
+        every part could be had before ``timeout``.
         """
+        if max_providers < 1 or streams_per_peer < 1:
+            raise ValueError("max_providers and streams_per_peer must be >= 1")
         deadline = self._loop.time() + timeout
         candidates = [p for p in dict.fromkeys(providers) if p != self.public_key]
 
@@ -496,7 +543,8 @@ class P2PNode:
                 try:
                     await stream.write(encode_frame(GetManifest()))
                     await stream.finish()
-                    return peer, await self._read_payload(stream, peer, size=max_manifest_bytes, expected_hash=None)
+                    data = await self._read_payload(stream, peer, size=max_manifest_bytes, expected_hash=None)
+                    return peer, bytes(data)
                 except BaseException:
                     stream.abort()
                     raise
@@ -521,87 +569,34 @@ class P2PNode:
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             raise ModelUnavailable(f"the trusted manifest is malformed: {exc}") from exc
         digest = manifest.digest()
+        dest = (into if into is not None else MemorySink()).buffers(manifest)
+        for kind, entries in (("tensor", manifest.tensors), ("file", manifest.files)):
+            for e in entries:
+                buf = dest.get((kind, e.name))
+                if buf is None or buf.readonly or buf.nbytes != e.nbytes:
+                    raise ModelMismatch(f"{kind} {e.name!r}: the destination gives no writable buffer of {e.nbytes} bytes")
 
-        buffers: dict[tuple[str, str], bytearray] = {
-            **{("tensor", e.name): bytearray(e.nbytes) for e in manifest.tensors},
-            **{("file", e.name): bytearray(e.nbytes) for e in manifest.files},
-        }
-        todo: asyncio.Queue[PartRef] = asyncio.Queue()
-        for ref in manifest.parts():
-            todo.put_nowait(ref)
-        left = todo.qsize()
-        failed_on: dict[tuple[str, str, int], set[bytes]] = {}
-        sources: Counter[bytes] = Counter()
-        done = asyncio.Event()
-        if left == 0:
-            done.set()
-        alive = {p: streams_per_peer for p in agreeing}
-
-        async def worker(peer: bytes) -> None:
-            nonlocal left
-            strikes = 0
-            while not done.is_set() and strikes < 3:
-                try:
-                    async with asyncio.timeout(0.2):
-                        ref = await todo.get()
-                except asyncio.TimeoutError:
-                    continue
-                key = (ref.kind, ref.name, ref.index)
-                if peer in failed_on.get(key, set()) and len(failed_on[key]) < len(agreeing):
-                    todo.put_nowait(ref)  # let another provider take it
-                    await asyncio.sleep(0.01)
-                    continue
-                try:
-                    t0 = self._loop.time()
-                    data = await self._get_part(peer, digest, ref)
-                    self._peer(peer).record_in(len(data), self._loop.time() - t0, now=self._loop.time())
-                except BlobCheckError as exc:
-                    self._extra_counters["bad_blob"] += 1
-                    self._peer(peer).bad_blobs += 1
-                    strikes += 1
-                    failed_on.setdefault(key, set()).add(peer)
-                    todo.put_nowait(ref)
-                    log.warning("p2p: bad part %s[%d] from %s: %s", ref.name, ref.index, peer.hex()[:8], exc)
-                    continue
-                except (TransportError, NotAMember, _Stalled, _Missing, _Refused, EOFError, ValueError, msgspec.DecodeError) as exc:
-                    self._peer(peer).failures += 1
-                    self._drop_link(peer)
-                    strikes += 1
-                    failed_on.setdefault(key, set()).add(peer)
-                    todo.put_nowait(ref)
-                    log.info("p2p: part %s[%d] from %s failed: %s", ref.name, ref.index, peer.hex()[:8], type(exc).__name__)
-                    continue
-                buffers[(ref.kind, ref.name)][ref.offset : ref.offset + ref.length] = data
-                sources[peer] += len(data)
-                left -= 1
-                if left == 0:
-                    done.set()
-            alive[peer] -= 1
-            if all(v <= 0 for v in alive.values()):
-                done.set()  # every worker gave up: report below
-
-        workers = [self._spawn(worker(p)) for p in agreeing for _ in range(streams_per_peer)]
+        fetch = _ModelFetch(self, digest, manifest, dest, random_order(agreeing), max_providers, streams_per_peer)
         try:
             async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
-                await done.wait()
+                await fetch.run()
         except asyncio.TimeoutError:
             pass
         finally:
-            done.set()
-            for w in workers:
-                w.cancel()
-        if left:
-            raise ModelUnavailable(f"{left} part(s) of model {digest.hex()[:16]} could not be fetched from {len(agreeing)} provider(s)")
-        tensors = {e.name: RawTensor(e.dtype, tuple(e.shape), bytes(buffers[("tensor", e.name)])) for e in manifest.tensors}
-        files = {e.name: bytes(buffers[("file", e.name)]) for e in manifest.files}
-        return FetchedModel(manifest, tensors, files, dict(sources))
+            fetch.stop()
+        if fetch.left:
+            raise ModelUnavailable(f"{fetch.left} part(s) of model {digest.hex()[:16]} could not be fetched from "
+                                   f"{len(agreeing)} provider(s) ({len(fetch.dropped)} dropped)")
+        tensors = {e.name: RawTensor(e.dtype, tuple(e.shape), dest[("tensor", e.name)]) for e in manifest.tensors}
+        files = {e.name: bytes(dest[("file", e.name)]) for e in manifest.files}
+        return FetchedModel(manifest, tensors, files, dict(fetch.sources))
 
-    async def _get_part(self, peer: bytes, digest: bytes, ref: PartRef) -> bytes:
+    async def _get_part(self, peer: bytes, digest: bytes, ref: PartRef, into: memoryview | None = None) -> bytes | memoryview:
         stream = await self._open(peer)
         try:
             await stream.write(encode_frame(GetPart(digest, ref.kind, ref.name, ref.index)))
             await stream.finish()
-            return await self._read_payload(stream, peer, size=ref.length, expected_hash=ref.hash)
+            return await self._read_payload(stream, peer, size=ref.length, expected_hash=ref.hash, into=into)
         except BaseException:
             stream.abort()
             raise
@@ -758,26 +753,23 @@ class P2PNode:
             return
         t0 = self._loop.time()
         await stream.write(encode_frame(DataHeader("ok", len(data))))
-        if self.upload_rate is None:
+        if self._up.rate is None:
             await stream.write(data)  # one call: each crossing of the FFI costs a copy and a wakeup
         else:
             mv = memoryview(data)
             for i in range(0, len(data), _THROTTLED_CHUNK):
                 piece = mv[i : i + _THROTTLED_CHUNK]
-                await self._throttle(len(piece))
+                self._peer(peer).throttled_out_s += await self._wait_for(self._up, len(piece))
                 await stream.write(piece)
         await stream.finish()
         self._peer(peer).record_out(len(data), self._loop.time() - t0, now=self._loop.time())
 
-    async def _throttle(self, nbytes: int) -> None:
-        rate = self.upload_rate
-        if rate is None or rate <= 0:
-            return
-        now = self._loop.time()
-        start = max(now, self._next_upload)
-        self._next_upload = start + nbytes / rate
-        if start > now:
-            await asyncio.sleep(start - now)
+    async def _wait_for(self, limit: RateLimit, nbytes: int) -> float:
+        """Wait as long as ``limit`` says ``nbytes`` must; returns the seconds waited."""
+        delay = limit.reserve(nbytes, self._loop.time())
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return delay
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -816,6 +808,115 @@ class P2PNode:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class _ModelFetch:
+    """One :meth:`P2PNode.fetch_model` transfer: a queue of parts served by a changing set of providers."""
+
+    def __init__(self, node: P2PNode, digest: bytes, manifest: Manifest, dest: dict, providers: list[bytes],
+                 max_providers: int, streams_per_peer: int) -> None:
+        self.node = node
+        self.digest = digest
+        self.dest = dest
+        self.providers = providers
+        self.standby = list(providers[max_providers:])
+        self.streams_per_peer = streams_per_peer
+        self.todo: asyncio.Queue[PartRef] = asyncio.Queue()
+        for ref in manifest.parts():
+            self.todo.put_nowait(ref)
+        self.left = self.todo.qsize()
+        self.failed_on: dict[tuple[str, str, int], set[bytes]] = {}
+        self.sources: Counter[bytes] = Counter()
+        self.failures: Counter[bytes] = Counter()  # consecutive transport failures
+        self.bad: Counter[bytes] = Counter()  # parts that failed their hash
+        self.dropped: set[bytes] = set()
+        self.active: set[bytes] = set()  # enlisted (serving or dropped since)
+        self.done = asyncio.Event()
+        self.workers: list[asyncio.Task] = []
+        for peer in providers[:max_providers]:
+            self._enlist(peer)
+
+    def _enlist(self, peer: bytes) -> None:
+        self.active.add(peer)
+        self.workers += [self.node._spawn(self._serve_from(peer)) for _ in range(self.streams_per_peer)]
+
+    def _drop(self, peer: bytes, why: str) -> None:
+        if peer in self.dropped:
+            return
+        self.dropped.add(peer)
+        log.info("p2p: model provider %s dropped (%s)", peer.hex()[:8], why)
+        self.node._extra_counters["model_provider_dropped"] += 1
+        while self.standby:
+            spare = self.standby.pop(0)
+            if spare not in self.dropped:
+                self._enlist(spare)
+                break
+        if self.dropped >= set(self.providers):
+            self.done.set()  # nobody left to ask: fetch_model reports what is missing
+
+    def _someone_else_could(self, peer: bytes, key: tuple[str, str, int]) -> bool:
+        tried = self.failed_on.get(key, set()) | self.dropped
+        return peer in tried and any(p not in tried for p in self.active)
+
+    async def run(self) -> None:
+        if self.left == 0:
+            return
+        await self.done.wait()
+
+    def stop(self) -> None:
+        self.done.set()
+        for w in self.workers:
+            w.cancel()
+
+    async def _serve_from(self, peer: bytes) -> None:
+        node = self.node
+        while not self.done.is_set() and peer not in self.dropped:
+            try:
+                async with asyncio.timeout(0.2):
+                    ref = await self.todo.get()
+            except asyncio.TimeoutError:
+                continue
+            key = (ref.kind, ref.name, ref.index)
+            if self._someone_else_could(peer, key):
+                self.todo.put_nowait(ref)  # let a provider that has not failed it take it
+                await asyncio.sleep(0.01)
+                continue
+            place = self.dest[(ref.kind, ref.name)][ref.offset : ref.offset + ref.length]
+            t0 = node._loop.time()
+            try:
+                await node._get_part(peer, self.digest, ref, into=place)
+            except BlobCheckError as exc:
+                node._extra_counters["bad_blob"] += 1
+                node._peer(peer).bad_blobs += 1
+                self._retry(peer, key, ref)
+                log.warning("p2p: bad part %s[%d] from %s: %s", ref.name, ref.index, peer.hex()[:8], exc)
+                self.bad[peer] += 1
+                if self.bad[peer] >= 2:
+                    self._drop(peer, "bad parts")
+                continue
+            except (_Missing, _Refused, NotAMember) as exc:
+                self._retry(peer, key, ref)
+                self._drop(peer, f"{type(exc).__name__.strip('_').lower()}")
+                continue
+            except (TransportError, _Stalled, EOFError, ValueError, msgspec.DecodeError) as exc:
+                node._peer(peer).failures += 1
+                node._drop_link(peer)
+                self._retry(peer, key, ref)
+                self.failures[peer] += 1
+                log.info("p2p: part %s[%d] from %s failed: %s", ref.name, ref.index, peer.hex()[:8], type(exc).__name__)
+                if self.failures[peer] >= 2:
+                    self._drop(peer, f"{type(exc).__name__} twice in a row")
+                continue
+            node._peer(peer).record_in(ref.length, node._loop.time() - t0, now=node._loop.time())
+            self.failures[peer] = 0
+            self.sources[peer] += ref.length
+            self.left -= 1
+            if self.left == 0:
+                self.done.set()
+
+    def _retry(self, peer: bytes, key: tuple[str, str, int], ref: PartRef) -> None:
+        self.failed_on.setdefault(key, set()).add(peer)
+        self.todo.put_nowait(ref)
 
 
 class _Missing(Exception):

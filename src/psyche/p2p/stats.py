@@ -29,6 +29,10 @@ class PeerStats:
     """Connects, streams or requests to this peer that failed or stalled."""
     last_seen: float | None = None
     """Monotonic time of the last successful exchange."""
+    throttled_out_s: float = 0.0
+    """Seconds uploads to this peer waited on this node's upload cap (``--max-upload-rate``)."""
+    throttled_in_s: float = 0.0
+    """Seconds downloads from this peer waited on this node's download cap (``--max-download-rate``)."""
 
     def record_in(self, nbytes: int, seconds: float, *, now: float) -> None:
         """Account a completed download of ``nbytes`` that took ``seconds`` (its bytes were

@@ -36,6 +36,68 @@ def payload(seed: int, size: int) -> bytes:
 # --- child side ---------------------------------------------------------------------
 
 
+def _llama(a: dict, seed: int):
+    from psyche.config import ModelConfig
+    from psyche.train.model import build_model
+
+    return build_model(ModelConfig(**a["llama"]), seed=seed)
+
+
+def _state_hash(state_dict) -> str:
+    from psyche.p2p.torch_io import tensor_bytes
+
+    h = blake3.blake3()
+    for name in sorted(state_dict):
+        h.update(tensor_bytes(state_dict[name].contiguous()))
+    return h.hexdigest()
+
+
+def _serve_llama(node, a: dict) -> dict:
+    """Serve a LLaMA of the given sizes initialised from ``seed`` (what a trainer serves: a copy of its weights)."""
+    from psyche.p2p.torch_io import model_from_state_dict
+
+    state = {k: v.detach().clone() for k, v in _llama(a, a["seed"]).state_dict().items()}
+    digest = node.serve_model(model_from_state_dict(state, {"config.json": b'{"ok": 1}'}, part_size=a.get("part_size", 4 << 20)))
+    return {"digest": digest.hex(), "state_hash": _state_hash(state), "model_bytes": sum(t.nbytes for t in state.values())}
+
+
+def _memory() -> tuple[int, int]:
+    """(current RSS, peak RSS since the last reset) in bytes, from /proc."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+async def _fetch_llama(node, a: dict) -> dict:
+    """Join as a new node would: build the model, fetch its weights from ``providers`` and report time
+    and memory. ``"into": "model"`` writes parts into the model's own memory (what the client does);
+    ``"buffers"`` fetches into separate buffers and then loads them (the way before sinks)."""
+    import gc
+
+    from psyche.p2p.torch_io import StateDictSink
+    from psyche.train.model import import_model_code
+
+    import_model_code()  # a client imports it at start; its memory is not the join's
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    rss0, _ = _memory()
+    model = _llama(a, a.get("seed", 12345))
+    providers = [bytes.fromhex(p) for p in a["providers"]]
+    t0 = time.perf_counter()
+    if a.get("into", "model") == "model":
+        fetched = await node.fetch_model(providers, into=StateDictSink(model.state_dict()), timeout=a.get("timeout", 600),
+                                         max_providers=a.get("max_providers", 3))
+    else:
+        fetched = await node.fetch_model(providers, timeout=a.get("timeout", 600), max_providers=a.get("max_providers", 3))
+        model.load_state_dict(fetched.to_state_dict())
+    seconds = time.perf_counter() - t0
+    _, peak = _memory()
+    state = model.state_dict()
+    return {"seconds": seconds, "model_bytes": fetched.manifest.total_bytes(), "rss_before": rss0, "peak_rss": peak,
+            "state_hash": _state_hash(state), "sources": {k.hex(): v for k, v in fetched.sources.items()},
+            "counters": node.counters}
+
+
 class _Worker:
     def __init__(self, node) -> None:
         self.node = node
@@ -118,6 +180,13 @@ class _Worker:
         if cmd == "set_upload_rate":
             node.set_upload_rate(a.get("rate"))
             return {}
+        if cmd == "set_download_rate":
+            node.set_download_rate(a.get("rate"))
+            return {}
+        if cmd == "serve_model" and "llama" in a:
+            return _serve_llama(node, a)
+        if cmd == "fetch_model" and "llama" in a:
+            return await _fetch_llama(node, a)
         if cmd == "serve_model":
             tensors = {f"t{i}": RawTensor("U8", (a["tensor_bytes"],), payload(a["seed"] * 1000 + i, a["tensor_bytes"]))
                        for i in range(a["n_tensors"])}

@@ -339,6 +339,11 @@
       charts.ratio.update([{ name: "compression", color: s1, points: pts("compression_ratio") }]);
     }
 
+    // A node's own bandwidth cap (psyche client --max-upload-rate / --max-download-rate).
+    function capNote(limit) {
+      return isNum(limit) ? `<div class="faint cap" title="capped by the node's owner">≤ ${fmtBytes(limit)}/s</div>` : "";
+    }
+
     function renderClients(doc) {
       const clients = doc.clients || [];
       const pending = doc.pending || [];
@@ -349,8 +354,8 @@
           <td>${c.role ? `<span class="role ${esc(c.role)}">${esc(c.role)}</span>` : `<span class="faint">${dash}</span>`}</td>
           <td class="num">${fmtInt(c.points)}</td>
           <td class="num">${isNum(c.utilization) ? Math.round(100 * c.utilization) + "%" : dash}</td>
-          <td class="num">${fmtBytes(c.bytes_sent)}</td>
-          <td class="num">${fmtBytes(c.bytes_received)}</td>
+          <td class="num">${fmtBytes(c.bytes_sent)}${capNote(c.upload_limit)}</td>
+          <td class="num">${fmtBytes(c.bytes_received)}${capNote(c.download_limit)}</td>
           <td class="num" data-seen="${isNum(c.last_seen) ? c.last_seen : ""}">${ago(c.last_seen)}</td></tr>`);
       for (const id of pending) {
         rows.push(`<tr><td class="mono" title="${esc(id)}">${swatch(id)}${esc(shortId(id))}</td>
