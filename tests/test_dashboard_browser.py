@@ -85,8 +85,8 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path, data_dir):
                                          min_clients=1, witness_nodes=1))
     try:
         net.start_server()
-        for i in range(2):
-            net.start_client(i)
+        net.start_client(0)
+        net.start_client(1, "--max-upload-rate", "5M")  # its cap shows under its traffic
         asyncio.run(_drive_browser(async_playwright, net, tmp_path))
     finally:
         net.stop()
@@ -140,6 +140,7 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path) -> None
 
         # Shown on the page: clients, witness outcomes, the config.
         assert await page.locator("#clients-body tr").count() == 2
+        assert await page.locator("#clients-body .cap").all_text_contents() == ["≤ 5.0 MB/s"]
         assert await page.locator("#witness-body .pill-ok").count() >= 1
         assert "hidden_size" in await page.locator("#config-grid").text_content()
 

@@ -9,15 +9,17 @@ Public API::
     await node.broadcast(ResultCommitment(...) | Finished(...) | Heartbeat(...))
     node.on_message(cb) / async for sender, msg in node.messages()
     h = node.publish_blob(data); data = await node.fetch_blob(h, size, providers)
-    node.serve_model(provider); model = await node.fetch_model(providers, manifest_digest=...)
+    node.serve_model(provider); model = await node.fetch_model(providers, manifest_digest=..., into=sink)
+    node.set_upload_rate(2e6); node.set_download_rate(None)   # bytes/s caps, results and model parts together
     node.stats(); node.counters; await node.close()
 
 Module map: :mod:`~psyche.p2p.wire` (messages, envelopes, frames),
 :mod:`~psyche.p2p.gossip` (sans-io broadcast), :mod:`~psyche.p2p.blobs`
-(sans-io store and checks), :mod:`~psyche.p2p.model` (manifests, trust rule),
+(sans-io store and checks), :mod:`~psyche.p2p.model` (manifests, trust rule, sinks),
+:mod:`~psyche.p2p.ratelimit` (bandwidth caps),
 :mod:`~psyche.p2p.transport` (the seam and an in-memory network),
 :mod:`~psyche.p2p.iroh_transport`, :mod:`~psyche.p2p.node` (asyncio),
-:mod:`~psyche.p2p.torch_io` (torch conversion), :mod:`~psyche.p2p.worker`
+:mod:`~psyche.p2p.torch_io` (torch conversion, fetching into a model in place), :mod:`~psyche.p2p.worker`
 (a node in its own process, driven over stdin/stdout: tests, bench, demos).
 """
 
@@ -25,8 +27,19 @@ from psyche.p2p.blobs import BlobStore
 from psyche.p2p.errors import BlobUnavailable, IdentityError, ModelUnavailable, NotAMember, P2PError, TransportError
 from psyche.p2p.gossip import DROP_REASONS
 from psyche.p2p.identity import Identity
-from psyche.p2p.model import FetchedModel, InMemoryModel, Manifest, ModelProvider, RawTensor, build_manifest
+from psyche.p2p.model import (
+    FetchedModel,
+    InMemoryModel,
+    Manifest,
+    MemorySink,
+    ModelMismatch,
+    ModelProvider,
+    ModelSink,
+    RawTensor,
+    build_manifest,
+)
 from psyche.p2p.node import P2PNode, random_order
+from psyche.p2p.ratelimit import RateLimit, parse_rate
 from psyche.p2p.stats import PeerStats
 from psyche.p2p.transport import MemoryNetwork, Transport
 from psyche.p2p.wire import ALPN, WIRE_VERSION, Finished, Heartbeat, Message, ResultCommitment, SignedMessage, content_hash
@@ -37,6 +50,7 @@ __all__ = [
     "ResultCommitment", "Finished", "Heartbeat", "Message", "SignedMessage", "content_hash",
     "BlobStore", "PeerStats",
     "Manifest", "ModelProvider", "InMemoryModel", "RawTensor", "FetchedModel", "build_manifest",
+    "ModelSink", "MemorySink", "ModelMismatch", "RateLimit", "parse_rate",
     "random_order",
     "P2PError", "IdentityError", "TransportError", "NotAMember", "BlobUnavailable", "ModelUnavailable",
 ]
