@@ -5,8 +5,12 @@ each and fetch every other peer's blob from its publisher, verifying the hash.
 Sizes: 300 KB (what the DisTrO codec emits per step for a ~100M-parameter model,
 ~0.003 bytes/param) and 3 MB (a ~1B model). The same processes then repeat the
 pattern over plain asyncio TCP sockets (no encryption, no framing beyond a
-length): ``ratio_vs_tcp`` = iroh per-peer MB/s ÷ TCP per-peer MB/s (1.0 = parity).
-The headline is 8 peers × 3 MB.
+length): ``ratio_vs_tcp`` = iroh per-peer MB/s ÷ TCP per-peer MB/s (1.0 = parity);
+and over bare iroh streams from a second endpoint in each process (request = the
+hash, reply = the blob, through the same transport adapter but none of the node's
+framing, checks or bookkeeping): ``ratio_vs_bare_iroh`` = bare seconds ÷ node
+seconds (1.0: the node adds nothing to what the transport costs). The headline
+is 8 peers × 3 MB.
 
 **Model sharing**: 3 processes serve a ~106M-parameter LLaMA (float32, 423 MB);
 a 4th joins as a client does: it builds the model and fetches the weights from
@@ -46,8 +50,9 @@ LLAMA_BEFORE = dict(LLAMA_SMALL, vocab_size=32000)
 
 
 def _all_to_all(workers, size: int, seed_base: int) -> tuple[float, float]:
-    """Publish one blob per worker, then every worker fetches all others over iroh and TCP.
-    Returns (iroh seconds, tcp seconds) from start to the last completion."""
+    """Publish one blob per worker, then every worker fetches all others over psyche.p2p, plain TCP
+    and bare iroh streams. Returns (p2p seconds, tcp seconds, bare iroh seconds), each from start to
+    the last completion."""
     hashes = [w.call("publish", seed=seed_base + i, size=size)["hash"] for i, w in enumerate(workers)]
     items = lambda i: [(j, hashes[j]) for j in range(len(workers)) if j != i]  # noqa: E731
 
@@ -67,7 +72,16 @@ def _all_to_all(workers, size: int, seed_base: int) -> tuple[float, float]:
         if not w.result(rid, 600)["ok"]:
             raise RuntimeError("tcp fetch returned wrong bytes")
     t_tcp = time.perf_counter() - t0
-    return t_iroh, t_tcp
+
+    t0 = time.perf_counter()
+    rids = [w.send("raw_fetch", items=[{"raw_id": workers[j].raw_id, "raw_address": workers[j].raw_address, "hash": h,
+                                        "size": size} for j, h in items(i)])
+            for i, w in enumerate(workers)]
+    for w, rid in zip(workers, rids):
+        if not w.result(rid, 600)["ok"]:
+            raise RuntimeError("bare iroh fetch returned wrong bytes")
+    t_raw = time.perf_counter() - t0
+    return t_iroh, t_tcp, t_raw
 
 
 def _results_rows(n: int, sizes: list[int], reps: int, seed: int, env: dict | None = None) -> list[dict]:
@@ -77,12 +91,15 @@ def _results_rows(n: int, sizes: list[int], reps: int, seed: int, env: dict | No
         connect_all(workers)
         for w in workers:
             w.tcp_port = w.call("tcp_serve")["port"]
+            raw = w.call("raw_serve")
+            w.raw_id, w.raw_address = raw["raw_id"], raw["raw_address"]
+        _all_to_all(workers, 1000, seed - 1)  # dial every bare-iroh connection once (the node's are up)
         for size in sizes:
-            best_i, best_t = math.inf, math.inf
+            best_i, best_t, best_r = math.inf, math.inf, math.inf
             for _ in range(reps):
-                ti, tt = _all_to_all(workers, size, seed)
+                ti, tt, tr = _all_to_all(workers, size, seed)
                 seed += 100
-                best_i, best_t = min(best_i, ti), min(best_t, tt)
+                best_i, best_t, best_r = min(best_i, ti), min(best_t, tt), min(best_r, tr)
             per_peer = (n - 1) * size / 1e6
             rows.append({
                 "peers": n,
@@ -92,6 +109,8 @@ def _results_rows(n: int, sizes: list[int], reps: int, seed: int, env: dict | No
                 "iroh_MBps_per_peer": round(per_peer / best_i, 2),
                 "tcp_MBps_per_peer": round(per_peer / best_t, 2),
                 "ratio_vs_tcp": round(best_t / best_i, 3),
+                "bare_iroh_s": round(best_r, 4),
+                "ratio_vs_bare_iroh": round(best_r / best_i, 3),
             })
     finally:
         close_all(workers)
@@ -153,6 +172,8 @@ def main() -> None:
         "time_to_full_distribution_s": headline["iroh_s"],
         "MBps_per_peer": headline["iroh_MBps_per_peer"],
         "ratio_vs_tcp": headline["ratio_vs_tcp"],
+        "ratio_vs_bare_iroh": headline["ratio_vs_bare_iroh"],
+        "bare_iroh_ratio_vs_tcp": round(headline["tcp_s"] / headline["bare_iroh_s"], 3),
         "headline": {"peers": headline["peers"], "blob_bytes": headline["blob_bytes"]},
         "model_share_MBps": model["model_share_MBps"],
         "joiner_peak_rss_over_model": model["joiner_peak_rss_over_model"],

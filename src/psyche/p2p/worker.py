@@ -203,6 +203,12 @@ class _Worker:
         if cmd == "tcp_serve":
             self.tcp_server = await asyncio.start_server(self._tcp_serve, "127.0.0.1", 0)
             return {"port": self.tcp_server.sockets[0].getsockname()[1]}
+        if cmd == "raw_serve":
+            return await self._raw_serve()
+        if cmd == "raw_fetch":
+            t0 = time.perf_counter()
+            oks = await asyncio.gather(*(self._raw_fetch(it) for it in a["items"]))
+            return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
         if cmd == "tcp_fetch":
             t0 = time.perf_counter()
             oks = await asyncio.gather(*(self._tcp_fetch(it) for it in a["items"]))
@@ -232,6 +238,53 @@ class _Worker:
             pass
         finally:
             writer.close()
+
+    # Bare-iroh baseline for the benchmark: the same transport adapter with none of the node's
+    # protocol (a second endpoint; request = 32-byte hash, reply = the blob, then end of stream).
+    async def _raw_serve(self) -> dict:
+        from psyche.p2p.iroh_transport import IrohTransport
+
+        self.raw = await IrohTransport.bind(os.urandom(32))
+        self.raw_conns: dict[bytes, object] = {}
+
+        async def serve_stream(stream) -> None:
+            from psyche.p2p.transport import read_exactly
+
+            data = self.node.blobs.get(await read_exactly(stream, 32)) or b""
+            await stream.write(data)
+            await stream.finish()
+
+        async def serve_conn(conn) -> None:
+            while True:
+                try:
+                    stream = await conn.accept_stream()
+                except P2PError:
+                    return
+                asyncio.ensure_future(serve_stream(stream))
+
+        async def accept() -> None:
+            while (conn := await self.raw.accept()) is not None:
+                asyncio.ensure_future(serve_conn(conn))
+
+        self.raw_accept = asyncio.ensure_future(accept())
+        return {"raw_id": self.raw.local_id.hex(), "raw_address": self.raw.address}
+
+    async def _raw_fetch(self, it: dict) -> bool:
+        from psyche.p2p.wire import content_hash
+
+        peer = bytes.fromhex(it["raw_id"])
+        conn = self.raw_conns.get(peer)
+        if conn is None or conn.is_closed:
+            conn = self.raw_conns[peer] = await self.raw.connect(peer, it["raw_address"])
+        stream = await conn.open_stream()
+        h = bytes.fromhex(it["hash"])
+        await stream.write(h)
+        await stream.finish()
+        chunks = []
+        while chunk := await stream.read(1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        return len(data) == it["size"] and content_hash(data) == h
 
     async def _tcp_fetch(self, it: dict) -> bool:
         from psyche.p2p.wire import content_hash
