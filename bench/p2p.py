@@ -49,38 +49,27 @@ LLAMA_SMALL = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num
 LLAMA_BEFORE = dict(LLAMA_SMALL, vocab_size=32000)
 
 
-def _all_to_all(workers, size: int, seed_base: int) -> tuple[float, float]:
+def _all_to_all(workers, size: int, seed_base: int) -> tuple[float, float, float]:
     """Publish one blob per worker, then every worker fetches all others over psyche.p2p, plain TCP
     and bare iroh streams. Returns (p2p seconds, tcp seconds, bare iroh seconds), each from start to
     the last completion."""
     hashes = [w.call("publish", seed=seed_base + i, size=size)["hash"] for i, w in enumerate(workers)]
-    items = lambda i: [(j, hashes[j]) for j in range(len(workers)) if j != i]  # noqa: E731
 
-    t0 = time.perf_counter()
-    rids = [w.send("fetch_many", timeout=300, items=[{"hash": h, "size": size, "providers": [workers[j].id.hex()]} for j, h in items(i)])
-            for i, w in enumerate(workers)]
-    for w, rid in zip(workers, rids):
-        res = w.result(rid, 600)["results"]
-        if not all(r["fetched"] for r in res):
-            raise RuntimeError(f"iroh fetch failed: {[r for r in res if not r['fetched']][:1]}")
-    t_iroh = time.perf_counter() - t0
+    def timed(cmd: str, item, ok, what: str, **args) -> float:
+        """Every worker runs ``cmd`` over ``item(publisher, hash)`` for all others' blobs at once."""
+        t0 = time.perf_counter()
+        rids = [w.send(cmd, items=[item(p, h) for p, h in zip(workers, hashes) if p is not w], **args) for w in workers]
+        for w, rid in zip(workers, rids):
+            reply = w.result(rid, 600)
+            if not ok(reply):
+                raise RuntimeError(f"{what} failed: {reply}"[:300])
+        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    rids = [w.send("tcp_fetch", items=[{"port": workers[j].tcp_port, "hash": h, "size": size} for j, h in items(i)])
-            for i, w in enumerate(workers)]
-    for w, rid in zip(workers, rids):
-        if not w.result(rid, 600)["ok"]:
-            raise RuntimeError("tcp fetch returned wrong bytes")
-    t_tcp = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    rids = [w.send("raw_fetch", items=[{"raw_id": workers[j].raw_id, "raw_address": workers[j].raw_address, "hash": h,
-                                        "size": size} for j, h in items(i)])
-            for i, w in enumerate(workers)]
-    for w, rid in zip(workers, rids):
-        if not w.result(rid, 600)["ok"]:
-            raise RuntimeError("bare iroh fetch returned wrong bytes")
-    t_raw = time.perf_counter() - t0
+    t_iroh = timed("fetch_many", lambda p, h: {"hash": h, "size": size, "providers": [p.id.hex()]},
+                   lambda r: all(x["fetched"] for x in r["results"]), "iroh fetch", timeout=300)
+    t_tcp = timed("tcp_fetch", lambda p, h: {"port": p.tcp_port, "hash": h, "size": size}, lambda r: r["ok"], "tcp fetch")
+    t_raw = timed("raw_fetch", lambda p, h: {"raw_id": p.raw_id, "raw_address": p.raw_address, "hash": h, "size": size},
+                  lambda r: r["ok"], "bare iroh fetch")
     return t_iroh, t_tcp, t_raw
 
 

@@ -543,8 +543,7 @@ class P2PNode:
                 try:
                     await stream.write(encode_frame(GetManifest()))
                     await stream.finish()
-                    data = await self._read_payload(stream, peer, size=max_manifest_bytes, expected_hash=None)
-                    return peer, bytes(data)
+                    return peer, await self._read_payload(stream, peer, size=max_manifest_bytes, expected_hash=None)
                 except BaseException:
                     stream.abort()
                     raise

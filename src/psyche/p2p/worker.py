@@ -83,12 +83,11 @@ async def _fetch_llama(node, a: dict) -> dict:
     rss0, _ = _memory()
     model = _llama(a, a.get("seed", 12345))
     providers = [bytes.fromhex(p) for p in a["providers"]]
+    in_place = a.get("into", "model") == "model"
     t0 = time.perf_counter()
-    if a.get("into", "model") == "model":
-        fetched = await node.fetch_model(providers, into=StateDictSink(model.state_dict()), timeout=a.get("timeout", 600),
-                                         max_providers=a.get("max_providers", 3))
-    else:
-        fetched = await node.fetch_model(providers, timeout=a.get("timeout", 600), max_providers=a.get("max_providers", 3))
+    fetched = await node.fetch_model(providers, into=StateDictSink(model.state_dict()) if in_place else None,
+                                     timeout=a.get("timeout", 600), max_providers=a.get("max_providers", 3))
+    if not in_place:
         model.load_state_dict(fetched.to_state_dict())
     seconds = time.perf_counter() - t0
     _, peak = _memory()
@@ -205,13 +204,10 @@ class _Worker:
             return {"port": self.tcp_server.sockets[0].getsockname()[1]}
         if cmd == "raw_serve":
             return await self._raw_serve()
-        if cmd == "raw_fetch":
+        if cmd in ("raw_fetch", "tcp_fetch"):  # baselines: fetch all items at once, each checked by hash
+            fetch = self._raw_fetch if cmd == "raw_fetch" else self._tcp_fetch
             t0 = time.perf_counter()
-            oks = await asyncio.gather(*(self._raw_fetch(it) for it in a["items"]))
-            return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
-        if cmd == "tcp_fetch":
-            t0 = time.perf_counter()
-            oks = await asyncio.gather(*(self._tcp_fetch(it) for it in a["items"]))
+            oks = await asyncio.gather(*(fetch(it) for it in a["items"]))
             return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
         raise ValueError(f"unknown command {cmd!r}")
 
