@@ -63,7 +63,7 @@ micro_batch_size = 2
     ckpt = workdir / "run" / "checkpoint"
     assert f"checkpoint: {ckpt}" in out.replace("\n", " ") or str(ckpt) in out
     lines = (workdir / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == list(range(6))
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
 
     code, out1 = run("generate", "--checkpoint", ckpt, "--prompt", "Red", "--max-new-tokens", 12, "--seed", 3)
     assert code == 0, out1

@@ -49,9 +49,9 @@ def test_training_on_fortunes_lowers_the_loss(tmp_path, fortunes, kind):
     assert r.final_val_loss < r.initial_val_loss - (1.0 if kind == "adamw" else 0.5)
     assert r.last_loss < r.first_loss - 0.5
     rows = read_metrics(r.metrics_path)
-    assert [m["step"] for m in rows] == list(range(20))
+    assert [m["step"] for m in rows] == list(range(1, 21))  # step k: the k-th update
     assert all({"step", "loss", "lr", "tokens_per_sec", "grad_norm"} <= m.keys() for m in rows)
-    assert [m["step"] for m in rows if "val_loss" in m] == [9, 19]
+    assert [m["step"] for m in rows if "val_loss" in m] == [10, 20]
     assert rows[-1]["val_loss"] == r.final_val_loss
     ck = load_checkpoint(r.checkpoint)
     assert ck.step == 20 and ck.state["optimizer_kind"] == kind and ck.state["config_digest"] == cfg.digest()
@@ -79,7 +79,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, small
     for (name, x), (_, y) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
         assert torch.equal(x, y), name
     la, lb = read_metrics(whole.metrics_path), read_metrics(rest.metrics_path)
-    assert [m["step"] for m in lb] == list(range(6))
+    assert [m["step"] for m in lb] == list(range(1, 7))
     assert [m["loss"] for m in la] == [m["loss"] for m in lb]
 
 

@@ -3,9 +3,13 @@
 Per step: set the LR, read the step's batch, forward/backward over micro-batches and
 clip (:func:`compute_gradients`), update unless the step was not finite (AdamW, or
 DisTrO's ``generate()`` then ``apply([own results])`` as a network of one peer),
-maybe evaluate, log a metrics line, maybe checkpoint. Step ``s`` trains sample
-indices ``[s*B, (s+1)*B)`` of the train split, so a run is reproducible and a resumed
-run continues with exactly the data it would have seen.
+maybe evaluate, log a metrics line, maybe checkpoint.
+
+Steps are counted as the network counts them: step ``k`` is the ``k``-th optimizer
+update (from 1), and a run "at step ``k``" has completed ``k`` steps (0 before any
+training). Step ``k`` trains sample indices ``[(k-1)*B, k*B)`` of the train split with
+the LR ``lr_at(k-1)``, as a client trains the coordinator's step ``k``, so a run is
+reproducible and a resumed run continues with exactly the data it would have seen.
 """
 
 from __future__ import annotations
@@ -128,11 +132,13 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
           progress: bool = True) -> TrainResult:
     """Train ``cfg``'s model on one machine to ``steps`` total steps (default
     ``coordinator.total_steps``); write ``out_dir/metrics.jsonl`` (one JSON line per
-    step: step, loss, lr, tokens_per_sec, grad_norm, and val_loss when measured) and
-    ``out_dir/checkpoint/``. ``resume`` continues from a checkpoint folder written by this
-    function (weights, optimizer state, step). The LR schedule spans ``steps``;
-    ``stop_at`` ends this call after that many steps (checkpointing there), so a later
-    ``resume`` finishes the run exactly as an uninterrupted one would have.
+    step, numbered 1..``steps``: step, loss, lr, tokens_per_sec, grad_norm, and val_loss
+    when measured) and ``out_dir/checkpoint/`` (its ``step`` is the number of steps
+    completed, as in a client's checkpoint). ``resume`` continues from a checkpoint folder
+    written by this function (weights, optimizer state, step) with the next step. The LR
+    schedule spans ``steps``; ``stop_at`` ends this call after that many steps
+    (checkpointing there), so a later ``resume`` finishes the run exactly as an
+    uninterrupted one would have.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -169,11 +175,12 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     n_params = count_parameters(model)
     every = eval_every or max(1, total // 5)
     console.print(f"training {cfg.name} on {dev}: {n_params / 1e6:.2f}M params, {kind}, {total} steps x "
-                  f"{B} x {cfg.model.seq_len} tokens" + (f", resuming at step {start}" if start else ""),
+                  f"{B} x {cfg.model.seq_len} tokens" + (f", resuming after step {start}" if start else ""),
                   highlight=False)
 
     initial_val = evaluate(model, data.val, batches=eval_batches, batch_size=B, autocast_dtype=amp)
-    console.print(f"val loss at step {start}: {initial_val:.4f}", highlight=False)
+    console.print(f"val loss {'after step ' + str(start) if start else 'before training'}: {initial_val:.4f}",
+                  highlight=False)
     metrics_path = out / "metrics.jsonl"
     ckpt_dir = out / "checkpoint"
     skipped = consecutive_skips = 0
@@ -194,19 +201,20 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     # A resumed run continues its metrics file; a fresh run starts a new one.
     with metrics_path.open("a" if resume is not None else "w") as log, Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("train", total=total, completed=start, loss=math.nan, lr=0.0, tps=0.0, val=initial_val)
-        for step in range(start, end):
+        # `step` is the step's number (from 1); `step - 1` steps are done before it.
+        for step in range(start + 1, end + 1):
             # 1) the learning rate of this step
-            lr = lr_at(step, cfg.lr, total)
+            lr = lr_at(step - 1, cfg.lr, total)
             for group in opt.param_groups:
                 group["lr"] = lr
             # 2) this step's samples, forward/backward over micro-batches, clip
             t0 = time.perf_counter()
-            batch = data.train.batch(range(step * B, (step + 1) * B))  # (B, T+1)
+            batch = data.train.batch(range((step - 1) * B, step * B))  # (B, T+1)
             stats = compute_gradients(model, batch, micro_batch_size=cfg.optimizer.micro_batch_size,
                                       grad_clip=cfg.optimizer.grad_clip, autocast_dtype=amp)
             # 3) update, unless the loss or gradient is not finite
             if stats.finite:
-                optimizer_update(opt, kind, warmup_factor=warmup_fraction(step, cfg.lr)
+                optimizer_update(opt, kind, warmup_factor=warmup_fraction(step - 1, cfg.lr)
                                  if cfg.optimizer.momentum_warmup else 1.0)
                 consecutive_skips = 0
             else:
@@ -226,7 +234,7 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
                                       "tokens": stats.tokens, "tokens_per_sec": stats.tokens / dt if dt > 0 else None,
                                       "skipped": not stats.finite}
             # 4) evaluate every `every` steps and after the last one
-            if (step + 1) % every == 0 or step + 1 == end:
+            if step % every == 0 or step == end:
                 val_loss = evaluate(model, data.val, batches=eval_batches, batch_size=B, autocast_dtype=amp)
                 record["val_loss"] = val_loss
                 bar.console.print(f"step {step}: loss {stats.loss:.4f}  val {val_loss:.4f}  lr {lr:.2e}  "
@@ -235,8 +243,8 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
             log.flush()
             bar.update(task, advance=1, loss=stats.loss, lr=lr, tps=record["tokens_per_sec"] or 0.0, val=val_loss)
             # 5) periodic checkpoint
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < end:
-                checkpoint(step + 1)
+            if checkpoint_every and step % checkpoint_every == 0 and step < end:
+                checkpoint(step)
     path = checkpoint(end)
     console.print(f"val loss {initial_val:.4f} -> {val_loss:.4f}; checkpoint written to {path}"
                   + (f" (stopped at step {end} of {total}; continue with --resume {path})" if end < total else ""),
