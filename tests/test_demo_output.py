@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from psyche.demo import run_summary_line, write_metrics
 
 
@@ -32,3 +34,29 @@ def test_summary_line_names_the_loss_drop_and_the_bytes_saved():
     assert line == ("validation loss 8.50 → 7.25; 6,000 bytes of results per client per step, "
                     "1,200× fewer than an fp32 all-reduce")
     assert run_summary_line({"history": []}) is None
+
+
+def _table_text(status: dict) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from psyche.demo import _progress_table
+
+    out = StringIO()
+    Console(file=out, width=160, color_system=None).print(_progress_table(status, "http://127.0.0.1:1"))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("state", "step", "shown"), [
+    ("WaitingForMembers", 1, "0/10"),  # nothing trained yet
+    ("RoundTrain", 5, "4/10"),         # step 5 trains: 4 are done
+    ("RoundWitness", 10, "9/10"),
+    ("Finished", 10, "10/10"),         # the API reports total_steps once Finished
+])
+def test_progress_table_counts_steps_done(state, step, shown):
+    text = _table_text({"run_id": "r", "state": state, "epoch": 0, "step": step, "total_steps": 10, "history": []})
+    header = next(line for line in text.splitlines() if "state" in line and "epoch" in line)
+    row = next(line for line in text.splitlines() if state in line)
+    assert "steps done" in header
+    assert row.split("│")[3].strip() == shown, text

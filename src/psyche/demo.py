@@ -131,9 +131,19 @@ def run_summary_line(status: dict) -> str | None:
     return "; ".join(parts) or None
 
 
+def steps_done(status: dict) -> int:
+    """Optimizer steps a run has completed, from its Status API document: 0 before any
+    training, ``total_steps`` once Finished (the document's ``step`` is the coordinator's
+    step of the current or next round, except once Finished, where it is ``total_steps``)."""
+    if isinstance(status.get("steps_completed"), int):
+        return status["steps_completed"]
+    step = int(status.get("step") or 1)
+    return step if status.get("state") == "Finished" else max(0, step - 1)
+
+
 def _progress_table(status: dict, url: str) -> Table:
     t = Table(title=f"psyche demo — run {status.get('run_id')} — dashboard {url}", expand=False)
-    for col in ("state", "epoch", "step", "loss", "val loss", "clients", "tokens/s", "bytes/step"):
+    for col in ("state", "epoch", "steps done", "loss", "val loss", "clients", "tokens/s", "bytes/step"):
         t.add_column(col)
     hist = status.get("history") or [{}]
     last = hist[-1]
@@ -141,7 +151,7 @@ def _progress_table(status: dict, url: str) -> Table:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     healthy = sum(1 for c in status.get("clients", []) if c.get("state") == "Healthy")
     t.add_row(
-        str(status.get("state")), str(status.get("epoch")), f"{status.get('step')}/{status.get('total_steps')}",
+        str(status.get("state")), str(status.get("epoch")), f"{steps_done(status)}/{status.get('total_steps')}",
         fmt(last.get("loss"), ".3f"), fmt(vals[-1] if vals else None, ".3f"), str(healthy),
         fmt(last.get("tokens_per_sec"), ".0f"), fmt(last.get("bytes_per_step"), ",.0f"),
     )
@@ -196,7 +206,7 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
         console.print("[red]the run did not finish[/]; logs are in " + str(out / "logs"))
         return 1
     n = write_metrics(status, out / "metrics.jsonl")
-    console.print(f"finished {status['step']} steps; {n} metric rows in {out / 'metrics.jsonl'}")
+    console.print(f"finished {steps_done(status)} steps; {n} metric rows in {out / 'metrics.jsonl'}")
     if summary := run_summary_line(status):
         console.print(summary, highlight=False)
     if not (ckpt / "config.json").exists():

@@ -340,6 +340,17 @@ def address_of(state: CoordinatorState, client_id: bytes) -> str | None:
     return None
 
 
+def steps_completed(state: CoordinatorState) -> int:
+    """Optimizer steps the run has completed: 0 before any training, ``total_steps`` once
+    Finished. This is "the step a run is at" wherever a person reads one; ``state.step``
+    is the step of the current (or next) round, one more.
+
+    A round's step counts as completed once its witness round closed (the step moved on):
+    while step ``k`` trains or is witnessed, ``k - 1`` are completed.
+    """
+    return state.step - 1
+
+
 def round_stats(state: CoordinatorState) -> list[RoundStats]:
     """Witness metadata of the last finished rounds, oldest first (bounded ring)."""
     return list(state.stats)

@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from psyche.coordinator import queries as q
+
 if TYPE_CHECKING:
     from psyche.ledger.server import CoordinatorServer
 
@@ -19,7 +21,8 @@ class _RunsCollector:
         self.server = server
 
     def collect(self):
-        step = GaugeMetricFamily("psyche_run_step", "Current optimizer step of the run", labels=["run_id"])
+        step = GaugeMetricFamily("psyche_run_step", "Optimizer steps the run has completed (0 before training, "
+                                 "total_steps once finished)", labels=["run_id"])
         epoch = GaugeMetricFamily("psyche_run_epoch", "Current epoch of the run", labels=["run_id"])
         state = GaugeMetricFamily("psyche_run_state", "1 for the run's current state", labels=["run_id", "state"])
         clients = GaugeMetricFamily("psyche_run_clients", "Clients of the run by health", labels=["run_id", "health"])
@@ -27,7 +30,7 @@ class _RunsCollector:
         refused = CounterMetricFamily("psyche_run_refused", "Instructions the coordinator refused", labels=["run_id", "error"])
         for run_id, host in self.server.hosts.items():
             s = host.coordinator.state
-            step.add_metric([run_id], s.step)
+            step.add_metric([run_id], q.steps_completed(s))
             epoch.add_metric([run_id], s.epoch)
             state.add_metric([run_id, str(s.run_state.value)], 1)
             counts: dict[str, int] = {}

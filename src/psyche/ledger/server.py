@@ -55,7 +55,8 @@ class CoordinatorServer:
             cfg = parse_config(stored.config)
             coord = Coordinator.from_bytes(stored.state)
             self._add(cfg, RunHost(coord, store=store, seq=stored.seq, host_key=host_key))
-            log.info("resumed run %s at seq %d (step %d)", cfg.run_id, stored.seq, coord.state.step)
+            log.info("resumed run %s at seq %d after step %d of %d (%s)", cfg.run_id, stored.seq,
+                     q.steps_completed(coord.state), coord.state.settings.total_steps, coord.state.run_state.value)
 
     def _add(self, cfg: RunConfig, host: RunHost) -> None:
         self.hosts[cfg.run_id] = host
