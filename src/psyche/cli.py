@@ -44,7 +44,9 @@ def _root() -> None:
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one error line to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape  # a message is plain text: "[coordinator]" must print, not vanish as markup
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -84,17 +86,33 @@ def require_port(host: str, port: int) -> None:
 def validate_config(
     path: Annotated[Path, typer.Argument(help="A run config TOML file.")],
 ) -> None:
-    """Check a run config; print OK or every violated rule with its field."""
+    """Check a run config; print OK or every violated rule with its field.
+
+    A local data.location (relative to the config file's folder) must be a token folder
+    whose vocabulary fits model.vocab_size; an http(s):// or psyche:// one is not contacted.
+    """
     from psyche.config import ConfigError, load_config
+    from psyche.data import builds_on_first_use, data_problems, is_checked_offline
 
     try:
         cfg = load_config(path)
+        problems = data_problems(cfg)
     except ConfigError as exc:
-        err_console.print(f"[bold red]{len(exc.problems)} problem(s)[/] in {path}:", highlight=False)
-        for p in exc.problems:
+        problems = exc.problems
+    if problems:
+        err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {path}:", highlight=False)
+        for p in problems:
             err_console.print(f"  {p.field}: {p.message}", highlight=False, markup=False)
         raise typer.Exit(1)
-    console.print(f"OK  {path}  (run {cfg.run_id}, digest {cfg.digest()[:12]})", highlight=False)
+    loc = cfg.data_location()
+    if not is_checked_offline(cfg):
+        data = "remote, not checked here: each client checks it when it opens it"
+    elif builds_on_first_use(loc) and not Path(loc).exists():
+        data = "not built yet: psyche train, client and demo build it from Debian's fortunes on first use"
+    else:
+        data = "a token folder that fits the model"
+    console.print(f"OK  {path}  (run {cfg.run_id}, digest {cfg.digest()[:12]}; data {loc}: {data})",
+                  highlight=False, markup=False)
 
 
 # Subcommands registered by their own modules' authors go below; keep each a thin
@@ -191,13 +209,29 @@ def bench_distro_cmd(
 
 @app.command("tokenize")
 def tokenize_cmd(
-    corpus: Annotated[list[Path] | None, typer.Option(help="Text file or folder (repeatable); default: Debian fortunes.")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="An existing tokenizer.json to use instead of training a BPE.")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option(help="A text file, or a folder of them (repeatable; see above). Default: Debian's fortunes, /usr/share/games/fortunes.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="An existing tokenizer.json (with an <|endoftext|> token) to use instead of training a BPE.")] = None,
     vocab_size: Annotated[int, typer.Option(min=258, help="Vocabulary of the BPE trained when no --tokenizer is given.")] = 4096,
-    out: Annotated[Path, typer.Option(help="Token folder to write (train.bin, val.bin, tokenizer.json, meta.json).")] = Path("data/fortunes"),
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of documents held out for validation.")] = 0.05,
+    out: Annotated[Path, typer.Option(help="Token folder to write (train.bin, val.bin, tokenizer.json, meta.json); a token folder already there is replaced, any other non-empty folder or file refused.")] = Path("data/fortunes"),
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of documents held out for validation (val.bin), picked by a hash of each document's text.")] = 0.05,
 ) -> None:
-    """Turn a text corpus into flat token files and a tokenizer (a token folder)."""
+    """Turn a text corpus into flat token files and a tokenizer (a token folder).
+
+    Files read: each --corpus file, whatever its name, as UTF-8 text (bytes that are
+    not UTF-8 become U+FFFD); for a --corpus folder, the regular files directly in it
+    (not its subfolders), in name order, skipping symlinks and *.dat files (fortune
+    indexes). Without --corpus: every fortune file in /usr/share/games/fortunes
+    (Debian package fortunes).
+
+    Documents: a file with a line that is exactly % (the fortune format) is cut at
+    those lines; any other file at blank lines (paragraphs). Backspace overstriking
+    is rendered as a terminal shows it, other control characters except tab are
+    dropped, trailing spaces and surrounding blank lines are stripped and empty
+    documents dropped. Each document is followed by the <|endoftext|> token.
+
+    Without --tokenizer, a byte-level BPE of --vocab-size tokens is trained on the
+    training documents (the same corpus gives the same tokenizer).
+    """
     from psyche.data import DataError, tokenize_corpus
 
     try:
@@ -258,9 +292,11 @@ def generate_cmd(
     """Stream text from a checkpoint."""
     import sys
 
-    from psyche.generate import GenerateError, Generator
+    from psyche.generate import GenerateError, Generator, checkpoint_folder_problem
 
     require_device(device)
+    if problem := checkpoint_folder_problem(checkpoint):
+        fail(f"--checkpoint {problem}")  # before torch and transformers load: a typo is told at once
     try:
         gen = Generator.from_checkpoint(checkpoint, device=device)
         sys.stdout.write(prompt)

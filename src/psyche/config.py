@@ -16,14 +16,16 @@ This module imports no torch: the coordinator, the server and the CLI read it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 
 class _Section(BaseModel):
@@ -71,7 +73,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where the pre-tokenized training data lives."""
 
-    location: str = Field("data/fortunes", description="A folder with train.bin/val.bin/meta.json, an http(s) URL of one, or a data server URL.")
+    location: str = Field("data/fortunes", description="A folder with train.bin/val.bin/meta.json, an http(s) URL of one, or a data server URL. "
+                          "A relative folder in a config file is relative to that file's folder (see RunConfig.data_location).")
     provider: Literal["auto", "local", "http", "server"] = Field("auto", description="'auto' picks by the location's form.")
     shuffle_seed: int = Field(0, description="Seed that maps sample indices onto sequences of the token file.")
 
@@ -121,6 +124,43 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     lr: LRScheduleConfig = LRScheduleConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+
+    # The folder of the TOML file this config was read from; None when it came from
+    # elsewhere (a server, a dict). Not a field: it stays out of model_dump() and so out of
+    # digest(), which server, chain and clients compare wherever each keeps its copy.
+    _source_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The absolute folder of the config file this was read from by :func:`load_config`,
+        or ``None`` for a config built from a dict (e.g. received from a server)."""
+        return self._source_dir
+
+    def local_path(self, value: str) -> str:
+        """A path written in this config, as this process must open it.
+
+        A relative path read from a config file is relative to that file's folder (so
+        ``psyche train --config ../mine.toml`` opens what ``../mine.toml`` names); one in a
+        config without a file stays relative to the current folder. Absolute paths and
+        URLs (anything with ``://``) come back unchanged.
+
+        >>> cfg = parse_config({"name": "x"})
+        >>> cfg._source_dir = Path("/runs/cfg")
+        >>> cfg.local_path("../data/fortunes"), cfg.local_path("https://h/d")
+        ('/runs/data/fortunes', 'https://h/d')
+        """
+        if self._source_dir is None or "://" in value or Path(value).is_absolute():
+            return value
+        return os.path.normpath(self._source_dir / value)
+
+    def data_location(self) -> str:
+        """``data.location`` as this process opens it: a folder written in a config file is
+        relative to that file (:meth:`local_path`); the default ``data/fortunes``, when the
+        file does not set one, is relative to the current folder, where ``psyche tokenize``
+        writes it by default and where clients of a server look for it."""
+        if "location" not in self.data.model_fields_set:
+            return self.data.location
+        return self.local_path(self.data.location)
 
     @property
     def run_id(self) -> str:
@@ -190,13 +230,51 @@ def rule_violations(cfg: RunConfig) -> list[ConfigProblem]:
     return out
 
 
+# The tables of a run config ([coordinator], [model], ...), as opposed to its plain fields.
+_SECTIONS = {name for name, f in RunConfig.model_fields.items()
+             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config section (model class) that holds the field at ``loc``, if any."""
+    section: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        section = field.annotation
+    return section
+
+
+def unknown_field_message(loc: tuple) -> str:
+    """What to say about the unknown field at ``loc``: the closest known name if one is
+    near (``did you mean `total_steps`?``), else the known names of its section.
+
+    >>> unknown_field_message(("coordinator", "total_step"))
+    'unknown field; did you mean `total_steps`?'
+    >>> unknown_field_message(("cordinator",))
+    'unknown section; did you mean [coordinator]?'
+    """
+    section = _section_at(loc)
+    if section is None:
+        return "unknown field"
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    is_section = bool(close) and section is RunConfig and close[0] in _SECTIONS
+    kind = "section" if is_section else "field"
+    if close:
+        return f"unknown {kind}; did you mean " + (f"[{close[0]}]?" if is_section else f"`{close[0]}`?")
+    where = "" if section is RunConfig else f" of [{'.'.join(map(str, loc[:-1]))}]"
+    return f"unknown field; the known fields{where} are: {', '.join(known)}"
+
+
 def _pydantic_problems(exc: ValidationError) -> list[ConfigProblem]:
     out = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see config/*.toml for the known ones)"
+            msg = unknown_field_message(tuple(err["loc"]))
         elif "input" in err and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
         out.append(ConfigProblem(field, msg))
@@ -216,8 +294,11 @@ def parse_config(data: dict[str, Any], source: str = "run config") -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run config; a relative ``data.location``/``model.checkpoint``
-    is resolved against the config file's folder only if it exists there."""
+    """Read and validate a TOML run config, or raise :class:`ConfigError` listing every problem.
+
+    The file's folder is kept as :attr:`RunConfig.source_dir` (outside the digest), so a
+    relative ``data.location`` is opened relative to the file (:meth:`RunConfig.local_path`),
+    wherever the command runs."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -227,4 +308,6 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem("<toml>", str(exc))], str(path)) from None
-    return parse_config(data, str(path))
+    cfg = parse_config(data, str(path))
+    cfg._source_dir = Path(os.path.abspath(path.parent))
+    return cfg

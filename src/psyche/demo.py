@@ -171,7 +171,7 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
     for sub in ("keys", "logs", "profiles"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     base = load_config(config or DEFAULT_CONFIG)
-    location = base.data.location
+    location = base.data_location()  # a folder written in the config file is relative to that file
     if location == "data/fortunes" and not Path(location).exists():
         location = str(ensure_default_dataset(Path("data/fortunes")).resolve())
     cfg = demo_config(base, clients=clients, steps=steps, data_location=str(Path(location).resolve()) if Path(location).exists() else location)

@@ -13,13 +13,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 EOT = "<|endoftext|>"
 
 
 class GenerateError(ValueError):
     """The checkpoint or the sampling options cannot be used; the message says which."""
+
+
+def checkpoint_folder_problem(path: Path) -> str | None:
+    """Why ``path`` is not a checkpoint folder (a ``save_pretrained`` folder with a
+    ``config.json``), as one line naming it and what to pass instead; ``None`` if it is one.
+
+    A folder that is not one itself but holds exactly one checkpoint folder (``runs/demo``
+    holds ``runs/demo/checkpoint``) gets that one suggested; several are listed.
+    """
+    if (path / "config.json").is_file():
+        return None
+    if not path.exists():
+        return f"{path}: no such folder (pass the checkpoint folder psyche train or demo wrote, e.g. runs/<run name>/checkpoint)"
+    if not path.is_dir():
+        return f"{path}: is a file, not a checkpoint folder (pass the folder that holds config.json)"
+    found = sorted(sub for sub in path.iterdir() if (sub / "config.json").is_file())
+    if len(found) == 1:
+        return f"{path}: not a checkpoint folder (no config.json); did you mean {found[0]}?"
+    if found:
+        shown = ", ".join(str(sub) for sub in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        return f"{path}: not a checkpoint folder (no config.json); it holds {len(found)} checkpoints: pass one of {shown}"
+    return f"{path}: not a checkpoint folder (no config.json)"
 
 
 @dataclass
@@ -38,8 +58,8 @@ class Generator:
         from psyche.train.model import load_pretrained
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise GenerateError(f"{path}: not a checkpoint folder (no config.json)")
+        if problem := checkpoint_folder_problem(path):
+            raise GenerateError(problem)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
@@ -55,6 +75,7 @@ class Generator:
         temperature 0 is greedy."""
         import threading
 
+        import torch
         from transformers import TextIteratorStreamer
 
         if temperature < 0:

@@ -8,6 +8,8 @@ Public API::
     TokenFile(path, *, dtype)      # a TokenSource: .read_tokens(offset, count)
     register_source(name, opener)  # plug in an HTTP / data-server token source
     tokenize_corpus(...), ensure_default_dataset(out_dir="data/fortunes") -> Path
+    data_problems(run_cfg) -> list[ConfigProblem]   # why its local token folder cannot be used (reads meta.json and sizes)
+    builds_on_first_use(location), is_checked_offline(run_cfg)
     DataError, DataMissingError, TokenWidthError, SampleIndexError
 """
 
@@ -27,6 +29,7 @@ from psyche.data.provider import (
 )
 from psyche.data import remote as _remote  # noqa: F401  (registers the http and server token sources)
 from psyche.data.tokenize import EOT, corpus_files, ensure_default_dataset, tokenize_corpus
+from psyche.data.check import builds_on_first_use, data_problems, is_checked_offline
 
 __all__ = [
     "EOT",
@@ -38,8 +41,11 @@ __all__ = [
     "TokenFile",
     "TokenSource",
     "TokenWidthError",
+    "builds_on_first_use",
     "corpus_files",
+    "data_problems",
     "ensure_default_dataset",
+    "is_checked_offline",
     "open_provider",
     "open_token_folder_split",
     "provider_kind",

@@ -101,12 +101,12 @@ def optimizer_update(optimizer: torch.optim.Optimizer, kind: OptimizerKind, *, w
 def prepare_data(cfg: "RunConfig", *, location: str | Path | None = None, progress: bool = True) -> "RunData":
     """The run's train/val providers. The default location (``data/fortunes``) is built on
     first use; any other must already exist. The data's vocabulary must fit the model's."""
-    from psyche.config import DataConfig
-    from psyche.data import DataError, ensure_default_dataset, provider_kind, providers_for, read_meta
+    from psyche.data import DataError, builds_on_first_use, ensure_default_dataset, provider_kind, providers_for, read_meta
 
-    loc = str(location if location is not None else cfg.data.location)
+    # A folder written in a config file is relative to that file (RunConfig.data_location).
+    loc = str(location if location is not None else cfg.data_location())
     local = provider_kind(loc, cfg.data.provider) == "local"
-    if local and loc == DataConfig().location and not (Path(loc) / "meta.json").is_file():
+    if local and builds_on_first_use(loc) and not (Path(loc) / "meta.json").is_file():
         ensure_default_dataset(loc, progress=progress)
     if local:
         vocab = read_meta(loc).get("vocab_size", 0)
