@@ -354,11 +354,16 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
 
     from psyche.client.main import server_run_id
     from psyche.coordinator import Pause, Resume
-    from psyche.ledger.base import LedgerError
-    from psyche.ledger.remote import ServerLedger
+    from psyche.ledger.base import InstructionRefused, LedgerUnavailable
+    from psyche.ledger.remote import ServerLedger, server_url_problem
 
+    if (problem := server_url_problem(server)) is not None:
+        fail(problem)
     ident = load_node_key(key)
-    rid = server_run_id(server, run_id)
+    try:
+        rid = server_run_id(server, run_id)
+    except SystemExit as exc:  # one "error: ..." line naming what is wrong with the server
+        fail(str(exc.code).removeprefix("error: "))
     instr = Pause() if instruction_name == "pause" else Resume()
 
     async def send() -> None:
@@ -370,7 +375,9 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
 
     try:
         asyncio.run(send())
-    except LedgerError as exc:
+    except LedgerUnavailable as exc:
+        fail(str(exc))
+    except InstructionRefused as exc:
         fail(f"run {rid}: {instruction_name} refused: {exc}")
     console.print(f"run {rid}: {instruction_name} accepted", highlight=False)
 
@@ -397,14 +404,15 @@ def resume_cmd(
 
 @app.command("client")
 def client_cmd(
-    server: Annotated[str | None, typer.Option(help="Coordinator server URL, e.g. http://127.0.0.1:8000")] = None,
+    server: Annotated[str | None, typer.Option(help="Coordinator server URL, e.g. http://127.0.0.1:8000 "
+                                                    "(required: this or --solana).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Run to join (default: the server's only run).")] = None,
     key: Annotated[Path, typer.Option(help="This node's ed25519 key file; created if missing.")] = Path("client.key"),
     device: Annotated[str, typer.Option(help="cpu or cuda (or cuda:N).")] = "cpu",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Where to write checkpoints when selected.")] = None,
     data: Annotated[str | None, typer.Option(help="Override the run's data location (path, http URL, psyche://).")] = None,
     bind: Annotated[str, typer.Option(help="P2P bind address.")] = "127.0.0.1:0",
-    solana: Annotated[str | None, typer.Option(help="Solana RPC URL (instead of --server).")] = None,
+    solana: Annotated[str | None, typer.Option(help="Solana RPC URL (required instead of --server for a run on Solana).")] = None,
     keypair: Annotated[Path | None, typer.Option(help="Solana keypair file (with --solana; default: --key).")] = None,
     config: Annotated[Path | None, typer.Option(help="The run's config TOML (with --solana; checked against the chain).")] = None,
     profile: Annotated[Path | None, typer.Option(help="On exit, write where this node's time went (JSON).")] = None,
@@ -415,8 +423,12 @@ def client_cmd(
     from psyche.client.main import run_client
     from psyche.p2p.ratelimit import parse_rate
 
+    from psyche.ledger.remote import server_url_problem
+
     if (server is None) == (solana is None):
         fail("pass exactly one of --server URL or --solana URL")
+    if server is not None and (problem := server_url_problem(server)) is not None:
+        fail(problem)
     require_device(device)
     rates = {}
     for name, value in (("max-upload-rate", max_upload_rate), ("max-download-rate", max_download_rate)):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -13,31 +14,67 @@ import httpx
 from rich.console import Console
 
 from psyche.config import ConfigError, RunConfig, parse_config
+from psyche.ledger.remote import server_url_problem, unreachable_message
+
+
+def _get_json(url: str, path: str):
+    """``GET url + path`` as JSON, and its HTTP status; SystemExit with one line if the server
+    cannot be reached or does not answer like a psyche server."""
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}{path}", timeout=10)
+    except httpx.TransportError as exc:
+        raise SystemExit(f"error: {unreachable_message(url, exc)}") from None
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        raise SystemExit(f"error: {url} answered GET {path} with HTTP {resp.status_code} and no JSON; "
+                         "is --server the URL of `psyche server`?") from None
 
 
 def server_run_id(url: str, run_id: str | None) -> str:
     """``run_id``, or the id of the server's only run; SystemExit with a clear line otherwise."""
+    if (problem := server_url_problem(url)) is not None:
+        raise SystemExit(f"error: {problem}")
     if run_id is not None:
         return run_id
-    try:
-        runs = httpx.get(f"{url.rstrip('/')}/api/runs", timeout=10).json()
-    except httpx.TransportError as exc:
-        raise SystemExit(f"error: cannot reach the coordinator server at {url}: {exc!r}") from None
+    code, runs = _get_json(url, "/api/runs")
+    if code != 200 or not isinstance(runs, list):
+        raise SystemExit(f"error: {url} answered GET /api/runs with HTTP {code}; is --server the URL of `psyche server`?")
     if len(runs) != 1:
-        raise SystemExit(f"error: the server hosts {len(runs)} runs; pass --run-id (one of {[r['run_id'] for r in runs]})")
+        raise SystemExit(f"error: the server at {url} hosts {len(runs)} runs; pass --run-id "
+                         f"(one of {[r.get('run_id') for r in runs]})" if runs else
+                         f"error: the server at {url} hosts no run; start it with `psyche server --config RUN.toml`")
     return runs[0]["run_id"]
 
 
 def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
     """The run id and config the server hosts (the only run, if no id is given)."""
     run_id = server_run_id(url, run_id)
+    code, status = _get_json(url, f"/api/runs/{run_id}")
+    if code != 200 or not isinstance(status, dict) or "config" not in status:
+        why = status.get("message") if isinstance(status, dict) and status.get("message") else f"HTTP {code}"
+        raise SystemExit(f"error: {url}: run {run_id!r}: {why}")
+    return run_id, parse_config(status["config"], f"run {run_id} config from {url}")
+
+
+def _load_key(path: Path, *, create: bool):
+    """The node key in ``path`` (None if missing and not ``create``); SystemExit naming the problem."""
+    from psyche.p2p import Identity
+    from psyche.p2p.errors import IdentityError
+
     try:
-        status = httpx.get(f"{url.rstrip('/')}/api/runs/{run_id}", timeout=10)
-    except httpx.TransportError as exc:
-        raise SystemExit(f"error: cannot reach the coordinator server at {url}: {exc!r}") from None
-    if status.status_code != 200:
-        raise SystemExit(f"error: {url}: run {run_id!r}: {status.json().get('message', status.text)}")
-    return run_id, parse_config(status.json()["config"], f"run {run_id} config from {url}")
+        if not create and not path.exists():
+            return None
+        return Identity.load_or_create(path) if create else Identity.load(path)
+    except IdentityError as exc:
+        raise SystemExit(f"error: --key {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"error: --key {path}: {exc.strerror}") from None
+
+
+def _bind_host(bind: str) -> str:
+    """``bind`` with port 0: where a throwaway endpoint dials from to reach the same network."""
+    return f"{bind.rsplit(':', 1)[0]}:0"
 
 
 async def _run(args: dict, console: Console) -> int:
@@ -47,18 +84,19 @@ async def _run(args: dict, console: Console) -> int:
     threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
     from psyche.client.runtime import ClientRuntime, KeyInUse
     from psyche.client.trainer import LocalTrainer
-    from psyche.p2p import Identity, P2PNode
-    from psyche.p2p.errors import IdentityError
+    from psyche.data import DataError
+    from psyche.p2p import P2PNode
+    from psyche.p2p.node import describe_address, endpoint_answers
 
-    try:
-        identity = Identity.load_or_create(args["key"])
-    except IdentityError as exc:
-        raise SystemExit(f"error: --key {exc}") from None
+    key_path = Path(args["key"])
     if args["server"] is not None:
         from psyche.ledger.remote import ServerLedger
 
+        # Nothing is created before the server answered and the run is found: an existing key is
+        # checked first (its problems are the user's to fix either way), a missing one made last.
+        identity = _load_key(key_path, create=False)
         run_id, cfg = _server_run(args["server"], args["run_id"])
-        ledger = ServerLedger(args["server"], run_id, identity)
+        ledger = None
     else:
         from urllib.parse import urlparse
 
@@ -68,6 +106,7 @@ async def _run(args: dict, console: Console) -> int:
 
         if args["run_id"] is None or args["config"] is None:
             raise SystemExit("error: --solana needs --run-id and --config (the run's config file)")
+        identity = _load_key(key_path, create=True)
         cfg = load_config(args["config"])
         try:
             keypair = load_keypair(Path(args["key"]), create=True)
@@ -80,14 +119,23 @@ async def _run(args: dict, console: Console) -> int:
         if digest and digest != cfg.digest():
             raise SystemExit(f"error: {args['config']} is not the config run {args['run_id']!r} was created with "
                              f"(digest {cfg.digest()[:12]} vs {digest[:12]} on chain)")
+    try:
+        trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
+    except DataError as exc:
+        raise SystemExit("error: " + " ".join(str(exc).split())) from None
+    if identity is None:
+        identity = _load_key(key_path, create=True)
     say = lambda msg: console.print(f"[dim]{identity.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
-    trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
+    if ledger is None:
+        ledger = ServerLedger(args["server"], run_id, identity, say=say)
     node = await P2PNode.start(identity, cfg.run_id, bind=args["bind"], upload_rate=args["upload_rate"],
                                download_rate=args["download_rate"])
     caps = [f"{what} ≤ {rate / 1e6:,.2f} MB/s" for what, rate in (("uploads", node.upload_rate), ("downloads", node.download_rate))
             if rate is not None]
     say(f"client {identity.public_key.hex()} for run {cfg.run_id}; p2p address ready" + (f" ({', '.join(caps)})" if caps else ""))
-    runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say)
+    bind = _bind_host(args["bind"])
+    runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say,
+                            key_probe=lambda address: endpoint_answers(identity.public_key, address, bind=bind))
     task = asyncio.create_task(runtime.run())
     loop = asyncio.get_running_loop()
 
@@ -103,7 +151,14 @@ async def _run(args: dict, console: Console) -> int:
         say("stopped")
         return 130
     except KeyInUse as exc:
-        say(f"[red]error:[/] {exc}")
+        where = describe_address(exc.address)
+        if exc.taken_over:
+            line = (f"another process registered {key_path} at {where} while this one ran; "
+                    f"two nodes cannot share a key: stop one, or give each node its own --key")
+        else:
+            line = (f"{key_path} is in use by a live node at {where} (another psyche client?); "
+                    f"give each node its own key: --key other.key")
+        print(f"error: {line}", file=sys.stderr, flush=True)
         return 1
     finally:
         _write_profile(runtime, args["profile"], say)

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +36,14 @@ from psyche.client import timing
 from psyche.coordinator import Checkpoint, HealthCheck, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
-from psyche.coordinator.state import ClientState, RunState
+from psyche.coordinator.state import ClientState, CoordinatorState, RunState
 from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
 from psyche.p2p import ResultCommitment
 
 log = logging.getLogger("psyche.client")
+
+EPOCH_STATES = (RunState.Warmup, RunState.RoundTrain, RunState.RoundWitness, RunState.Cooldown)
+"""Run states inside an epoch (its members fixed)."""
 
 OUTBOX_LIMIT = 256
 """Metrics reports kept while the coordinator is unreachable; the oldest go first beyond this."""
@@ -71,14 +75,59 @@ class StepBook:
 
 
 class KeyInUse(Exception):
-    """Another live process registered this node's key at its own address: two nodes, one identity."""
+    """Another live process uses this node's key: two nodes, one identity.
+
+    ``address`` is where the run reaches that other process. ``taken_over``: it
+    registered the key while this process ran (else: this process found it alive
+    before joining, and stays out).
+    """
+
+    def __init__(self, address: str, *, taken_over: bool):
+        self.address = address
+        self.taken_over = taken_over
+        what = ("another process registered this node's key at {} while this one ran" if taken_over
+                else "this node's key is in use by a live node at {}")
+        super().__init__(what.format(address[:40]) + "; two nodes cannot share a key: stop one, or give each its own --key")
+
+
+def wait_notice(s: CoordinatorState, me: bytes) -> str | None:
+    """What node ``me`` waits for in state ``s``, as a line for its user; None when it is not waiting.
+
+    The same wait gives the same line, so a caller that says each new line once tells
+    the user when a wait begins and when its numbers change, and nothing more.
+    """
+    m = q.member(s, me)
+    healthy = m is not None and m.state is ClientState.Healthy
+    joined = me in s.pending
+    cfg = s.settings
+    match s.run_state:
+        case RunState.Uninitialized:
+            return "the run is not started yet; waiting for its authority to start it (`psyche resume`)"
+        case RunState.Paused:
+            return f"the run is paused after step {s.step - 1}; waiting for its authority to resume it (`psyche resume`)"
+        case RunState.WaitingForMembers if healthy or joined:
+            have, need = len(q.healthy_clients(s)) + len(s.pending), cfg.init_min_clients
+            if have < need:
+                return f"waiting for members: {have} of {need} needed to start (init_min_clients = {need})"
+            return (f"{have} members joined; epoch {s.epoch} starts once no more join for "
+                    f"{cfg.waiting_for_members_extra_time}s (waiting_for_members_extra_time)")
+        case RunState.Warmup if healthy:
+            return (f"epoch {s.epoch} starts with {len(s.clients)} members; warmup: getting the model "
+                    f"(up to {cfg.warmup_time}s)")
+        case RunState.Warmup | RunState.RoundTrain | RunState.RoundWitness | RunState.Cooldown if joined and not healthy:
+            return f"waiting for epoch {s.epoch} to end (step {s.step} of {cfg.total_steps}): this node joins epoch {s.epoch + 1}"
+    return None
 
 
 class ClientRuntime:
     """One node in one run. ``node`` is a started :class:`psyche.p2p.P2PNode`."""
 
     def __init__(self, ledger: Ledger, node, trainer, identity, *, checkpoint_dir: Path | None = None,
-                 eval_every: int = 5, say=print):
+                 eval_every: int = 5, say=print, key_probe: Callable[[str], Awaitable[bool]] | None = None):
+        """``key_probe(address)``: whether a live process holding this node's key answers at
+        ``address`` (see :func:`psyche.p2p.node.endpoint_answers`); checked once, before this
+        process first registers its own address, so a second process started with a key in use
+        stays out instead of taking the key from a healthy node. None: never checked."""
         self.ledger = ledger
         self.node = node
         self.trainer = trainer
@@ -91,6 +140,11 @@ class ClientRuntime:
         self._stop_requested = False
         self._registered: set[str] = set()
         """P2P addresses this process has registered for its key (its joins)."""
+        self.key_probe = key_probe
+        self._key_checked = False
+        self._notice: str | None = None
+        """The last wait this node told its user about."""
+        self._epoch_told: int | None = None
         self.books: dict[int, StepBook] = defaultdict(StepBook)
         self.blobs: dict[bytes, bytes] = {}
         self.applied_step = 0
@@ -196,7 +250,9 @@ class ClientRuntime:
                     log.info("%s refused: %s", type(instruction).__name__, exc)
                 return False
             except LedgerUnavailable as exc:
-                log.warning("coordinator unreachable (%s); retrying", exc)
+                # Not a warning per retry: the ledger tells the user once when its host stops
+                # answering and once when it is back (ServerLedger's ``say``).
+                log.info("coordinator unreachable (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -222,7 +278,9 @@ class ClientRuntime:
                     return 0
                 # Cleared before acting: news that arrives while we act wakes the next turn at once.
                 self._wake.clear()
+                self._tell_wait()  # before acting: a wait (or an epoch) begins before we act on it
                 await self.act()
+                self._tell_wait()
                 try:
                     async with asyncio.timeout(0.5):
                         await self._wake.wait()
@@ -306,13 +364,33 @@ class ClientRuntime:
             case RunState.Paused:
                 pass
 
+    def _tell_wait(self) -> None:
+        """Say what this node waits for, once per wait (see :func:`wait_notice`), and each epoch
+        it is a member of as it starts (a short warmup may end before this loop sees it)."""
+        if self.coord is None:
+            return
+        s = self.coord.state
+        if q.address_of(s, self.me) not in (None, self.node.address, *self._registered):
+            return  # the run's entry for our key is another process's (until we take it over, or stop)
+        notice = wait_notice(s, self.me)
+        if notice is not None and notice != self._notice:
+            self.say(notice)
+        self._notice = notice
+        me = q.member(s, self.me)
+        if me is not None and me.state is ClientState.Healthy and s.run_state in EPOCH_STATES \
+                and self._epoch_told != s.epoch:
+            self._epoch_told = s.epoch
+            if notice is None:
+                self.say(f"epoch {s.epoch} started with {len(s.clients)} members")
+
     async def _claim_address(self, s) -> None:
         """Make the run reach this process at its own address; raise :class:`KeyInUse` if another does.
 
         The run keeps one address per key. If it holds one this process never registered,
-        either an earlier process with this key died (a restart: re-join to take the key
-        over) or, once we had registered ours, another live process took it over: two
-        nodes would then sign as one, so this one stops.
+        either an earlier process with this key still runs (refuse: it keeps its key),
+        or it died (a restart: re-join to take the key over), or, once we had registered
+        ours, another live process took it over: two nodes would then sign as one, so
+        this one stops.
         """
         if not (self.me in s.pending or (m := q.member(s, self.me)) is not None and m.state is ClientState.Healthy):
             return
@@ -320,8 +398,8 @@ class ClientRuntime:
         if registered is None or registered == self.node.address:
             return
         if self._registered and registered not in self._registered:
-            raise KeyInUse(f"another process registered this node's key at {registered[:40]}...; "
-                           "two nodes cannot share a key: stop one, or give each its own --key")
+            raise KeyInUse(registered, taken_over=True)
+        await self._refuse_a_live_twin(s)
         if await self._submit(Join(self.node.address)):
             self._registered.add(self.node.address)
             self.say("re-registered this key at this process's P2P address (the run had an earlier one)")
@@ -336,10 +414,24 @@ class ClientRuntime:
             return
         if self.joined_epoch == s.epoch and me is None and s.run_state is not RunState.WaitingForMembers:
             return  # already asked for the next epoch
+        await self._refuse_a_live_twin(s)
         if await self._submit(Join(self.node.address)):
             self._registered.add(self.node.address)
             self.joined_epoch = s.epoch
             self.say(f"joined run {s.run_id} (epoch {s.epoch})")
+
+    async def _refuse_a_live_twin(self, s) -> None:
+        """Before this process first registers its address: raise :class:`KeyInUse` if the
+        address the run holds for our key answers (a live process uses it; taking it over would
+        stop a healthy node). An address that does not answer belonged to a process that died."""
+        if self._registered or self._key_checked or self.key_probe is None:
+            return
+        registered = q.address_of(s, self.me)
+        if registered is None or registered == self.node.address:
+            return
+        self._key_checked = True
+        if await self.key_probe(registered):
+            raise KeyInUse(registered, taken_over=False)
 
     async def _warmup(self, s) -> None:
         if self.model_epoch != s.epoch:
@@ -377,6 +469,7 @@ class ClientRuntime:
         else:
             others = [c.id for c in s.clients if c.id != self.me]
             providers = [c.id for c in s.clients[: s.carried] if c.id != self.me] or others
+            self.say(f"fetching the model from {len(providers)} peer(s)")
             t0 = time.time()
             fetched = await self.trainer.fetch_from_peers(lambda sink: self.node.fetch_model(providers, into=sink))
             took = time.time() - t0

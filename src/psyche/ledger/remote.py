@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlparse
 
 import httpx
 import websockets
@@ -15,17 +19,106 @@ from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
 from psyche.ledger.envelope import RequestKind, Signer, sign_request
 
 
+def server_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a coordinator server URL (None if it can): it needs ``http(s)://HOST[:PORT]``.
+
+    >>> server_url_problem("http://127.0.0.1:8000") is None
+    True
+    >>> server_url_problem("127.0.0.1:8000")
+    "--server must be a URL like http://HOST:PORT (got '127.0.0.1:8000')"
+    """
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"--server must be a URL like http://HOST:PORT (got {url!r})"
+    return None
+
+
+def transport_problem(exc: BaseException) -> str:
+    """A few words on why a connection failed ("connection refused", "unknown host ..."), for a user.
+
+    Looks through the exception's causes for the socket error that httpx or
+    websockets wrapped, so no library's repr reaches the user.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return "unknown host"
+        if isinstance(seen, (TimeoutError, httpx.TimeoutException)):
+            return "no answer in time"
+        if isinstance(seen, OSError) and seen.errno is not None:
+            if seen.errno == errno.ECONNREFUSED:
+                return "connection refused"
+            return (seen.strerror or errno.errorcode.get(seen.errno, str(seen.errno))).lower()
+        if isinstance(seen, websockets.exceptions.InvalidStatus):
+            return f"HTTP {seen.response.status_code} on the state feed"
+        if isinstance(seen, websockets.exceptions.ConnectionClosed):
+            return "connection closed"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
+
+
+def unreachable_message(url: str, exc: BaseException) -> str:
+    """The line a user reads when the coordinator server at ``url`` could not be reached."""
+    return f"cannot reach the coordinator server at {url} ({transport_problem(exc)}); is `psyche server` running there?"
+
+
+class Reachability:
+    """Whether the coordinator answers, told to a user once per change rather than once per retry.
+
+    Sans-io: callers pass ``now`` (seconds) and get back the line to say, if any.
+    While unreachable it speaks again every ``repeat`` seconds.
+    """
+
+    def __init__(self, url: str, *, retry_every: float, repeat: float = 30.0):
+        self.url = url
+        self.retry_every = retry_every
+        self.repeat = repeat
+        self.down_since: float | None = None
+        self._last_said = 0.0
+
+    def failed(self, now: float, problem: str) -> str | None:
+        """A request failed: the line to say (first failure, or ``repeat`` s since the last line), else None."""
+        if self.down_since is None:
+            self.down_since = self._last_said = now
+            return f"coordinator unreachable at {self.url} ({problem}), retrying every {self.retry_every:g}s"
+        if now - self._last_said >= self.repeat:
+            self._last_said = now
+            return (f"coordinator still unreachable at {self.url} after {now - self.down_since:.0f}s ({problem}), "
+                    f"retrying every {self.retry_every:g}s")
+        return None
+
+    def answered(self, now: float) -> str | None:
+        """A request got an answer: "reachable again" if it was down, else None."""
+        if self.down_since is None:
+            return None
+        down, self.down_since = now - self.down_since, None
+        return f"coordinator reachable again after {down:.0f}s"
+
+
+RETRY_MAX = 2.0
+"""The longest wait, in seconds, between two attempts to reach a coordinator that does not answer."""
+
+
 class ServerLedger(Ledger):
     """A participant talking to ``psyche server`` at ``url`` for run ``run_id``.
 
     ``watch()`` reconnects on its own (with back-off) when the server restarts,
-    and yields the state the server holds once it is back.
+    and yields the state the server holds once it is back. ``say``, if given, is
+    told when the server stops answering and when it answers again (see
+    :class:`Reachability`), not at every retry.
     """
 
-    def __init__(self, url: str, run_id: str, signer: Signer, *, timeout: float = 10.0):
+    def __init__(self, url: str, run_id: str, signer: Signer, *, timeout: float = 10.0,
+                 say: Callable[[str], None] | None = None):
         self.url = url.rstrip("/")
         self.run_id = run_id
         self.signer = signer
+        self.say = say
+        self.reachability = Reachability(self.url, retry_every=RETRY_MAX)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
         # The server takes a signer's nonces only in increasing order, and requests sent at
         # once over several connections can arrive in any order: so one signed request at a
@@ -38,8 +131,21 @@ class ServerLedger(Ledger):
             try:
                 resp = await self._http.post(path, content=signed, headers={"content-type": "application/msgpack"})
             except httpx.TransportError as exc:
-                raise LedgerUnavailable(f"cannot reach coordinator server {self.url}: {exc!r}") from exc
+                raise self._unavailable(exc) from exc
+        self._answered()
         self._raise_for(resp)
+
+    def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
+        """Note that the server did not answer (saying so if that is news); the error to raise."""
+        line = self.reachability.failed(time.monotonic(), transport_problem(exc))
+        if line is not None and self.say is not None:
+            self.say(line)
+        return LedgerUnavailable(unreachable_message(self.url, exc))
+
+    def _answered(self) -> None:
+        line = self.reachability.answered(time.monotonic())
+        if line is not None and self.say is not None:
+            self.say(line)
 
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:
@@ -64,7 +170,8 @@ class ServerLedger(Ledger):
         try:
             resp = await self._http.get(f"/api/runs/{self.run_id}/state")
         except httpx.TransportError as exc:
-            raise LedgerUnavailable(f"cannot reach coordinator server {self.url}: {exc!r}") from exc
+            raise self._unavailable(exc) from exc
+        self._answered()
         if resp.status_code != 200:
             self._raise_for(resp)
         return Coordinator.from_bytes(resp.content)
@@ -74,7 +181,8 @@ class ServerLedger(Ledger):
         try:
             resp = await self._http.get(f"/api/runs/{self.run_id}")
         except httpx.TransportError as exc:
-            raise LedgerUnavailable(f"cannot reach coordinator server {self.url}: {exc!r}") from exc
+            raise self._unavailable(exc) from exc
+        self._answered()
         self._raise_for(resp)
         return resp.json()
 
@@ -85,14 +193,17 @@ class ServerLedger(Ledger):
             try:
                 async with ws_connect(ws_url, max_size=64 * 1024 * 1024, open_timeout=5) as ws:
                     backoff = 0.2
+                    self._answered()
                     async for message in ws:
                         if isinstance(message, bytes):
                             yield Coordinator.from_bytes(message)
-            except (OSError, websockets.exceptions.WebSocketException, TimeoutError):
-                pass
+            except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+                # A feed that closed is not yet news: the reconnect below tells whether the server is gone.
+                if not isinstance(exc, websockets.exceptions.ConnectionClosed):
+                    self._unavailable(exc)
             # The server went away (restart, network): try again, a little slower each time.
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, RETRY_MAX)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -34,7 +34,7 @@ from psyche.coordinator import Coordinator, decode_instruction
 from psyche.coordinator import queries as q
 from psyche.ledger.envelope import open_request
 from psyche.ledger.host import RunHost
-from psyche.ledger.status import run_status, run_summary
+from psyche.ledger.status import run_events, run_status, run_summary
 from psyche.ledger.store import Store
 from psyche.wsutil import until_closed
 
@@ -51,6 +51,8 @@ class CoordinatorServer:
         self.hosts: dict[str, RunHost] = {}
         self.configs: dict[str, RunConfig] = {}
         self.rejected: Counter[str] = Counter()
+        self._logged: dict[str, tuple[int, Coordinator]] = {}
+        """Per run: the seq and state the log last described (events are what changed since)."""
         for stored in store.runs():
             cfg = parse_config(stored.config)
             coord = Coordinator.from_bytes(stored.state)
@@ -61,6 +63,23 @@ class CoordinatorServer:
     def _add(self, cfg: RunConfig, host: RunHost) -> None:
         self.hosts[cfg.run_id] = host
         self.configs[cfg.run_id] = cfg
+        self._logged[cfg.run_id] = (host.seq, host.coordinator.copy())
+
+    def log_changes(self, host: RunHost, *, origin: str | None = None) -> None:
+        """Log (INFO) what happened to ``host``'s run since the last call: joins, departures,
+        epochs, steps, pause/resume, the end. ``origin``: who sent the change (a join's address)."""
+        seq, before = self._logged[host.run_id]
+        if host.seq == seq:
+            return
+        after = host.coordinator.copy()
+        self._logged[host.run_id] = (host.seq, after)
+        for line in run_events(before.state, after.state, name=self.configs[host.run_id].name, origin=origin):
+            log.info("%s: %s", host.run_id, line)
+
+    def tick(self, host: RunHost) -> None:
+        """Let time pass for one run, logging what it changed."""
+        host.tick()
+        self.log_changes(host)
 
     def create_run(self, cfg: RunConfig, authority: bytes) -> RunHost:
         """Host a new run (or return the existing one of that id, unchanged)."""
@@ -80,7 +99,7 @@ class CoordinatorServer:
         while True:
             for host in list(self.hosts.values()):
                 try:
-                    host.tick()
+                    self.tick(host)
                 except Exception:  # a bug in one run must not stop the others' clocks
                     log.exception("tick failed for run %s", host.run_id)
             await asyncio.sleep(self.tick_interval)
@@ -178,9 +197,10 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
         err = host.apply(instruction, req.signer, nonce=req.nonce)
         if err is not None:
             return _error(409, type(err).__name__, str(err))
+        server.log_changes(host, origin=f"{request.client.host}:{request.client.port}" if request.client else None)
         # A phase this instruction completed (say the last witness report) moves on now,
         # not at the next clock tick: every trainer would idle until then.
-        host.tick()
+        server.tick(host)
         return {"ok": True, "seq": host.seq, "step": host.coordinator.state.step}
 
     @app.post("/api/runs/{run_id}/reports")

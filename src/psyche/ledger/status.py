@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from psyche.coordinator import queries as q
-from psyche.coordinator.state import CoordinatorState, RunState
+from psyche.coordinator.state import ClientState, CoordinatorState, RunState
 
 if TYPE_CHECKING:
     from psyche.config import RunConfig
@@ -36,7 +36,13 @@ def fp32_bytes_per_step(cfg: RunConfig) -> int:
 
 
 def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
-    """One line of the runs list."""
+    """One line of the runs list.
+
+    ``clients``: members of the current epoch still Healthy (the ones training);
+    ``waiting``: clients that joined and wait for the next epoch to start (ids in
+    the full status's ``pending``); ``init_min_clients``: members needed to start
+    the first epoch.
+    """
     s = coord.state
     healthy = len(q.healthy_clients(s))
     last = s.stats[-1] if s.stats else None
@@ -50,6 +56,8 @@ def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
         "step": min(s.step, s.settings.total_steps) if s.run_state is RunState.Finished else s.step,
         "total_steps": s.settings.total_steps,
         "clients": healthy,
+        "waiting": len(s.pending),
+        "init_min_clients": s.settings.init_min_clients,
         "tokens_trained": tokens,
         "tokens_per_sec": last.tokens_per_sec if last else None,
     }
@@ -192,4 +200,69 @@ def round_outcomes(s: CoordinatorState) -> list[dict]:
             "seen": [client_id(c) for c in q.witnessed_trainers(s, r.step)],
             "closed": q.round_closed(s, r.step),
         })
+    return out
+
+
+def _short(raw: bytes) -> str:
+    return raw.hex()[:8]
+
+
+def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, origin: str | None = None) -> list[str]:
+    """What happened to a run between two of its states, one line per event, for the server log.
+
+    Joins (``origin``: where the request came from), members that left, epoch starts,
+    finished steps (with the witnesses' mean loss and the trainer count), pause and
+    resume, and the end of the run. Pure: the host keeps the states and writes the lines.
+    """
+    out: list[str] = []
+    total = after.settings.total_steps
+    members = {c.id: c for c in before.clients}
+    where = f" from {origin}" if origin else ""
+    for cid in after.pending:
+        if cid in before.pending:
+            continue
+        if after.run_state is RunState.WaitingForMembers:
+            have = len(q.healthy_clients(after)) + len(after.pending)
+            out.append(f"client {_short(cid)} joined{where} for epoch {after.epoch} "
+                       f"({have} joined, {after.settings.init_min_clients} needed to start)")
+        else:
+            out.append(f"client {_short(cid)} joined{where}; it waits for epoch {after.epoch} to end")
+    started = after.run_state is RunState.Warmup and (before.run_state is not RunState.Warmup or before.epoch != after.epoch)
+    for cid in before.pending:
+        if cid not in after.pending and not (started and q.member(after, cid) is not None):
+            out.append(f"client {_short(cid)} withdrew before its epoch started")
+    before_addr = {a.id: a.p2p_address for a in before.accounts}
+    for c in after.clients:
+        old = members.get(c.id)
+        if old is not None and old.state is ClientState.Healthy and c.state is ClientState.Healthy \
+                and before_addr.get(c.id) != q.address_of(after, c.id):
+            out.append(f"client {_short(c.id)} re-registered its P2P address{where}")
+    paused = after.run_state is RunState.Paused and before.run_state is not RunState.Paused
+    if not paused:
+        for c in after.clients:
+            old = members.get(c.id)
+            if old is not None and old.state is ClientState.Healthy and c.state is not ClientState.Healthy:
+                what = {ClientState.Withdrawn: "withdrew", ClientState.Dropped: "was dropped"}.get(c.state, c.state.value)
+                out.append(f"client {_short(c.id)} {what} in epoch {after.epoch} "
+                           f"({len(q.healthy_clients(after))} healthy members left)")
+    last_before = (before.stats[-1].epoch, before.stats[-1].step) if before.stats else None
+    for st in after.stats:
+        if last_before is not None and (st.epoch, st.step) <= last_before:
+            continue
+        loss = f", loss {st.loss:.4f}" if st.loss is not None else ""
+        out.append(f"step {st.step}/{total} finished{loss}, {st.trainers} trainers")
+    if started:
+        out.append(f"epoch {after.epoch} started with {len(after.clients)} members: "
+                   + ", ".join(_short(c.id) for c in after.clients))
+    if before.run_state is RunState.Warmup and after.run_state is RunState.WaitingForMembers:
+        out.append(f"epoch {after.epoch} did not start: fewer than min_clients = {after.settings.min_clients} "
+                   "members were ready; waiting for members again")
+    if after.pause_pending and not before.pause_pending:
+        out.append("pause requested: the run pauses at the end of the current round")
+    if paused:
+        out.append(f"run {name} paused after step {min(after.step - 1, total)}; every member withdrew")
+    if before.run_state is RunState.Paused and after.run_state is not RunState.Paused:
+        out.append(f"run {name} resumed at step {after.step}; waiting for members to join again")
+    if after.run_state is RunState.Finished and before.run_state is not RunState.Finished:
+        out.append(f"run {name} finished at step {min(after.step - 1, total)}")
     return out

@@ -932,3 +932,51 @@ def random_order(providers: list[bytes], *, first: bytes | None = None, rng: ran
     rest = [p for p in providers if p != first]
     (rng or random).shuffle(rest)
     return ([first] if first is not None and first in providers else []) + rest
+
+
+_closing: set[asyncio.Task] = set()
+"""Throwaway endpoints still closing (iroh's close waits seconds for an unanswered dial)."""
+
+
+async def endpoint_answers(peer_id: bytes, address: str, *, bind: str = "127.0.0.1:0", timeout: float = 4.0,
+                           transport: Transport | None = None) -> bool:
+    """True iff an endpoint holding ``peer_id``'s key completes a handshake at ``address`` within ``timeout`` s.
+
+    The handshake authenticates the endpoint id, which is the node key: so an answer
+    proves that a live process holds that key there. A node uses it to tell an
+    earlier process of its own key that still runs (refuse to start) from one that
+    crashed (take its place in the run). Dials from ``transport`` if given, else from a
+    throwaway iroh endpoint with a fresh key bound on ``bind`` (iroh never dials its
+    own id). The peer closes the connection at once (we are no member): that is fine.
+    """
+    own = transport is None
+    if transport is None:
+        from psyche.p2p.iroh_transport import IrohTransport
+
+        try:
+            transport = await IrohTransport.bind(Identity.generate().secret_bytes, bind=bind)
+        except TransportError:
+            return False
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await transport.connect(peer_id, address)
+        conn.close()
+        return True
+    except (TransportError, TimeoutError):
+        return False
+    finally:
+        if own:
+            task = asyncio.get_running_loop().create_task(transport.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+
+def describe_address(address: str) -> str:
+    """A node address as a user reads it: the ``ip:port`` pairs of an iroh ticket, else its start."""
+    try:
+        import iroh
+
+        direct = iroh.EndpointTicket.from_string(address).endpoint_addr().direct_addresses()
+    except Exception:  # noqa: BLE001 — not an iroh ticket (e.g. an in-memory test address)
+        direct = []
+    return ", ".join(direct) if direct else (address if len(address) <= 40 else address[:40] + "…")
