@@ -1,9 +1,11 @@
 """The dashboard in a real headless Chromium, against a live run (a server and real clients).
 
-The page must load with no console errors, show the run, advance its step
-counter and loss chart while the run trains, follow the server through a
-restart without a reload, stay under 1 MB transferred, fit a phone's width,
-and switch to dark colours. The test saves a screenshot (to
+The page must load with no console errors, show the run, count steps done
+(0 before training, the step under way beside it, all of them once finished),
+advance its step counter and loss chart while the run trains, follow the server
+through a restart without a reload, explain its witness table and say where a
+checkpoint is and who wrote it, stay under 1 MB transferred, fit a phone's
+width, and switch to dark colours. The test saves a screenshot (to
 ``docs/dashboard.png`` when ``PSYCHE_UPDATE_SCREENSHOT=1``).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -71,6 +74,13 @@ DELTA_CASES = [
 STEP = "(() => { const e = document.querySelector('#step-value'); return e ? parseInt(e.textContent) : 0; })()"
 LOSS_POINTS = "(() => { const s = document.querySelector('#chart-loss svg'); return s ? +(s.dataset.points || 0) : 0; })()"
 CONN = "document.querySelector('#conn').dataset.state"
+STATE = "(() => { const e = document.querySelector('#run-badge'); return e ? e.textContent.trim() : ''; })()"
+
+
+def visible(page, selector: str):
+    """The text a viewer sees in ``selector`` (whitespace collapsed)."""
+    return page.evaluate(f"(() => {{ const e = document.querySelector({selector!r}); "
+                         "return e ? e.innerText.replace(/\\s+/g, ' ').trim() : null; })()")
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +95,17 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path, data_dir):
                                          min_clients=1, witness_nodes=1))
     try:
         net.start_server()
-        net.start_client(0)
-        net.start_client(1, "--max-upload-rate", "5M")  # its cap shows under its traffic
-        asyncio.run(_drive_browser(async_playwright, net, tmp_path))
+
+        def start_clients() -> None:
+            net.start_client(0)
+            net.start_client(1, "--max-upload-rate", "5M")  # its cap shows under its traffic
+
+        asyncio.run(_drive_browser(async_playwright, net, tmp_path, start_clients))
     finally:
         net.stop()
 
 
-async def _drive_browser(async_playwright, net: Network, tmp_path: Path) -> None:
+async def _drive_browser(async_playwright, net: Network, tmp_path: Path, start_clients) -> None:
     run_id = net.cfg.run_id
     errors: list[str] = []
     allowed_noise = {"on": False}
@@ -109,13 +122,21 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path) -> None
         page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
         page.on("requestfinished", lambda req: transferred.append(req))
 
-        # The runs list shows the run; its row leads to the run's page.
+        # The runs list shows the run, with no step done yet; its row leads to the run's page.
+        steps = net.cfg.coordinator.total_steps
         await page.goto(net.url + "/")
         await page.wait_for_selector(f"a[href='/runs/{run_id}']", timeout=30_000)
+        assert await visible(page, "#runs thead") == "Run State Steps done Tokens trained Tokens/s Clients"
+        assert f"0 / {steps}" in await visible(page, "#runs-body tr")
         await page.click(f"a[href='/runs/{run_id}']")
         await page.wait_for_url(f"**/runs/{run_id}")
         await page.wait_for_function(f"document.querySelector('#run-name').textContent === {run_id!r}", timeout=30_000)
         assert await poll(page, f"{CONN} === 'live'", "the live feed", 30, net)
+        # Before any training: step 0 of the total.
+        assert await visible(page, "#step-value") == "0"
+        assert await visible(page, "#step-value + span") == f"/ {steps}"
+        assert await visible(page, "#step-now") == "no step trained yet"
+        start_clients()
         for prev, new in DELTA_CASES:  # the page's applyDelta agrees with the server's deltas
             got = await page.evaluate("([p, d]) => PsycheDashboard.applyDelta(p, d)", [prev, status_delta(prev, new)])
             assert got == new, (prev, new, got)
@@ -123,6 +144,11 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path) -> None
         # While the run trains, the step counter and the loss chart advance with no reload.
         nav_count = await page.evaluate("performance.getEntriesByType('navigation').length")
         step1 = await poll(page, f"{STEP} >= 3 && {LOSS_POINTS} >= 1 && {STEP}", "training to reach step 3", 240, net)
+        # While a round is under way, its step is named beside the count of steps done.
+        done, now = await poll(page, "(() => { const n = document.querySelector('#step-now').textContent; "
+                               f"return /^now (training|witnessing) step/.test(n) && [{STEP}, n]; }})()",
+                               "a round under way", 60, net)
+        assert re.fullmatch(r"now (training|witnessing) step (\d+)", now).group(2) == str(done + 1), (done, now)
         points1 = await page.evaluate(LOSS_POINTS)
         await poll(page, f"{STEP} > {step1} && {LOSS_POINTS} > {points1}", "the step and loss chart to advance", 120, net)
 
@@ -138,10 +164,23 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path) -> None
         assert await page.evaluate("performance.getEntriesByType('navigation').length") == nav_count, "no reload"
         assert await page.evaluate(LOSS_POINTS) >= step_down - 1
 
-        # Shown on the page: clients, witness outcomes, the config.
+        # Shown on the page: clients, witness outcomes (explained), the config.
         assert await page.locator("#clients-body tr").count() == 2
         assert await page.locator("#clients-body .cap").all_text_contents() == ["≤ 5.0 MB/s"]
         assert await page.locator("#witness-body .pill-ok").count() >= 1
+        witness_head = page.locator("#witness-body").locator("xpath=../thead/tr/th")
+        assert await witness_head.all_inner_texts() == ["Step", "Witness reports", "Trainers seen by a quorum", "Outcome"]
+        assert "the quorum needed: 2/3 of them rounded down" in await witness_head.nth(1).get_attribute("title")
+        assert "filled if at least a quorum of the witness reports" in await witness_head.nth(2).get_attribute("title")
+        assert re.fullmatch(r"\d+ of \d+ \(need \d+\)", (await page.locator("#witness-body td.num").first.inner_text()).strip())
+        key = [" ".join(t.split()) for t in await page.locator("#witness-key dt, #witness-key dd").all_inner_texts()]
+        assert key[:4] == ["all seen", "a quorum of witnesses reported, and every trainer's result reached a quorum of them",
+                           "N not seen", "a quorum reported, but N trainers' results reached fewer than a quorum of "
+                           "witnesses: a member's health check can then drop those trainers from the epoch, without points"]
+        assert key[4:] == ["no quorum", "fewer reports than the quorum: nobody can be judged, and the epoch ends after this round",
+                           "waiting for witnesses", "the round still takes reports",
+                           "details not kept", "an older round: only its counts are kept (the coordinator stores who was "
+                           "seen for the last 4 rounds of an epoch, and this page keeps those it saw live)"]
         assert "hidden_size" in await page.locator("#config-grid").text_content()
 
         await poll(page, f"{STEP} >= 10", "a few more steps for the screenshot", 120, net)
@@ -166,5 +205,25 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path) -> None
         await page.emulate_media(color_scheme="dark")
         rgb = await page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert sum(int(v) for v in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3]) < 150, rgb
+
+        # Finished: every step done, and the checkpoint says who wrote it, where, and its hash.
+        await page.set_viewport_size({"width": 1280, "height": 900})
+        await page.emulate_media(color_scheme="light")
+        await poll(page, f"{STATE} === 'Finished' && {STEP} === {steps}", "the run to finish", 240, net)
+        assert await visible(page, "#step-now") == f"all {steps} steps done"
+        assert await page.title() == f"{net.cfg.name} · step {steps}/{steps} · Psyche"
+        await poll(page, f"(document.querySelector('#ckpt-body td.mono') || {{}}).innerText?.startsWith('{steps} ')",
+                   "the final checkpoint", 60, net)
+        head = await page.locator("#ckpt-body").locator("xpath=../thead/tr/th").all_inner_texts()
+        assert head == ["After step", "Written by", "sha256", "Folder, on that client's machine"]
+        row = page.locator("#ckpt-body tr").first
+        step_cell, by, sha, _ = [" ".join(t.split()) for t in await row.locator("td").all_inner_texts()]
+        ids = {a["id"][:8] for a in net.try_status()["accounts"]}
+        assert re.fullmatch(rf"{steps} epoch \d+", step_cell) and by in ids and re.fullmatch(r"[0-9a-f]{12}", sha)
+        assert await row.locator("td code").inner_text() == str(net.root / "checkpoint")
+        assert f"on the machine of client {by}" in await row.locator("td").nth(3).get_attribute("title")
+        snippet = (await visible(page, "#ckpt-load")).split(" from transformers")[0]
+        assert snippet == f"# on client {by}'s machine, which wrote it (sha256 {sha}…)"
+        await page.screenshot(path=str(tmp_path / "dashboard-finished.png"), full_page=True)
         await browser.close()
     assert not errors, "\n".join(errors)

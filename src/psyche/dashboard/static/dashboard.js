@@ -89,6 +89,38 @@
     return `<span class="badge s-${esc(state)}">${esc(PHASES[state] || state)}</span>`;
   }
 
+  // The one step number a person reads: optimizer steps completed (step k is the k-th
+  // update), 0 before training and total_steps once Finished. The API's `step` is the
+  // coordinator's: the step of the current (or next) round, one more than those done,
+  // except once Finished, where it is total_steps.
+  function stepsDone(r) {
+    if (isNum(r.steps_completed)) return r.steps_completed;
+    if (!isNum(r.step)) return null;
+    return r.state === "Finished" ? r.step : Math.max(0, r.step - 1);
+  }
+
+  const STEPS_TITLE = "Optimizer steps completed, of the run's total (step k is the k-th update)";
+
+  // The witness rules, as the coordinator applies them (psyche/coordinator/machine.py, queries.py).
+  const WITNESS_HELP = {
+    reports: "Reports received from the witnesses selected for this round (its first trainers in the round's " +
+      "shuffle), of how many were selected, and the quorum needed: 2/3 of them rounded down (1 of 1, 2 of 2, " +
+      "2 of 3). A selected witness that does not report in time is dropped.",
+    seen: "One dot per trainer with a batch in this round, always in the same place for the same client: filled " +
+      "if at least a quorum of the witness reports list it as a trainer whose result they received, hollow if not.",
+    outcome: "What the witness reports settled for this round; the key below the table explains each value.",
+  };
+  const WITNESS_KEY = [
+    [`<span class="pill-ok">all seen</span>`, "a quorum of witnesses reported, and every trainer's result reached a quorum of them"],
+    [`<span class="pill-bad">N not seen</span>`, "a quorum reported, but N trainers' results reached fewer than a quorum of witnesses: " +
+      "a member's health check can then drop those trainers from the epoch, without points"],
+    [`<span class="pill-bad">no quorum</span>`, "fewer reports than the quorum: nobody can be judged, and the epoch ends after this round"],
+    [`<span class="faint">waiting for witnesses</span>`, "the round still takes reports"],
+    [`<span class="faint">details not kept</span>`, "an older round: only its counts are kept (the coordinator stores who was seen " +
+      "for the last 4 rounds of an epoch, and this page keeps those it saw live)"],
+  ];
+  const CKPT_SHA_HELP = "sha256 of the checkpoint's weights (its .safetensors files, in name order): check a copy against it";
+
   // -- the live connection ---------------------------------------------------
 
   // Same rules as psyche.dashboard.feed.apply_delta: keyed lists of rows, sorted by key.
@@ -173,7 +205,7 @@
       <section class="panel" id="runs">
         <h2>Runs <span class="note" id="runs-note"></span></h2>
         <div class="table-wrap"><table>
-          <thead><tr><th>Run</th><th>State</th><th>Step</th><th class="num">Tokens trained</th>
+          <thead><tr><th>Run</th><th>State</th><th title="${STEPS_TITLE}">Steps done</th><th class="num">Tokens trained</th>
             <th class="num">Tokens/s</th><th class="num">Clients</th></tr></thead>
           <tbody id="runs-body"><tr><td colspan="6" class="muted">connecting…</td></tr></tbody>
         </table></div>
@@ -187,12 +219,13 @@
       const body = $("#runs-body");
       if (!runs.length) { body.innerHTML = `<tr><td colspan="6" class="muted">This server hosts no runs yet.</td></tr>`; return; }
       body.innerHTML = runs.map((r) => {
-        const pct = r.total_steps ? Math.min(100, (100 * Math.max(0, r.step - (r.state === "Finished" ? 0 : 1))) / r.total_steps) : 0;
+        const done = stepsDone(r);
+        const pct = r.total_steps ? Math.min(100, (100 * (done || 0)) / r.total_steps) : 0;
         return `<tr class="link" data-href="/runs/${encodeURIComponent(r.run_id)}">
           <td><a href="/runs/${encodeURIComponent(r.run_id)}">${esc(r.name || r.run_id)}</a>
             ${r.name && r.name !== r.run_id ? `<div class="faint mono">${esc(r.run_id)}</div>` : ""}</td>
           <td>${badge(r.state)}</td>
-          <td><span class="mono">${fmtInt(r.step)} / ${fmtInt(r.total_steps)}</span>
+          <td><span class="mono">${fmtInt(done)} / ${fmtInt(r.total_steps)}</span>
             <div class="progress" style="width:110px"><span style="width:${pct}%"></span></div></td>
           <td class="num">${fmtCompact(r.tokens_trained)}</td>
           <td class="num">${fmtCompact(r.tokens_per_sec)}</td>
@@ -234,13 +267,18 @@
               <th class="num">Sent</th><th class="num">Received</th><th class="num">Last seen</th></tr></thead>
             <tbody id="clients-body"></tbody></table></div></section>
         <div class="two">
-          <section class="panel"><h2>Witness outcomes <span class="note">trainers a 2/3 witness quorum saw</span></h2>
+          <section class="panel"><h2>Witness outcomes <span class="note">did each trainer's result reach enough witnesses?</span></h2>
             <div class="table-wrap" style="max-height:420px;overflow-y:auto"><table>
-              <thead><tr><th>Step</th><th class="num">Reports</th><th>Trainers seen</th><th>Outcome</th></tr></thead>
-              <tbody id="witness-body"></tbody></table></div></section>
-          <section class="panel"><h2>Checkpoints</h2>
+              <thead><tr><th>Step</th>
+                <th class="num" title="${esc(WITNESS_HELP.reports)}">Witness reports</th>
+                <th title="${esc(WITNESS_HELP.seen)}">Trainers seen by a quorum</th>
+                <th title="${esc(WITNESS_HELP.outcome)}">Outcome</th></tr></thead>
+              <tbody id="witness-body"></tbody></table></div>
+            <dl class="key" id="witness-key">${WITNESS_KEY.map(([term, text]) => `<dt>${term}</dt><dd>${esc(text)}</dd>`).join("")}</dl></section>
+          <section class="panel"><h2>Checkpoints <span class="note">written by a client at the end of an epoch</span></h2>
             <div class="table-wrap"><table>
-              <thead><tr><th>Step</th><th>Location</th><th class="hide-narrow">sha256</th><th class="hide-narrow">By</th></tr></thead>
+              <thead><tr><th>After step</th><th>Written by</th><th class="hide-narrow" title="${esc(CKPT_SHA_HELP)}">sha256</th>
+                <th title="Where the writing client saved it: a folder on that client's machine, not on this server">Folder, on that client's machine</th></tr></thead>
               <tbody id="ckpt-body"></tbody></table></div>
             <div id="ckpt-load"></div></section>
         </div>
@@ -262,7 +300,7 @@
       last = doc;
       if (doc.error) return renderError(doc.error);
       if (isNum(doc.server_time)) clockOffset = doc.server_time - Date.now() / 1000;
-      document.title = `${doc.name || doc.run_id} · step ${doc.step}/${doc.total_steps} · Psyche`;
+      document.title = `${doc.name || doc.run_id} · step ${stepsDone(doc)}/${doc.total_steps} · Psyche`;
       $("#run-name").textContent = doc.name || doc.run_id;
       $("#run-desc").textContent = doc.description || "";
       $("#run-ids").textContent = `run ${doc.run_id}` + (doc.digest ? ` · state ${doc.digest.slice(0, 12)}` : "") +
@@ -293,6 +331,15 @@
       return doc.state === "Finished" ? "all steps trained" : "";
     }
 
+    // What the run does with its steps right now, under the count of those done.
+    function stepNow(doc, done) {
+      const round = doc.round;
+      if (doc.state === "Finished") return `all ${fmtInt(doc.total_steps)} steps done`;
+      if (round && doc.state === "RoundTrain") return `now training step ${fmtInt(round.step)}`;
+      if (round && doc.state === "RoundWitness") return `now witnessing step ${fmtInt(round.step)}`;
+      return done ? `next: step ${fmtInt(done + 1)}` : "no step trained yet";
+    }
+
     function stat(label, value, sub, extra) {
       return `<div class="panel stat"><div class="label">${label}</div><div class="value">${value}</div>` +
         (sub ? `<div class="sub">${sub}</div>` : "") + (extra || "") + "</div>";
@@ -303,18 +350,18 @@
       const lastRow = hist.length ? hist[hist.length - 1] : {};
       const vals = hist.filter((h) => isNum(h.val_loss));
       const lastVal = vals.length ? vals[vals.length - 1] : null;
-      const done = doc.state === "Finished" ? doc.step : Math.max(0, doc.step - 1);
+      const done = stepsDone(doc);
       const pct = doc.total_steps ? Math.min(100, (100 * done) / doc.total_steps) : 0;
       const clients = doc.clients || [];
       const healthy = clients.filter((c) => c.state === "Healthy").length;
       const unhealthy = clients.length - healthy;
       const pending = (doc.pending || []).length;
-      const round = doc.round;
       const ratio = [...hist].reverse().find((h) => isNum(h.compression_ratio));
       $("#stats").innerHTML = [
         stat("Phase", `<span class="phase">${esc(PHASES[doc.state] || doc.state)}</span>`, phaseLine(doc)),
-        stat("Step", `<span id="step-value">${fmtInt(doc.step)}</span> <span class="faint" style="font-size:15px">/ ${fmtInt(doc.total_steps)}</span>`,
-          `epoch ${fmtInt(doc.epoch)}` + (round ? ` · round ${fmtInt(round.height)}` : ""),
+        stat(`<span title="${STEPS_TITLE}">Step</span>`,
+          `<span id="step-value">${fmtInt(done)}</span> <span class="faint" style="font-size:15px">/ ${fmtInt(doc.total_steps)}</span>`,
+          `<span id="step-now">${esc(stepNow(doc, done))}</span> · epoch ${fmtInt(doc.epoch)}`,
           `<div class="progress"><span style="width:${pct}%"></span></div>`),
         stat("Loss", fmtLoss(lastRow.loss), lastVal ? `validation ${fmtLoss(lastVal.val_loss)} at step ${lastVal.step}` : "validation not measured yet"),
         stat("Tokens / s", fmtCompact(isNum(lastRow.tokens_per_sec) ? lastRow.tokens_per_sec : doc.tokens_per_sec),
@@ -390,30 +437,36 @@
             return `<i class="${seenSet.has(id) ? "" : "no"}" title="${esc(shortId(id))}${seenSet.has(id) ? " seen" : " not seen"}" style="border-color:${c};background:${c}"></i>`;
           }).join("") + "</span>";
           const missing = detail.trainers.length - detail.seen.length;
-          reports = `${detail.reports} / ${detail.witnesses.length}`;
+          reports = `${detail.reports} of ${detail.witnesses.length} <span class="faint">(need ${fmtInt(detail.quorum)})</span>`;
           if (!detail.closed && detail.reports < detail.quorum) outcome = `<span class="faint">waiting for witnesses</span>`;
           else if (detail.reports < detail.quorum) outcome = `<span class="pill-bad">no quorum</span>`;
           else outcome = missing ? `<span class="pill-bad">${missing} not seen</span>` : `<span class="pill-ok">all seen</span>`;
         } else {
-          reports = `${stats.reports} / ${stats.witnesses}`;
+          // An older round: the coordinator keeps only its counts (see WITNESS_KEY).
+          reports = `${stats.reports} of ${stats.witnesses}`;
           seen = `<span class="faint">${fmtInt(stats.trainers)} trainers</span>`;
-          outcome = stats.reports > 0 ? `<span class="pill-ok">reported</span>` : `<span class="pill-bad">no reports</span>`;
+          outcome = stats.reports > 0 ? `<span class="faint">details not kept</span>` : `<span class="pill-bad">no reports</span>`;
         }
         return `<tr><td class="mono">${fmtInt(r.step)}${r.epoch ? ` <span class="faint">e${r.epoch}</span>` : ""}</td>
           <td class="num">${reports}</td><td>${seen}</td><td>${outcome}</td></tr>`;
       }).join("") : `<tr><td colspan="4" class="muted">No rounds witnessed yet.</td></tr>`;
     }
 
+    // A checkpoint's location is what its client reported: a folder on that client's own
+    // machine (often relative to where it runs), or a URL. Neither is served from here.
+    const isUrl = (loc) => /^[a-z][a-z0-9+.-]*:\/\//i.test(loc || "");
+
     function renderCheckpoints(ckpts) {
       const list = [...ckpts].reverse();
       $("#ckpt-body").innerHTML = list.length ? list.map((c) => `<tr>
-          <td class="mono">${fmtInt(c.step)} <span class="faint">e${fmtInt(c.epoch)}</span></td>
-          <td><code>${esc(c.location)}</code><button class="copy" data-copy="${esc(c.location)}">copy</button></td>
+          <td class="mono">${fmtInt(c.step)} <span class="faint">epoch ${fmtInt(c.epoch)}</span></td>
+          <td class="mono" title="client ${esc(c.client)}">${c.client ? swatch(c.client) + esc(shortId(c.client)) : dash}</td>
           <td class="mono faint hide-narrow" title="${esc(c.sha256)}">${esc((c.sha256 || "").slice(0, 12))}</td>
-          <td class="mono hide-narrow" title="${esc(c.client)}">${c.client ? swatch(c.client) + esc(shortId(c.client)) : dash}</td></tr>`).join("")
+          <td class="path" title="${esc(isUrl(c.location) ? "a URL the client reported" : `a folder on the machine of client ${shortId(c.client)}, not on this server`)}"><code>${esc(c.location)}</code><button class="copy" data-copy="${esc(c.location)}">copy</button></td></tr>`).join("")
         : `<tr><td colspan="4" class="muted">No checkpoint yet: one is written at the end of each epoch.</td></tr>`;
       const latest = list[0];
-      $("#ckpt-load").innerHTML = latest ? `<pre class="snippet">from transformers import AutoModelForCausalLM
+      const where = latest && !isUrl(latest.location) ? `# on client ${shortId(latest.client)}'s machine, which wrote it (sha256 ${(latest.sha256 || "").slice(0, 12)}…)\n` : "";
+      $("#ckpt-load").innerHTML = latest ? `<pre class="snippet">${esc(where)}from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(${esc(JSON.stringify(latest.location))})</pre>` : "";
     }
 
