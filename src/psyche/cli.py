@@ -12,20 +12,59 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+import typer.core
 from rich.console import Console
 
 if TYPE_CHECKING:
     from psyche.p2p.identity import Identity
 
+# Commands in the order a newcomer meets them, in groups; `psyche --help` lists them so.
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "Start here": ("demo", "doctor"),
+    "Run a network": ("server", "client", "data-server", "dashboard", "pause", "resume"),
+    "Data, models and keys": ("tokenize", "validate-config", "train", "generate", "keygen"),
+    "On Solana": ("localnet", "solana"),
+    "Measure": ("bench",),
+}
+
+
+class _GroupedCommands(typer.core.TyperGroup):
+    """Lists the subcommands in :data:`COMMAND_GROUPS` order, one section per group."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        known = {name for names in COMMAND_GROUPS.values() for name in names}
+        groups = dict(COMMAND_GROUPS)
+        groups["Other"] = tuple(n for n in self.list_commands(ctx) if n not in known)
+        for title, names in groups.items():
+            # The whole first sentence: write_dl wraps it rather than cutting it off.
+            rows = [(n, cmd.get_short_help_str(limit=300)) for n in names
+                    if (cmd := self.get_command(ctx, n)) is not None and not cmd.hidden]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 app = typer.Typer(
     name="psyche",
-    help="Psyche in Python: train language models together over the internet.",
+    cls=_GroupedCommands,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: one line per option with a metavar that says what to pass, greppable when piped.
+    rich_markup_mode=None,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A rich console that, when its output is a file or a pipe, never breaks a line:
+    logs stay whole lines that grep finds (a terminal still wraps them for the eye)."""
+    out = Console(stderr=stderr)
+    out.soft_wrap = not out.is_terminal
+    return out
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def serve_http(app_, *, host: str, port: int, banner: str) -> None:
@@ -37,9 +76,24 @@ def serve_http(app_, *, host: str, port: int, banner: str) -> None:
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"psyche {version('psyche')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Psyche in Python: train language models together over the internet."""
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print psyche's version and exit.")] = False,
+) -> None:
+    """Psyche in Python: train language models together over the internet.
+
+    New here? `psyche demo` runs a whole network on this machine; `psyche doctor
+    --server URL` tells you whether this machine is ready to join a run.
+    """
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -48,6 +102,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def fail_config(source: Path | str, problems: list) -> NoReturn:
+    """Print one ``error:`` line per config problem (``SOURCE: field: rule``) and exit 1."""
+    from rich.markup import escape
+
+    for p in problems[:-1]:
+        err_console.print(f"[bold red]error:[/] {escape(f'{source}: {p.field}: {p.message}')}", highlight=False)
+    fail(f"{source}: {problems[-1].field}: {problems[-1].message}")
 
 
 def load_node_key(path: Path, *, create: bool = False) -> Identity:
@@ -66,12 +129,15 @@ def load_node_key(path: Path, *, create: bool = False) -> Identity:
         fail(f"--key {path}: {exc.strerror}")
 
 
-def require_device(device: str) -> None:
-    """Exit with one line unless ``device`` is a torch device this machine has."""
-    from psyche.train.device import device_problem
+def require_device(device: str) -> str:
+    """The device ``device`` names (``auto``: cuda if present, else cpu); exits with one
+    line unless it is a torch device this machine has."""
+    from psyche.train.device import device_problem, resolve_device
 
+    device = resolve_device(device)
     if problem := device_problem(device):
         fail(f"--device {problem}")
+    return device
 
 
 def require_port(host: str, port: int) -> None:
@@ -84,9 +150,9 @@ def require_port(host: str, port: int) -> None:
 
 @app.command("validate-config")
 def validate_config(
-    path: Annotated[Path, typer.Argument(help="A run config TOML file.")],
+    path: Annotated[Path, typer.Argument(metavar="CONFIG", hidden=True, help="A run config TOML file.")],
 ) -> None:
-    """Check a run config; print OK or every violated rule with its field.
+    """Check the run config file CONFIG; print OK or every violated rule with its field.
 
     A local data.location (relative to the config file's folder) must be a token folder
     whose vocabulary fits model.vocab_size; an http(s):// or psyche:// one is not contacted.
@@ -122,9 +188,9 @@ def validate_config(
 
 @app.command("dashboard")
 def dashboard_cmd(
-    server: Annotated[str, typer.Option(help="Coordinator server URL to follow, e.g. http://HOST:8000")],
-    port: Annotated[int, typer.Option(help="Local port to serve the dashboard on.")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL to follow, e.g. http://HOST:8000")],
+    port: Annotated[int, typer.Option(metavar="PORT", help="Local port to serve the dashboard on.")] = 8080,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Serve the live dashboard here for a remote coordinator server."""
     from psyche.dashboard import create_proxy_app
@@ -140,10 +206,13 @@ def dashboard_cmd(
 
 @app.command("keygen")
 def keygen_cmd(
-    path: Annotated[Path, typer.Argument(help="Key file to create (mode 0600).")],
+    path: Annotated[Path, typer.Argument(metavar="FILE", hidden=True, help="Key file to create (mode 0600).")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key file.")] = False,
 ) -> None:
-    """Create a node key (ed25519: the iroh endpoint id and the signing key) and print its public key."""
+    """Create a node key in FILE (mode 0600) and print its public key.
+
+    The key is ed25519: the node's iroh endpoint id and the key it signs with.
+    """
     from psyche.p2p.errors import IdentityError
     from psyche.p2p.identity import Identity
 
@@ -159,9 +228,9 @@ def keygen_cmd(
 
 @app.command("localnet")
 def localnet_cmd(
-    port: Annotated[int, typer.Option(help="TCP port for the JSON-RPC (0: a free one).")] = 8899,
-    host: Annotated[str, typer.Option(help="Address to bind (keep it loopback: the faucet is free).")] = "127.0.0.1",
-    slot_ms: Annotated[int, typer.Option(min=10, help="Milliseconds per slot (block).")] = 400,
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port for the JSON-RPC (0: a free one).")] = 8899,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind (keep it loopback: the faucet is free).")] = "127.0.0.1",
+    slot_ms: Annotated[int, typer.Option(metavar="MS", min=10, help="Milliseconds per slot (block).")] = 400,
 ) -> None:
     """A local Solana chain (LiteSVM) behind the standard JSON-RPC, with the run program deployed."""
     from psyche.ledger.solana.commands import run_localnet
@@ -174,21 +243,21 @@ from psyche.ledger.solana.commands import solana_app  # noqa: E402  (typer only;
 app.add_typer(solana_app, name="solana")
 
 
-bench_app = typer.Typer(help="Benchmarks that print one JSON line.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print one JSON line.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("distro")
 def bench_distro_cmd(
-    peers: Annotated[int, typer.Option(help="Simulated DisTrO peers.")] = 4,
-    steps: Annotated[int, typer.Option(help="Optimizer steps (DisTrO and each AdamW run).")] = 300,
+    peers: Annotated[int, typer.Option(metavar="N", help="Simulated DisTrO peers.")] = 4,
+    steps: Annotated[int, typer.Option(metavar="N", help="Optimizer steps (DisTrO and each AdamW run).")] = 300,
     quick: Annotated[bool, typer.Option(help="A CI-sized run (overrides --steps).")] = False,
-    topk: Annotated[int, typer.Option(help="DCT coefficients kept per tile.")] = 8,
-    chunk: Annotated[int, typer.Option(help="DCT tile edge.")] = 64,
+    topk: Annotated[int, typer.Option(metavar="K", help="DCT coefficients kept per tile.")] = 8,
+    chunk: Annotated[int, typer.Option(metavar="N", help="DCT tile edge.")] = 64,
     one_bit: Annotated[bool, typer.Option(help="Send signs only.")] = True,
     overlapped: Annotated[bool, typer.Option(help="Apply step t-1's results at step t.")] = False,
-    lr: Annotated[float | None, typer.Option(help="DisTrO peak LR (default: DisTrO.DEFAULT_LR).")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for the loss-curve PNG.")] = Path("bench/out"),
+    lr: Annotated[float | None, typer.Option(metavar="LR", help="DisTrO peak LR (default: DisTrO.DEFAULT_LR).")] = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder for the loss-curve PNG.")] = Path("bench/out"),
 ) -> None:
     """Simulated DisTrO network in one process vs AdamW on the same tokens: one JSON line."""
     import json
@@ -209,11 +278,11 @@ def bench_distro_cmd(
 
 @app.command("tokenize")
 def tokenize_cmd(
-    corpus: Annotated[list[Path] | None, typer.Option(help="A text file, or a folder of them (repeatable; see above). Default: Debian's fortunes, /usr/share/games/fortunes.")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="An existing tokenizer.json (with an <|endoftext|> token) to use instead of training a BPE.")] = None,
-    vocab_size: Annotated[int, typer.Option(min=258, help="Vocabulary of the BPE trained when no --tokenizer is given.")] = 4096,
-    out: Annotated[Path, typer.Option(help="Token folder to write (train.bin, val.bin, tokenizer.json, meta.json); a token folder already there is replaced, any other non-empty folder or file refused.")] = Path("data/fortunes"),
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of documents held out for validation (val.bin), picked by a hash of each document's text.")] = 0.05,
+    corpus: Annotated[list[Path] | None, typer.Option(metavar="PATH", help="A text file, or a folder of them (repeatable; see above). Default: Debian's fortunes, /usr/share/games/fortunes.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(metavar="FILE", help="An existing tokenizer.json (with an <|endoftext|> token) to use instead of training a BPE.")] = None,
+    vocab_size: Annotated[int, typer.Option(metavar="N", min=258, help="Vocabulary of the BPE trained when no --tokenizer is given.")] = 4096,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Token folder to write (train.bin, val.bin, tokenizer.json, meta.json); a token folder already there is replaced, any other non-empty folder or file refused.")] = Path("data/fortunes"),
+    val_fraction: Annotated[float, typer.Option(metavar="FRACTION", min=0.0, max=0.5, help="Share of documents held out for validation (val.bin), picked by a hash of each document's text.")] = 0.05,
 ) -> None:
     """Turn a text corpus into flat token files and a tokenizer (a token folder).
 
@@ -246,15 +315,15 @@ def tokenize_cmd(
 
 @app.command("train")
 def train_cmd(
-    config: Annotated[Path, typer.Option(help="Run config TOML.")] = Path("config/tiny-fortunes.toml"),
-    steps: Annotated[int | None, typer.Option(min=1, help="Total steps (default: coordinator.total_steps).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run name>).")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw or distro (default: the config's, adamw if DisTrO is absent).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
-    data: Annotated[str | None, typer.Option(help="Override data.location.")] = None,
-    eval_every: Annotated[int | None, typer.Option(min=1, help="Steps between validation losses (default: steps/5).")] = None,
-    checkpoint_every: Annotated[int, typer.Option(min=0, help="Steps between checkpoints (0: only at the end).")] = 0,
-    resume: Annotated[Path | None, typer.Option(help="Checkpoint folder to resume from.")] = None,
+    config: Annotated[Path, typer.Option(metavar="FILE", help="Run config TOML.")] = Path("config/tiny-fortunes.toml"),
+    steps: Annotated[int | None, typer.Option(metavar="N", min=1, help="Total steps (default: coordinator.total_steps).")] = None,
+    out: Annotated[Path | None, typer.Option(metavar="DIR", help="Output folder (default: runs/<run name>).")] = None,
+    optimizer: Annotated[str | None, typer.Option(metavar="adamw|distro", help="adamw or distro (default: the config's, adamw if DisTrO is absent).")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Override data.location.")] = None,
+    eval_every: Annotated[int | None, typer.Option(metavar="N", min=1, help="Steps between validation losses (default: steps/5).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(metavar="N", min=0, help="Steps between checkpoints (0: only at the end).")] = 0,
+    resume: Annotated[Path | None, typer.Option(metavar="DIR", help="Checkpoint folder to resume from.")] = None,
 ) -> None:
     """Train the run's model on this machine alone; write metrics.jsonl and a checkpoint."""
     from psyche.config import ConfigError, load_config
@@ -262,12 +331,16 @@ def train_cmd(
 
     if optimizer not in (None, "adamw", "distro"):
         fail(f"--optimizer must be adamw or distro (got {optimizer!r})")
-    if device is not None:
-        require_device(device)
+    device = require_device(device)
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        fail(str(exc).replace("\n", " "))
+        fail_config(config, exc.problems)
+    from psyche.data import data_problems
+
+    if problems := data_problems(cfg, location=data):
+        # Before train() makes its output folder: a refusal leaves nothing behind.
+        fail_config(config if data is None else "--data", problems)
     from psyche.train import CheckpointError, TrainingError, train
 
     try:
@@ -281,20 +354,20 @@ def train_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder (save_pretrained form).")],
-    prompt: Annotated[str, typer.Option(help="Text to continue (empty: a new document).")] = "",
-    max_new_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate.")] = 100,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens (0: all).")] = 50,
-    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    checkpoint: Annotated[Path, typer.Option(metavar="DIR", help="Checkpoint folder (save_pretrained form).")],
+    prompt: Annotated[str, typer.Option(metavar="TEXT", help="Text to continue (empty: a new document).")] = "",
+    max_new_tokens: Annotated[int, typer.Option(metavar="N", min=0, help="Most tokens to generate.")] = 100,
+    temperature: Annotated[float, typer.Option(metavar="T", min=0.0, help="Sampling temperature (0: greedy).")] = 0.8,
+    top_k: Annotated[int, typer.Option(metavar="K", min=0, help="Sample among the k likeliest tokens (0: all).")] = 50,
+    seed: Annotated[int, typer.Option(metavar="N", help="Sampling seed: the same seed gives the same text.")] = 0,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Stream text from a checkpoint."""
     import sys
 
     from psyche.generate import GenerateError, Generator, checkpoint_folder_problem
 
-    require_device(device)
+    device = require_device(device)
     if problem := checkpoint_folder_problem(checkpoint):
         fail(f"--checkpoint {problem}")  # before torch and transformers load: a typo is told at once
     try:
@@ -312,11 +385,11 @@ def generate_cmd(
 
 @app.command("server")
 def server_cmd(
-    config: Annotated[Path | None, typer.Option(help="Run config TOML to host (created if not in the database).")] = None,
-    db: Annotated[Path, typer.Option(help="SQLite database; reuse it to continue runs after a restart.")] = Path("psyche.sqlite"),
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    key: Annotated[Path, typer.Option(help="The server's ed25519 key (the run authority); created if missing.")] = Path("server.key"),
+    config: Annotated[Path | None, typer.Option(metavar="FILE", help="Run config TOML to host (created if not in the database).")] = None,
+    db: Annotated[Path, typer.Option(metavar="FILE", help="SQLite database; reuse it to continue runs after a restart.")] = Path("psyche.sqlite"),
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The server's ed25519 key (the run authority); created if missing.")] = Path("server.key"),
 ) -> None:
     """Host a run's coordinator over HTTP + WebSocket, persisted in SQLite, with the dashboard."""
     import logging
@@ -333,14 +406,14 @@ def server_cmd(
         try:
             cfg = load_config(config)
         except ConfigError as exc:
-            fail(str(exc))
+            fail_config(config, exc.problems)
     elif not db.exists():
         fail(f"{db} does not exist; pass --config RUN.toml to create a run in it")
     ident = load_node_key(key, create=True)
     try:
         server = open_server(cfg, db, authority=ident.public_key, host_key=ident.public_key)
     except ConfigError as exc:
-        fail(str(exc))
+        fail_config(db, exc.problems)
     if not server.hosts:
         fail(f"{db} holds no run; pass --config RUN.toml to create one")
     from psyche.dashboard import mount_dashboard
@@ -384,9 +457,9 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
 
 @app.command("pause")
 def pause_cmd(
-    server: Annotated[str, typer.Option(help="Coordinator server URL.")],
-    key: Annotated[Path, typer.Option(help="The run authority's key (the server's --key).")] = Path("server.key"),
-    run_id: Annotated[str | None, typer.Option(help="Run to pause (default: the server's only run).")] = None,
+    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")],
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key).")] = Path("server.key"),
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to pause (default: the server's only run).")] = None,
 ) -> None:
     """Pause a server-hosted run at the end of the current round (authority only)."""
     _authority_instruction(server, run_id, key, "pause")
@@ -394,9 +467,9 @@ def pause_cmd(
 
 @app.command("resume")
 def resume_cmd(
-    server: Annotated[str, typer.Option(help="Coordinator server URL.")],
-    key: Annotated[Path, typer.Option(help="The run authority's key (the server's --key).")] = Path("server.key"),
-    run_id: Annotated[str | None, typer.Option(help="Run to resume (default: the server's only run).")] = None,
+    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")],
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key).")] = Path("server.key"),
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to resume (default: the server's only run).")] = None,
 ) -> None:
     """Resume a paused server-hosted run; clients rejoin and the LR warms up again (authority only)."""
     _authority_instruction(server, run_id, key, "resume")
@@ -404,20 +477,20 @@ def resume_cmd(
 
 @app.command("client")
 def client_cmd(
-    server: Annotated[str | None, typer.Option(help="Coordinator server URL, e.g. http://127.0.0.1:8000 "
+    server: Annotated[str | None, typer.Option(metavar="URL", help="Coordinator server URL, e.g. http://127.0.0.1:8000 "
                                                     "(required: this or --solana).")] = None,
-    run_id: Annotated[str | None, typer.Option(help="Run to join (default: the server's only run).")] = None,
-    key: Annotated[Path, typer.Option(help="This node's ed25519 key file; created if missing.")] = Path("client.key"),
-    device: Annotated[str, typer.Option(help="cpu or cuda (or cuda:N).")] = "cpu",
-    checkpoint_dir: Annotated[Path | None, typer.Option(help="Where to write checkpoints when selected.")] = None,
-    data: Annotated[str | None, typer.Option(help="Override the run's data location (path, http URL, psyche://).")] = None,
-    bind: Annotated[str, typer.Option(help="P2P bind address.")] = "127.0.0.1:0",
-    solana: Annotated[str | None, typer.Option(help="Solana RPC URL (required instead of --server for a run on Solana).")] = None,
-    keypair: Annotated[Path | None, typer.Option(help="Solana keypair file (with --solana; default: --key).")] = None,
-    config: Annotated[Path | None, typer.Option(help="The run's config TOML (with --solana; checked against the chain).")] = None,
-    profile: Annotated[Path | None, typer.Option(help="On exit, write where this node's time went (JSON).")] = None,
-    max_upload_rate: Annotated[str | None, typer.Option(help="Cap this node's P2P uploads (results and model parts), bytes/s: e.g. 500K, 2.5M, 1MiB/s.")] = None,
-    max_download_rate: Annotated[str | None, typer.Option(help="Cap this node's P2P downloads, same form as --max-upload-rate.")] = None,
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to join (default: the server's only run).")] = None,
+    key: Annotated[Path, typer.Option(metavar="FILE", help="This node's ed25519 key file; created if missing.")] = Path("client.key"),
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where to write checkpoints when selected.")] = None,
+    data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Override the run's data location (path, http URL, psyche://).")] = None,
+    bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address.")] = "127.0.0.1:0",
+    solana: Annotated[str | None, typer.Option(metavar="URL", help="Solana RPC URL (required instead of --server for a run on Solana).")] = None,
+    keypair: Annotated[Path | None, typer.Option(metavar="FILE", help="Solana keypair file (with --solana; default: --key).")] = None,
+    config: Annotated[Path | None, typer.Option(metavar="FILE", help="The run's config TOML (with --solana; checked against the chain).")] = None,
+    profile: Annotated[Path | None, typer.Option(metavar="FILE", help="On exit, write where this node's time went (JSON).")] = None,
+    max_upload_rate: Annotated[str | None, typer.Option(metavar="RATE", help="Cap this node's P2P uploads (results and model parts), bytes/s: e.g. 500K, 2.5M, 1MiB/s.")] = None,
+    max_download_rate: Annotated[str | None, typer.Option(metavar="RATE", help="Cap this node's P2P downloads, same form as --max-upload-rate.")] = None,
 ) -> None:
     """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
     from psyche.client.main import run_client
@@ -429,7 +502,7 @@ def client_cmd(
         fail("pass exactly one of --server URL or --solana URL")
     if server is not None and (problem := server_url_problem(server)) is not None:
         fail(problem)
-    require_device(device)
+    device = require_device(device)
     rates = {}
     for name, value in (("max-upload-rate", max_upload_rate), ("max-download-rate", max_download_rate)):
         try:
@@ -444,11 +517,11 @@ def client_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    clients: Annotated[int, typer.Option(min=1, max=16, help="Client processes to start.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to train.")] = 40,
-    out: Annotated[Path, typer.Option(help="Folder for the checkpoint, metrics, logs and database.")] = Path("runs/demo"),
-    port: Annotated[int | None, typer.Option(help="Server port (default: a free one).")] = None,
-    config: Annotated[Path | None, typer.Option(help="Base run config (default: config/tiny-fortunes.toml).")] = None,
+    clients: Annotated[int, typer.Option(metavar="N", min=1, max=16, help="Client processes to start.")] = 3,
+    steps: Annotated[int, typer.Option(metavar="N", min=1, help="Optimizer steps to train.")] = 40,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder for the checkpoint, metrics, logs and database.")] = Path("runs/demo"),
+    port: Annotated[int | None, typer.Option(metavar="PORT", help="Server port (default: a free one).")] = None,
+    config: Annotated[Path | None, typer.Option(metavar="FILE", help="Base run config (default: config/tiny-fortunes.toml).")] = None,
 ) -> None:
     """Run a whole network here: a coordinator server and N clients training a small LLaMA."""
     from psyche.demo import run_demo
@@ -458,9 +531,9 @@ def demo_cmd(
 
 @app.command("data-server")
 def data_server_cmd(
-    data: Annotated[Path, typer.Option(help="Token folder (what `psyche tokenize` wrote).")] = Path("data/fortunes"),
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8100,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    data: Annotated[Path, typer.Option(metavar="DIR", help="Token folder (what `psyche tokenize` wrote).")] = Path("data/fortunes"),
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port.")] = 8100,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Serve a token folder to remote clients (data.location = "psyche://HOST:PORT")."""
     from psyche.data.errors import DataError
@@ -475,9 +548,39 @@ def data_server_cmd(
     serve_http(app_, host=host, port=port, banner=f"psyche data-server: {data} at psyche://{host}:{port}")
 
 
+@app.command("doctor")
+def doctor_cmd(
+    server: Annotated[str | None, typer.Option(metavar="URL", help="The coordinator server of the run to join.")] = None,
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to check (default: the server's only run).")] = None,
+    config: Annotated[Path | None, typer.Option(metavar="FILE", help="A run config TOML to check (alone, or against the server's run).")] = None,
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The node key `psyche client` would use.")] = Path("client.key"),
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Data location `psyche client --data` would use.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where checkpoints would be written (default: here).")] = None,
+    bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address `psyche client --bind` would use.")] = "127.0.0.1:0",
+) -> None:
+    """Check that this machine, its key, the run's data and the network are ready to join a run.
+
+    Prints one line per check (ok, warn or FAIL, with what to do) and exits 1 if any
+    check failed. Creates nothing.
+    """
+    from psyche.doctor import diagnose
+
+    findings = diagnose(server=server, run_id=run_id, config=config, key=key, device=device, data=data,
+                        checkpoint_dir=checkpoint_dir, bind=bind)
+    for f in findings:
+        out = err_console if f.status == "FAIL" else console
+        out.print(f.line(), highlight=False, markup=False)
+    failed = [f for f in findings if f.status == "FAIL"]
+    if failed:
+        fail(f"{len(failed)} problem(s) above: fix each FAIL line, then run psyche doctor again")
+    console.print("ready: " + (f"`psyche client --server {server}` can join" if server else "this machine can train"),
+                  highlight=False, markup=False)
+
+
 def main() -> None:
     """Entry point of the ``psyche`` console script."""
-    app()
+    app(prog_name="psyche")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,12 @@ def device_problem(spec: str) -> str | None:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         return f"{spec}: MPS is not available here; use cpu"
     return None
+
+
+def resolve_device(spec: str | None) -> str:
+    """The device a command uses for ``spec``: ``auto`` (or None) picks cuda when this
+    machine has it, else cpu; any other spec is returned as given (check it with
+    :func:`device_problem`). Every command defaults to ``auto``, so they all agree."""
+    if spec in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec

@@ -14,12 +14,12 @@ from typing import Annotated, NoReturn
 import typer
 
 solana_app = typer.Typer(name="solana", help="Runs coordinated on Solana: create, inspect, pause, resume.",
-                         no_args_is_help=True, add_completion=False)
+                         no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
-RpcOpt = Annotated[str, typer.Option("--rpc", help="Solana JSON-RPC URL (psyche localnet: http://127.0.0.1:8899).")]
-RunIdOpt = Annotated[str, typer.Option("--run-id", help="The run's id (its config name).")]
-KeypairOpt = Annotated[Path, typer.Option("--keypair", help="Signer key: a psyche key file or a Solana keypair JSON.")]
-ProgramOpt = Annotated[str | None, typer.Option("--program-id", help="Where the run program is deployed (default: localnet's).")]
+RpcOpt = Annotated[str, typer.Option("--rpc", metavar="URL", help="Solana JSON-RPC URL (psyche localnet: http://127.0.0.1:8899).")]
+RunIdOpt = Annotated[str, typer.Option("--run-id", metavar="ID", help="The run's id (its config name).")]
+KeypairOpt = Annotated[Path, typer.Option("--keypair", metavar="FILE", help="Signer key: a psyche key file or a Solana keypair JSON.")]
+ProgramOpt = Annotated[str | None, typer.Option("--program-id", metavar="ADDRESS", help="Where the run program is deployed (default: localnet's).")]
 
 
 def _fail(message: str) -> NoReturn:
@@ -70,7 +70,7 @@ def _run(coro):
 
 @solana_app.command("create-run")
 def create_run_cmd(
-    config: Annotated[Path, typer.Option("--config", help="The run config TOML.")],
+    config: Annotated[Path, typer.Option("--config", metavar="FILE", help="The run config TOML.")],
     rpc: RpcOpt,
     keypair: KeypairOpt,
     program_id: ProgramOpt = None,
