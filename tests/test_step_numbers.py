@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 from fastapi.testclient import TestClient
 
 from psyche.config import parse_config
@@ -52,8 +53,6 @@ def train_config(tmp_path: Path, tokens: Path) -> tuple[Path, object]:
            "lr": {"kind": "cosine", "warmup_steps": 2, "peak_lr": 3e-3, "final_lr": 3e-4},
            "optimizer": {"kind": "adamw", "micro_batch_size": 2}}
     path = tmp_path / "run.toml"
-    import tomli_w
-
     path.write_text(tomli_w.dumps(cfg))
     return path, parse_config(cfg)
 
@@ -96,7 +95,8 @@ def test_train_numbers_its_steps_from_1_and_resumes_with_the_next(tmp_path, toke
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["lr"] for r in rows[4:]] == pytest.approx([lr_at(k - 1, cfg.lr, 6) for k in (5, 6)])
     assert json.loads((out / "checkpoint" / "psyche_state.json").read_text())["step"] == 6
-    assert any("stopped" not in line and "checkpoint written to" in line for line in lines)
+    assert any(re.fullmatch(rf"val loss [\d.]+ -> [\d.]+; checkpoint written to {re.escape(str(out / 'checkpoint'))}", line)
+               for line in lines), lines
 
 
 # --- the coordinator server ------------------------------------------------------------

@@ -8,8 +8,11 @@ A checkpoint folder holds::
     psyche_state.json   the JSON-representable part of it, for people and dashboards
 
 so ``AutoModelForCausalLM.from_pretrained(dir)`` and ``AutoTokenizer.from_pretrained(dir)``
-load it offline, and :func:`load_checkpoint` resumes from it. Folders are written to a
-temporary sibling and renamed into place: a crash never leaves half a checkpoint.
+load it offline, and :func:`load_checkpoint` resumes from it. Its ``step`` is the number of
+optimizer steps the weights include (``psyche train`` and clients alike; the coordinator's
+checkpoint record uses the same count), so a resume continues with step ``step + 1``.
+Folders are written to a temporary sibling and renamed into place: a crash never leaves
+half a checkpoint.
 """
 
 from __future__ import annotations
