@@ -195,21 +195,4 @@ def test_pause_and_resume_with_live_clients(network):
         assert net.log(f"client-{i}", tail=100_000).count("model initialised") == 1
 
 
-def test_a_key_started_twice_leaves_one_node_using_it(network):
-    """Two live processes must never sign as one node. The newcomer takes the key over (as a
-    node restarted after a crash must: the run still holds its old address) and the first
-    one, seeing its address replaced, stops with a clear error instead of training on."""
-    net = network("e2e-twice")  # 3 clients needed to start: the run stays WaitingForMembers
-    net.start_server()
-    net.start_client(0)
-    net.wait(lambda: (net.root / "client-0.key").exists(), 60, "client-0 to create its key")
-    me = net.client_id(0)
-    net.wait_state(lambda s: me in s["pending"], 120, "client-0 to join")
-    net._spawn("twin", ["client", "--server", net.url, "--key", str(net.root / "client-0.key")])
-    first = net.procs.pop("client-0")
-    assert first.wait(120) == 1, net.log("client-0")
-    said = " ".join(net.log("client-0").split())
-    assert "another process registered this node's key" in said and "--key" in said
-    assert "re-registered this key" in net.log("twin")
-    assert net.procs["twin"].poll() is None, "the newcomer keeps the key"
-    assert me in net.status()["pending"], "and stays in the run"
+# Two processes with one key: tests/test_newcomer_client.py (the live node keeps it).

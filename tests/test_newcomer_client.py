@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -209,10 +208,10 @@ def test_a_lone_client_says_it_waits_then_the_run_starts_trains_and_finishes_in_
     assert re.search(rf"INFO psyche.server {net.cfg.run_id}: client {a} joined from 127\.0\.0\.1:\d+ for epoch 0 "
                      r"\(1 joined, 2 needed to start\)", server), server
     assert f"client {b} joined from 127.0.0.1:" in server
-    assert f"epoch 0 started with 2 members: " in server
+    assert "epoch 0 started with 2 members: " in server
     assert re.search(r"step 1/2 finished(, loss [0-9.]+)?, 2 trainers", server), server
     assert re.search(r"step 2/2 finished(, loss [0-9.]+)?, 2 trainers", server), server
-    assert f"run newcomer-wait finished at step 2" in server
+    assert "run newcomer-wait finished at step 2" in server
     assert "Traceback" not in server
 
 
