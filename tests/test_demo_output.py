@@ -48,14 +48,16 @@ def _table_text(status: dict) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize(("state", "step", "shown"), [
-    ("WaitingForMembers", 1, "0/10"),  # nothing trained yet
-    ("RoundTrain", 5, "4/10"),         # step 5 trains: 4 are done
-    ("RoundWitness", 10, "9/10"),
-    ("Finished", 10, "10/10"),         # the API reports total_steps once Finished
+@pytest.mark.parametrize(("state", "step", "done", "shown"), [
+    ("WaitingForMembers", 1, 0, "0/10"),  # nothing trained yet
+    ("RoundTrain", 5, 4, "4/10"),         # step 5 trains: 4 are done
+    ("RoundWitness", 10, 9, "9/10"),
+    ("Finished", 10, 10, "10/10"),
 ])
-def test_progress_table_counts_steps_done(state, step, shown):
-    text = _table_text({"run_id": "r", "state": state, "epoch": 0, "step": step, "total_steps": 10, "history": []})
+def test_progress_table_counts_steps_done(state, step, done, shown):
+    """The table shows the API's steps_completed (tests/test_step_numbers.py checks the API's count)."""
+    text = _table_text({"run_id": "r", "state": state, "epoch": 0, "step": step, "steps_completed": done,
+                        "total_steps": 10, "history": []})
     header = next(line for line in text.splitlines() if "state" in line and "epoch" in line)
     row = next(line for line in text.splitlines() if state in line)
     assert "steps done" in header

@@ -161,18 +161,33 @@ def test_doctor_against_a_server_that_is_not_there(tmp_path):
             in bad.stderr.splitlines())
 
 
-def test_doctor_against_a_live_server_reads_the_run_and_its_data(tmp_path, data_dir):
+def test_doctor_against_a_live_server_reads_the_run_and_reaches_its_members(tmp_path, data_dir):
     (tmp_path / "net").mkdir()
-    net = Network(tmp_path / "net", small_config("doctored", data=data_dir, init_min_clients=2))
+    net = Network(tmp_path / "net", small_config("doctored", data=data_dir, init_min_clients=3))
     try:
         net.start_server()
         res = psyche("doctor", "--server", net.url, "--key", str(tmp_path / "k.key"), cwd=tmp_path)
         assert res.returncode == 0, res.stdout + res.stderr
         found = _findings(res)
-        assert found["coordinator"] == found["data"] == found["memory"] == "ok"
-        assert (f"  ok  coordinator: {net.url} reachable; run doctored is WaitingForMembers at step "
-                in res.stdout)
+        assert found["coordinator"] == found["data"] == found["memory"] == found["peers"] == "ok"
+        assert (f"  ok  coordinator: {net.url} reachable; run doctored is WaitingForMembers, 0 of 10 steps done, "
+                "0 member(s), 0 waiting to start") in res.stdout.splitlines()
+        assert "  ok  peers: no other member to reach yet" in res.stdout.splitlines()
         assert res.stdout.splitlines()[-1] == f"ready: `psyche client --server {net.url}` can join"
+        # Two nodes join and wait for a third: both answer over P2P, and one's key is taken.
+        for i in range(2):
+            net.start_client(i)
+        net.wait_state(lambda s: len(s["pending"]) == 2, 60, "two clients waiting")
+        res = psyche("doctor", "--server", net.url, "--key", str(tmp_path / "k.key"), cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "  ok  peers: 2 of 2 member(s) answered over P2P from here" in res.stdout.splitlines()
+        taken = net.root / "client-0.key"
+        res = psyche("doctor", "--server", net.url, "--key", str(taken), cwd=tmp_path)
+        assert res.returncode == 1
+        line = next(ln for ln in res.stderr.splitlines() if ln.startswith("FAIL  key: "))
+        assert line.startswith(f"FAIL  key: {taken} is in use by a live node at 127.0.0.1:")
+        assert line.endswith("(another psyche client?); give each node its own key: --key other.key")
+        assert "  ok  peers: 1 of 1 member(s) answered over P2P from here" in res.stdout.splitlines()
         other = _config_file(tmp_path, data_dir)
         mismatch = psyche("doctor", "--server", net.url, "--config", str(other), "--key", str(tmp_path / "k.key"),
                           cwd=tmp_path)

@@ -86,7 +86,7 @@ def test_a_client_says_what_it_waits_for_and_the_server_logs_each_change():
     assert lines[-1] == "run newcomer paused after step 1; every member withdrew", lines
     assert wait_notice(coord.state, A) == ("the run is paused after step 1; waiting for its authority to resume it "
                                            "(`psyche resume`)")
-    assert _events(coord, Resume(), AUTHORITY, 300) == ["run newcomer resumed at step 2; waiting for members to join again"]
+    assert _events(coord, Resume(), AUTHORITY, 300) == ["run newcomer resumed after step 1; waiting for members to join again"]
 
 
 def test_reachability_is_said_once_when_lost_at_a_modest_interval_and_once_when_back():

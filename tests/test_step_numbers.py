@@ -138,6 +138,12 @@ def scraped_step(server: CoordinatorServer) -> tuple[str, float]:
     return help_line, float(value.rsplit(" ", 1)[1])
 
 
+def api_steps(server: CoordinatorServer) -> int:
+    """``steps_completed`` of the run in ``GET /api/runs`` (what the dashboard and demo show)."""
+    (run,) = TestClient(create_app(server)).get("/api/runs").json()
+    return run["steps_completed"]
+
+
 def resumed_line(caplog) -> str:
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed run")]
     assert len(lines) == 1, lines
@@ -148,7 +154,7 @@ def test_a_new_run_is_at_step_0(tmp_path, caplog):
     server = CoordinatorServer(Store(tmp_path / "run.sqlite"))
     server.create_run(RUN_CFG, bytes(32))
     help_line, value = scraped_step(server)
-    assert value == 0
+    assert value == 0 == api_steps(server)
     assert "completed" in help_line
     server.store.close()
     with caplog.at_level(logging.INFO, logger="psyche"):
@@ -165,7 +171,7 @@ def test_while_step_2_trains_the_run_is_at_step_1(tmp_path, caplog):
         server = CoordinatorServer(Store(tmp_path / "run.sqlite"))
     seq = server.hosts["steps-run"].seq
     assert resumed_line(caplog) == f"resumed run steps-run at seq {seq} after step 1 of 3 (RoundTrain)"
-    assert scraped_step(server)[1] == 1 and coord.state.step == 2
+    assert scraped_step(server)[1] == 1 == api_steps(server) and coord.state.step == 2
 
 
 def test_a_finished_run_is_at_its_last_step(tmp_path, caplog):
@@ -175,4 +181,4 @@ def test_a_finished_run_is_at_its_last_step(tmp_path, caplog):
         server = CoordinatorServer(Store(tmp_path / "run.sqlite"))
     seq = server.hosts["steps-run"].seq
     assert resumed_line(caplog) == f"resumed run steps-run at seq {seq} after step 3 of 3 (Finished)"
-    assert scraped_step(server)[1] == 3
+    assert scraped_step(server)[1] == 3 == api_steps(server)

@@ -132,13 +132,8 @@ def run_summary_line(status: dict) -> str | None:
 
 
 def steps_done(status: dict) -> int:
-    """Optimizer steps a run has completed, from its Status API document: 0 before any
-    training, ``total_steps`` once Finished (the document's ``step`` is the coordinator's
-    step of the current or next round, except once Finished, where it is ``total_steps``)."""
-    if isinstance(status.get("steps_completed"), int):
-        return status["steps_completed"]
-    step = int(status.get("step") or 1)
-    return step if status.get("state") == "Finished" else max(0, step - 1)
+    """Optimizer steps a run has completed, from its Status API document (0 before any training)."""
+    return int(status.get("steps_completed") or 0)
 
 
 def _progress_table(status: dict, url: str) -> Table:

@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from psyche.config import RunConfig
+    from psyche.coordinator.state import CoordinatorState
 
 Status = Literal["ok", "warn", "FAIL"]
 
@@ -49,6 +49,7 @@ class Context:
     server: str | None = None
     run_id: str | None = None
     config: RunConfig | None = None
+    state: CoordinatorState | None = None
 
 
 def _mb(n: float) -> str:
@@ -114,17 +115,18 @@ def check_coordinator(ctx: Context) -> list[Finding]:
     import httpx
 
     from psyche.config import ConfigError, parse_config
+    from psyche.coordinator import Coordinator
+    from psyche.ledger.remote import server_url_problem, transport_problem
 
     url = ctx.server or ""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        return [Finding("FAIL", "coordinator", f"--server must be a URL like http://HOST:PORT (got {url!r})")]
+    if problem := server_url_problem(url):
+        return [Finding("FAIL", "coordinator", problem)]
     base = url.rstrip("/")
     try:
         runs = httpx.get(f"{base}/api/runs", timeout=10).json()
     except httpx.TransportError as exc:
-        return [Finding("FAIL", "coordinator", f"cannot reach {url} ({_reason(exc)}); is `psyche server` running "
-                        "there, and does this machine reach that address?")]
+        return [Finding("FAIL", "coordinator", f"cannot reach {url} ({transport_problem(exc)}); is `psyche server` "
+                        "running there, and does this machine reach that address?")]
     except ValueError:
         return [Finding("FAIL", "coordinator", f"{url} answered, but not as a psyche server (not JSON)")]
     ids = [r.get("run_id") for r in runs] if isinstance(runs, list) else []
@@ -137,31 +139,20 @@ def check_coordinator(ctx: Context) -> list[Finding]:
     try:
         status = httpx.get(f"{base}/api/runs/{ctx.run_id}", timeout=10).json()
         ctx.config = parse_config(status["config"], f"run {ctx.run_id} config from {url}")
+        ctx.state = Coordinator.from_bytes(httpx.get(f"{base}/api/runs/{ctx.run_id}/state", timeout=10).content).state
     except httpx.TransportError as exc:
-        return [Finding("FAIL", "coordinator", f"{url}: {_reason(exc)}")]
+        return [Finding("FAIL", "coordinator", f"{url}: {transport_problem(exc)}")]
     except ConfigError as exc:
         return [Finding("FAIL", "coordinator", f"run {ctx.run_id}: this psyche cannot read its config: "
                         f"{' '.join(str(exc).split())}; update psyche")]
-    state, step, total = status.get("state"), status.get("step"), status.get("total_steps")
-    detail = (f"{url} reachable; run {ctx.run_id} is {state} at step {step} of {total}, "
-              f"{len(status.get('clients', []))} member(s)")
+    state, done, total = status.get("state"), status.get("steps_completed"), status.get("total_steps")
+    detail = (f"{url} reachable; run {ctx.run_id} is {state}, {done} of {total} steps done, "
+              f"{len(status.get('clients', []))} member(s), {len(status.get('pending', []))} waiting to start")
     if state == "Finished":
         return [Finding("FAIL", "coordinator", detail + "; it has finished, there is nothing to join")]
     if state == "Paused":
         return [Finding("warn", "coordinator", detail + "; a client joins now and trains once the authority resumes it")]
     return [Finding("ok", "coordinator", detail)]
-
-
-def _reason(exc: Exception) -> str:
-    """A transport error in words (``connection refused``, ``timed out``), not its repr."""
-    import httpx
-
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    text = str(exc) or exc.__class__.__name__
-    if "Errno" in text and "]" in text:
-        text = text.split("]", 1)[1].strip()
-    return text.lower() if text[:1].isupper() and not text[1:2].isupper() else text
 
 
 def check_config(path: Path, ctx: Context) -> list[Finding]:
@@ -292,6 +283,50 @@ def check_p2p(bind: str) -> list[Finding]:
     return [Finding("ok", "p2p", f"endpoint bound at {bind} (address {address[:24]}…)")]
 
 
+def check_peers(state: CoordinatorState, key: Path, bind: str, *, sample: int = 3) -> list[Finding]:
+    """Whether this node's key is free (no live node registered with it) and whether the
+    run's members answer over P2P from here (a handshake with up to ``sample`` of them)."""
+    from psyche.coordinator import queries as q
+    from psyche.p2p.errors import IdentityError
+    from psyche.p2p.identity import Identity
+    from psyche.p2p.node import describe_address, endpoint_answers
+
+    me = None
+    if key.exists():
+        try:
+            me = Identity.load(key).public_key
+        except IdentityError:
+            pass  # the key check already said what is wrong with it
+    # Members of the epoch, then those who joined and wait for the next one.
+    known = [(c.id, c.p2p_address) for c in q.healthy_clients(state)]
+    known += [(p, q.address_of(state, p)) for p in state.pending]
+    members = [(pk, addr) for pk, addr in known if pk != me and addr][:sample]
+    registered = q.address_of(state, me) if me is not None else None
+
+    async def probe() -> tuple[bool, list[bool]]:
+        checks = [endpoint_answers(pk, addr, bind=bind) for pk, addr in members]
+        if registered is not None:
+            checks.append(endpoint_answers(me, registered, bind=bind))
+        found = await asyncio.gather(*checks)
+        return (bool(found[-1]) if registered is not None else False), list(found[:len(members)])
+
+    in_use, answered = asyncio.run(probe())
+    out = []
+    if in_use:
+        out.append(Finding("FAIL", "key", f"{key} is in use by a live node at {describe_address(registered)} "
+                           f"(another psyche client?); give each node its own key: --key other.key"))
+    if not members:
+        out.append(Finding("ok", "peers", "no other member to reach yet"))
+    elif not any(answered):
+        out.append(Finding("FAIL", "peers", f"none of {len(members)} member(s) answered over P2P from here (e.g. "
+                           f"{describe_address(members[0][1])}); check that this machine reaches their addresses "
+                           "(firewall, --bind)"))
+    else:
+        out.append(Finding("ok" if all(answered) else "warn", "peers",
+                           f"{sum(answered)} of {len(members)} member(s) answered over P2P from here"))
+    return out
+
+
 def diagnose(*, server: str | None = None, run_id: str | None = None, config: Path | None = None,
              key: Path = Path("client.key"), device: str = "auto", data: str | None = None,
              checkpoint_dir: Path | None = None, bind: str = "127.0.0.1:0") -> list[Finding]:
@@ -312,6 +347,8 @@ def diagnose(*, server: str | None = None, run_id: str | None = None, config: Pa
         findings += check_coordinator(ctx)
     if config is not None:
         findings += check_config(config, ctx)
+    if ctx.state is not None:
+        findings += check_peers(ctx.state, key, bind)
     if ctx.config is not None:
         findings += check_data(ctx.config, data)
         findings += check_memory(ctx.config, device)

@@ -465,7 +465,7 @@ class ClientRuntime:
             self.say(f"model initialised from the run's seed ({self.trainer.parameters() / 1e6:.2f}M parameters)")
         elif source == "checkpoint" and ckpt is not None and ckpt.step == s.step - 1 and Path(ckpt.location).is_dir():
             self.trainer.load_checkpoint_folder(ckpt.location)
-            self.say(f"model loaded from checkpoint {ckpt.location} (step {ckpt.step})")
+            self.say(f"model loaded from checkpoint {ckpt.location} (after step {ckpt.step})")
         else:
             others = [c.id for c in s.clients if c.id != self.me]
             providers = [c.id for c in s.clients[: s.carried] if c.id != self.me] or others

@@ -54,6 +54,7 @@ def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
         "state": s.run_state.value,
         "epoch": s.epoch,
         "step": min(s.step, s.settings.total_steps) if s.run_state is RunState.Finished else s.step,
+        "steps_completed": q.steps_completed(s),
         "total_steps": s.settings.total_steps,
         "clients": healthy,
         "waiting": len(s.pending),
@@ -260,9 +261,9 @@ def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, 
     if after.pause_pending and not before.pause_pending:
         out.append("pause requested: the run pauses at the end of the current round")
     if paused:
-        out.append(f"run {name} paused after step {min(after.step - 1, total)}; every member withdrew")
+        out.append(f"run {name} paused after step {q.steps_completed(after)}; every member withdrew")
     if before.run_state is RunState.Paused and after.run_state is not RunState.Paused:
-        out.append(f"run {name} resumed at step {after.step}; waiting for members to join again")
+        out.append(f"run {name} resumed after step {q.steps_completed(after)}; waiting for members to join again")
     if after.run_state is RunState.Finished and before.run_state is not RunState.Finished:
-        out.append(f"run {name} finished at step {min(after.step - 1, total)}")
+        out.append(f"run {name} finished at step {q.steps_completed(after)}")
     return out

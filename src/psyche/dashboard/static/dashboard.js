@@ -90,13 +90,9 @@
   }
 
   // The one step number a person reads: optimizer steps completed (step k is the k-th
-  // update), 0 before training and total_steps once Finished. The API's `step` is the
-  // coordinator's: the step of the current (or next) round, one more than those done,
-  // except once Finished, where it is total_steps.
+  // update), 0 before training and total_steps once Finished (the API's steps_completed).
   function stepsDone(r) {
-    if (isNum(r.steps_completed)) return r.steps_completed;
-    if (!isNum(r.step)) return null;
-    return r.state === "Finished" ? r.step : Math.max(0, r.step - 1);
+    return isNum(r.steps_completed) ? r.steps_completed : null;
   }
 
   const STEPS_TITLE = "Optimizer steps completed, of the run's total (step k is the k-th update)";
