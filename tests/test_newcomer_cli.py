@@ -108,7 +108,7 @@ def _findings(res: subprocess.CompletedProcess) -> dict[str, str]:
         if status in ("ok", "warn", "FAIL"):
             out[rest.split(":", 1)[0]] = status
         else:
-            assert line.startswith(("ready:", "error:")), f"unexpected line {line!r}"
+            assert line.startswith(("ready:", "error:", "waiting up to ")), f"unexpected line {line!r}"
     assert "Traceback" not in res.stderr
     return out
 
@@ -156,6 +156,9 @@ def test_doctor_against_a_server_that_is_not_there(tmp_path):
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("FAIL  coordinator: "))
     assert line == (f"FAIL  coordinator: cannot reach {url} (connection refused); is `psyche server` running "
                     "there, and does this machine reach that address?")
+    waited = psyche("doctor", "--server", url, "--wait", "1.5", "--key", str(tmp_path / "k.key"), cwd=tmp_path)
+    assert waited.stdout.splitlines()[0] == f"waiting up to 1.5 s for the coordinator at {url} to answer"
+    assert f"FAIL  coordinator: cannot reach {url} after waiting 1.5 s (connection refused); " in waited.stderr
     bad = psyche("doctor", "--server", "127.0.0.1:8000", "--key", str(tmp_path / "k.key"), cwd=tmp_path)
     assert ("FAIL  coordinator: --server must be a URL like http://HOST:PORT (got '127.0.0.1:8000')"
             in bad.stderr.splitlines())

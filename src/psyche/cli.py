@@ -558,6 +558,7 @@ def doctor_cmd(
     data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Data location `psyche client --data` would use.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where checkpoints would be written (default: here).")] = None,
     bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address `psyche client --bind` would use.")] = "127.0.0.1:0",
+    wait: Annotated[float, typer.Option(metavar="SECONDS", min=0, help="Keep trying a coordinator that does not answer yet (one just started) this long.")] = 0,
 ) -> None:
     """Check that this machine, its key, the run's data and the network are ready to join a run.
 
@@ -566,8 +567,10 @@ def doctor_cmd(
     """
     from psyche.doctor import diagnose
 
+    if server is not None and wait:
+        console.print(f"waiting up to {wait:g} s for the coordinator at {server} to answer", highlight=False)
     findings = diagnose(server=server, run_id=run_id, config=config, key=key, device=device, data=data,
-                        checkpoint_dir=checkpoint_dir, bind=bind)
+                        checkpoint_dir=checkpoint_dir, bind=bind, wait=wait)
     for f in findings:
         out = err_console if f.status == "FAIL" else console
         out.print(f.line(), highlight=False, markup=False)

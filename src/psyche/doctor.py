@@ -14,6 +14,7 @@ import asyncio
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -50,6 +51,8 @@ class Context:
     run_id: str | None = None
     config: RunConfig | None = None
     state: CoordinatorState | None = None
+    wait: float = 0.0
+    """Seconds to keep trying a coordinator that does not answer yet."""
 
 
 def _mb(n: float) -> str:
@@ -122,14 +125,21 @@ def check_coordinator(ctx: Context) -> list[Finding]:
     if problem := server_url_problem(url):
         return [Finding("FAIL", "coordinator", problem)]
     base = url.rstrip("/")
-    try:
-        runs = httpx.get(f"{base}/api/runs", timeout=10).json()
-    except httpx.TransportError as exc:
-        return [Finding("FAIL", "coordinator", f"cannot reach {url} ({transport_problem(exc)}); is `psyche server` "
-                        "running there, and does this machine reach that address?")]
-    except ValueError:
-        return [Finding("FAIL", "coordinator", f"{url} answered, but not as a psyche server (not JSON)")]
-    ids = [r.get("run_id") for r in runs] if isinstance(runs, list) else []
+    deadline = time.monotonic() + ctx.wait
+    while True:
+        try:
+            runs = httpx.get(f"{base}/api/runs", timeout=10).json()
+            break
+        except httpx.TransportError as exc:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)  # --wait: a server still starting refuses connections for a moment
+                continue
+            waited = f" after waiting {ctx.wait:g} s" if ctx.wait else ""
+            return [Finding("FAIL", "coordinator", f"cannot reach {url}{waited} ({transport_problem(exc)}); is "
+                            "`psyche server` running there, and does this machine reach that address?")]
+        except ValueError:
+            return [Finding("FAIL", "coordinator", f"{url} answered, but not as a psyche server (not JSON)")]
+    ids = [r.get("run_id") for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
     if ctx.run_id is None:
         if len(ids) != 1:
             return [Finding("FAIL", "coordinator", f"{url} hosts {len(ids)} runs; pass --run-id (one of {ids})")]
@@ -329,11 +339,12 @@ def check_peers(state: CoordinatorState, key: Path, bind: str, *, sample: int = 
 
 def diagnose(*, server: str | None = None, run_id: str | None = None, config: Path | None = None,
              key: Path = Path("client.key"), device: str = "auto", data: str | None = None,
-             checkpoint_dir: Path | None = None, bind: str = "127.0.0.1:0") -> list[Finding]:
+             checkpoint_dir: Path | None = None, bind: str = "127.0.0.1:0", wait: float = 0.0) -> list[Finding]:
     """Run every check that the arguments make possible; return their findings in order.
 
     Without ``server`` or ``config`` the run-specific checks (data, memory) are skipped,
-    and a ``warn`` finding says how to include them.
+    and a ``warn`` finding says how to include them. ``wait``: seconds to keep trying a
+    coordinator that does not answer yet (one just started).
     """
     findings = check_software()
     if findings[0].status == "FAIL":
@@ -342,7 +353,7 @@ def diagnose(*, server: str | None = None, run_id: str | None = None, config: Pa
     if findings[-1].status == "FAIL":
         device = "cpu"  # still size the model against this machine's memory
     findings += check_key(key)
-    ctx = Context(server=server, run_id=run_id)
+    ctx = Context(server=server, run_id=run_id, wait=wait)
     if server is not None:
         findings += check_coordinator(ctx)
     if config is not None:
