@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from psyche.dashboard import status_delta
-from psyche.data import ensure_default_dataset
 from tests.netutil import ROOT, Network, small_config
 
 pytestmark = pytest.mark.e2e
@@ -81,11 +80,6 @@ def visible(page, selector: str):
     """The text a viewer sees in ``selector`` (whitespace collapsed)."""
     return page.evaluate(f"(() => {{ const e = document.querySelector({selector!r}); "
                          "return e ? e.innerText.replace(/\\s+/g, ' ').trim() : null; })()")
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return ensure_default_dataset(ROOT / "data" / "fortunes", progress=False)
 
 
 @pytest.mark.timeout(600)

@@ -12,29 +12,8 @@ import signal
 import msgspec
 import pytest
 
-from psyche.data import ensure_default_dataset
-from tests.netutil import ROOT, Network, small_config
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return ensure_default_dataset(ROOT / "data" / "fortunes", progress=False)
-
-
-@pytest.fixture
-def network(tmp_path, request, data_dir):
-    nets: list[Network] = []
-
-    def make(name: str, **coordinator) -> Network:
-        net = Network(tmp_path, small_config(name, data=data_dir, **coordinator))
-        nets.append(net)
-        return net
-
-    yield make
-    for net in nets:
-        net.stop()
 
 
 # States are polled every fraction of a second by a process that may be starved of CPU,

@@ -11,12 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import tomli_w
 import typer.main
 
 from psyche.cli import COMMAND_GROUPS, app
-from psyche.data.tokenize import ensure_default_dataset
 from tests.netutil import Network, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +82,6 @@ def test_output_to_a_pipe_is_never_cut_into_short_lines(tmp_path):
     assert res.returncode == 0, res.stderr
     first = res.stdout.splitlines()[0]
     assert first.startswith(f"OK  {deep}  (run tiny-fortunes, digest ") and first.endswith(")"), first
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return ensure_default_dataset(ROOT / "data" / "fortunes", progress=False)
 
 
 def _config_file(tmp_path: Path, data: Path | str) -> Path:

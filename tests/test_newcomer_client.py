@@ -22,7 +22,7 @@ from psyche.demo import free_port
 from psyche.ledger.remote import Reachability, server_url_problem
 from psyche.ledger.status import run_events, run_summary
 from psyche.client.runtime import wait_notice
-from tests.netutil import ROOT, Network, small_config
+from tests.netutil import ROOT, Network
 
 CFG = parse_config({
     "name": "newcomer",
@@ -73,7 +73,7 @@ def test_a_client_says_what_it_waits_for_and_the_server_logs_each_change():
     assert wait_notice(coord.state, other) is None, "a training member is not waiting"
     c = b"\xcc" * 32
     assert _events(coord, Join(p2p_address="mem:c"), c, 110) == ["client cccccccc joined; it waits for epoch 0 to end"]
-    assert wait_notice(coord.state, c) == "waiting for epoch 0 to end (step 1 of 2): this node joins epoch 1"
+    assert wait_notice(coord.state, c) == "waiting for epoch 0 to end (0 of 2 steps done): this node joins epoch 1"
     assert _events(coord, Withdraw(), other, 111) == [
         f"client {other.hex()[:8]} withdrew in epoch 0 (0 healthy members left)"]
     assert _events(coord, Pause(), AUTHORITY, 112) == ["pause requested: the run pauses at the end of the current round"]
@@ -146,27 +146,6 @@ def test_a_bad_or_unreachable_server_is_one_line_and_creates_no_key(tmp_path):
         assert one_error_line(psyche(cmd, "--server", url, "--key", "authority.key", cwd=tmp_path)) == \
             f"error: cannot reach the coordinator server at {url} (connection refused); is `psyche server` running there?"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["authority.key"]
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    from psyche.data import ensure_default_dataset
-
-    return ensure_default_dataset(ROOT / "data" / "fortunes", progress=False)
-
-
-@pytest.fixture
-def network(tmp_path, data_dir):
-    nets: list[Network] = []
-
-    def make(name: str, **coordinator) -> Network:
-        net = Network(tmp_path, small_config(name, data=data_dir, **coordinator))
-        nets.append(net)
-        return net
-
-    yield make
-    for net in nets:
-        net.stop()
 
 
 def said(net: Network, name: str) -> str:

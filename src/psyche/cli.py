@@ -76,6 +76,10 @@ def serve_http(app_, *, host: str, port: int, banner: str) -> None:
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
+# The torch device option, the same on every command that computes.
+DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")]
+
+
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -319,7 +323,7 @@ def train_cmd(
     steps: Annotated[int | None, typer.Option(metavar="N", min=1, help="Total steps (default: coordinator.total_steps).")] = None,
     out: Annotated[Path | None, typer.Option(metavar="DIR", help="Output folder (default: runs/<run name>).")] = None,
     optimizer: Annotated[str | None, typer.Option(metavar="adamw|distro", help="adamw or distro (default: the config's, adamw if DisTrO is absent).")] = None,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Override data.location.")] = None,
     eval_every: Annotated[int | None, typer.Option(metavar="N", min=1, help="Steps between validation losses (default: steps/5).")] = None,
     checkpoint_every: Annotated[int, typer.Option(metavar="N", min=0, help="Steps between checkpoints (0: only at the end).")] = 0,
@@ -360,7 +364,7 @@ def generate_cmd(
     temperature: Annotated[float, typer.Option(metavar="T", min=0.0, help="Sampling temperature (0: greedy).")] = 0.8,
     top_k: Annotated[int, typer.Option(metavar="K", min=0, help="Sample among the k likeliest tokens (0: all).")] = 50,
     seed: Annotated[int, typer.Option(metavar="N", help="Sampling seed: the same seed gives the same text.")] = 0,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Stream text from a checkpoint."""
     import sys
@@ -481,7 +485,7 @@ def client_cmd(
                                                     "(required: this or --solana).")] = None,
     run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to join (default: the server's only run).")] = None,
     key: Annotated[Path, typer.Option(metavar="FILE", help="This node's ed25519 key file; created if missing.")] = Path("client.key"),
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where to write checkpoints when selected.")] = None,
     data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Override the run's data location (path, http URL, psyche://).")] = None,
     bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address.")] = "127.0.0.1:0",
@@ -554,7 +558,7 @@ def doctor_cmd(
     run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to check (default: the server's only run).")] = None,
     config: Annotated[Path | None, typer.Option(metavar="FILE", help="A run config TOML to check (alone, or against the server's run).")] = None,
     key: Annotated[Path, typer.Option(metavar="FILE", help="The node key `psyche client` would use.")] = Path("client.key"),
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Data location `psyche client --data` would use.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where checkpoints would be written (default: here).")] = None,
     bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address `psyche client --bind` would use.")] = "127.0.0.1:0",

@@ -104,7 +104,8 @@ def wait_notice(s: CoordinatorState, me: bytes) -> str | None:
         case RunState.Uninitialized:
             return "the run is not started yet; waiting for its authority to start it (`psyche resume`)"
         case RunState.Paused:
-            return f"the run is paused after step {s.step - 1}; waiting for its authority to resume it (`psyche resume`)"
+            return (f"the run is paused after step {q.steps_completed(s)}; waiting for its authority to resume it "
+                    "(`psyche resume`)")
         case RunState.WaitingForMembers if healthy or joined:
             have, need = len(q.healthy_clients(s)) + len(s.pending), cfg.init_min_clients
             if have < need:
@@ -115,7 +116,8 @@ def wait_notice(s: CoordinatorState, me: bytes) -> str | None:
             return (f"epoch {s.epoch} starts with {len(s.clients)} members; warmup: getting the model "
                     f"(up to {cfg.warmup_time}s)")
         case RunState.Warmup | RunState.RoundTrain | RunState.RoundWitness | RunState.Cooldown if joined and not healthy:
-            return f"waiting for epoch {s.epoch} to end (step {s.step} of {cfg.total_steps}): this node joins epoch {s.epoch + 1}"
+            return (f"waiting for epoch {s.epoch} to end ({q.steps_completed(s)} of {cfg.total_steps} steps done): "
+                    f"this node joins epoch {s.epoch + 1}")
     return None
 
 
