@@ -74,6 +74,17 @@ def test_no_help_line_shows_a_type_tag():
             assert tag not in res.stdout, f"psyche {' '.join(path)} --help shows {tag}:\n{res.stdout}"
 
 
+def test_every_command_that_computes_picks_its_device_the_same_way():
+    with_device = []
+    for path in all_commands():
+        text = psyche(*path, "--help").stdout
+        if "--device" in text:
+            with_device.append(path[-1])
+            option = text[text.index("--device"):].split("\n  --", 1)[0]
+            assert "auto (cuda if present, else cpu)" in option and "[default: auto]" in option, (path, option)
+    assert sorted(with_device) == ["client", "doctor", "generate", "train"]
+
+
 def test_output_to_a_pipe_is_never_cut_into_short_lines(tmp_path):
     deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "run-config-with-a-long-name.toml"
     deep.parent.mkdir(parents=True)

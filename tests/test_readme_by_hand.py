@@ -88,6 +88,10 @@ def test_readme_by_hand_block_runs_to_finished(tmp_path):
     assert any(ln.startswith("wrote data/fortunes: ") for ln in lines), text[-3000:]
     assert any(ln.startswith("OK  config/tiny-fortunes.toml  (run tiny-fortunes") for ln in lines), text[-3000:]
     assert "ready: `psyche client --server http://127.0.0.1:" in text, text[-3000:]
-    assert sum("run finished at step 40" in ln for ln in lines) == 3, text[-6000:]
+    # Whole lines even into a file: each client's last word and its step lines are one line each.
+    finished = [ln for ln in lines if re.fullmatch(r"[0-9a-f]{8} run finished at step 40; final state digest [0-9a-f]{64}", ln)]
+    assert len(finished) == 3 and len({ln.rsplit(" ", 1)[1] for ln in finished}) == 1, text[-6000:]
+    assert sum(bool(re.fullmatch(r"[0-9a-f]{8} step \d+: trained samples \[\d+, \d+\) loss [\d.]+ \([\d,]+ tok/s\), "
+                                 r"result [\d,]+ bytes", ln)) for ln in lines) >= 3 * 40 - 3, text[-6000:]
     assert "Traceback" not in text, text[-6000:]
     assert (tree / "ckpt").is_dir() and any((tree / "ckpt").rglob("config.json")), "a checkpointer wrote the model"
