@@ -373,7 +373,7 @@ def generate_cmd(
 
     device = require_device(device)
     if problem := checkpoint_folder_problem(checkpoint):
-        fail(f"--checkpoint {problem}")  # before torch and transformers load: a typo is told at once
+        fail(f"--checkpoint {problem}")  # before transformers and the model load: a typo is told at once
     try:
         gen = Generator.from_checkpoint(checkpoint, device=device)
         sys.stdout.write(prompt)
@@ -432,10 +432,8 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
     from psyche.client.main import server_run_id
     from psyche.coordinator import Pause, Resume
     from psyche.ledger.base import InstructionRefused, LedgerUnavailable
-    from psyche.ledger.remote import ServerLedger, server_url_problem
+    from psyche.ledger.remote import ServerLedger
 
-    if (problem := server_url_problem(server)) is not None:
-        fail(problem)
     ident = load_node_key(key)
     try:
         rid = server_run_id(server, run_id)
@@ -498,12 +496,12 @@ def client_cmd(
 ) -> None:
     """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
     from psyche.client.main import run_client
-    from psyche.p2p.ratelimit import parse_rate
-
     from psyche.ledger.remote import server_url_problem
+    from psyche.p2p.ratelimit import parse_rate
 
     if (server is None) == (solana is None):
         fail("pass exactly one of --server URL or --solana URL")
+    # Also checked where the client first uses it; here it is told before torch loads.
     if server is not None and (problem := server_url_problem(server)) is not None:
         fail(problem)
     device = require_device(device)

@@ -226,11 +226,10 @@ def _available_memory() -> int | None:
     return None
 
 
-def check_memory(cfg: RunConfig, device: str) -> list[Finding]:
-    """Whether the device holds the model, its gradients and the optimizer's buffers."""
+def check_memory(n: int, device: str) -> list[Finding]:
+    """Whether the device holds a model of ``n`` parameters, its gradients and the optimizer's buffers."""
     from psyche.train.device import resolve_device
 
-    n = model_parameters(cfg)
     need = n * TRAIN_BYTES_PER_PARAM
     device = resolve_device(device)
     if device.startswith("cuda"):
@@ -252,8 +251,9 @@ def check_memory(cfg: RunConfig, device: str) -> list[Finding]:
     return [Finding("ok", "memory", detail)]
 
 
-def check_disk(folder: Path, cfg: RunConfig | None) -> list[Finding]:
-    """Whether the checkpoint folder (or the nearest existing parent) is writable with room for checkpoints."""
+def check_disk(folder: Path, n: int | None) -> list[Finding]:
+    """Whether the checkpoint folder (or the nearest existing parent) is writable, with room for
+    checkpoints of a model of ``n`` parameters (None: room not judged)."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -261,9 +261,9 @@ def check_disk(folder: Path, cfg: RunConfig | None) -> list[Finding]:
         return [Finding("FAIL", "disk", f"{probe} is not writable; pass a --checkpoint-dir you can write to")]
     free = shutil.disk_usage(probe).free
     detail = f"{folder}: {_mb(free)} free"
-    if cfg is not None:
-        # A checkpoint is the fp32 weights; keep room for two while one is written.
-        need = 2 * 4 * model_parameters(cfg)
+    if n is not None:
+        # A checkpoint is the fp32 weights of ``n`` parameters; keep room for two while one is written.
+        need = 2 * 4 * n
         if free < need:
             return [Finding("FAIL", "disk", f"{detail}; checkpoints need about {_mb(need)}")]
         detail += f" (checkpoints need about {_mb(need)})"
@@ -360,12 +360,14 @@ def diagnose(*, server: str | None = None, run_id: str | None = None, config: Pa
         findings += check_config(config, ctx)
     if ctx.state is not None:
         findings += check_peers(ctx.state, key, bind)
+    n_params = None
     if ctx.config is not None:
         findings += check_data(ctx.config, data)
-        findings += check_memory(ctx.config, device)
+        n_params = model_parameters(ctx.config)
+        findings += check_memory(n_params, device)
     elif server is None and config is None:
         findings.append(Finding("warn", "run", "no --server or --config given: the run's data and memory "
                                 "needs were not checked"))
-    findings += check_disk(checkpoint_dir or Path.cwd(), ctx.config)
+    findings += check_disk(checkpoint_dir or Path.cwd(), n_params)
     findings += check_p2p(bind)
     return findings

@@ -233,10 +233,11 @@ def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, 
         if cid not in after.pending and not (started and q.member(after, cid) is not None):
             out.append(f"client {_short(cid)} withdrew before its epoch started")
     before_addr = {a.id: a.p2p_address for a in before.accounts}
+    after_addr = {a.id: a.p2p_address for a in after.accounts}
     for c in after.clients:
         old = members.get(c.id)
         if old is not None and old.state is ClientState.Healthy and c.state is ClientState.Healthy \
-                and before_addr.get(c.id) != q.address_of(after, c.id):
+                and before_addr.get(c.id) != after_addr.get(c.id):
             out.append(f"client {_short(c.id)} re-registered its P2P address{where}")
     paused = after.run_state is RunState.Paused and before.run_state is not RunState.Paused
     if not paused:
