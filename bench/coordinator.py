@@ -10,6 +10,11 @@ instruction (mean over the round's instructions, and per kind), the ratio to
 the 8-client figure, and each figure in units of one sha256 of 64 bytes timed
 in the same run (a machine-independent yardstick).
 
+Also timed, separately: what ``psyche server`` adds to each applied instruction to
+log what changed (``CoordinatorServer.log_changes``: a copy of the new state and
+``run_events`` against the previous one), as ``log_us_per_instruction`` and its
+ratio to ``us_per_instruction`` in the same run (``log_over_apply``).
+
     python bench/coordinator.py [--rounds 20]
 """
 
@@ -33,6 +38,7 @@ from psyche.coordinator import (
     round_witnesses,
 )
 from psyche.coordinator.sim import Swarm, result_commitment
+from psyche.ledger.status import run_events
 
 
 def sha256_us() -> float:
@@ -55,6 +61,18 @@ def bench_clients(n: int, rounds: int) -> dict:
     swarm.run_until(lambda c: c.state.run_state is RunState.RoundTrain)
     witness_ns: list[int] = []
     tick_ns: list[int] = []
+    log_ns: list[int] = []
+    logged = coord.copy()
+
+    def log_changes() -> None:
+        """What CoordinatorServer.log_changes does after each applied instruction."""
+        nonlocal logged
+        t0 = time.perf_counter_ns()
+        after = coord.copy()
+        run_events(logged.state, after.state, name="bench")
+        logged = after
+        log_ns.append(time.perf_counter_ns() - t0)
+
     now = swarm.now
     seed = hashlib.sha256(b"bench").digest()
     for _ in range(rounds):
@@ -71,12 +89,14 @@ def bench_clients(n: int, rounds: int) -> dict:
             err = coord.apply(instr, signer, now, seed)
             witness_ns.append(time.perf_counter_ns() - t0)
             assert err is None, err
+            log_changes()
         now += settings.round_witness_time
         seed = hashlib.sha256(seed).digest()
         t0 = time.perf_counter_ns()
         err = coord.apply(Tick(), bytes(32), now, seed)
         tick_ns.append(time.perf_counter_ns() - t0)
         assert err is None and coord.state.run_state is RunState.RoundTrain, (err, coord.state.run_state)
+        log_changes()
     per_round_ns = (sum(witness_ns) + sum(tick_ns)) / rounds
     instr_per_round = len(witness_ns) / rounds + 1
     return {
@@ -86,6 +106,8 @@ def bench_clients(n: int, rounds: int) -> dict:
         "witness_us": round(statistics.median(witness_ns) / 1e3, 2),
         "tick_us": round(statistics.median(tick_ns) / 1e3, 2),
         "us_per_round": round(per_round_ns / 1e3, 1),
+        "log_us_per_instruction": round(statistics.mean(log_ns) / 1e3, 2),
+        "log_over_apply": round(statistics.mean(log_ns) / (per_round_ns / instr_per_round), 2),
         "state_bytes": len(coord.to_bytes()),
     }
 
