@@ -121,7 +121,7 @@ class Network:
         return path.read_text(errors="replace")[-tail:] if path.exists() else ""
 
     def client_id(self, i: int) -> str:
-        from psyche.p2p import Identity
+        from psyche.identity import Identity
 
         return Identity.load(self.root / f"client-{i}.key").public_key.hex()
 

@@ -16,7 +16,8 @@ from psyche.coordinator import Join
 from psyche.ledger.embedded import EmbeddedLedger
 from psyche.ledger.server import CoordinatorServer
 from psyche.ledger.store import Store
-from psyche.p2p import Identity, MemoryNetwork, P2PNode
+from psyche.identity import Identity
+from psyche.p2p import MemoryNetwork, P2PNode
 from tests.test_server import CFG
 
 

@@ -24,7 +24,7 @@ from psyche.dashboard.feed import Feed
 from psyche.ledger.envelope import sign_request
 from psyche.ledger.server import CoordinatorServer, create_app
 from psyche.ledger.store import Store
-from psyche.p2p import Identity
+from psyche.identity import Identity
 
 RUN = "dash-test"
 CFG = parse_config({

@@ -33,7 +33,7 @@ def test_three_clients_train_to_finished_and_checkpoint_loads(network):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from psyche.ledger.envelope import SignedRequest, sign_request
-    from psyche.p2p import Identity
+    from psyche.identity import Identity
 
     net = network("e2e-full", total_steps=10)
     net.start_server()

@@ -7,7 +7,8 @@ import asyncio
 from typer.testing import CliRunner
 
 from psyche.cli import app
-from psyche.p2p import Identity, P2PNode
+from psyche.identity import Identity
+from psyche.p2p import P2PNode
 from psyche.p2p.iroh_transport import ticket_id
 
 

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
+from psyche.identity import Identity
 from psyche.p2p import (
     BlobUnavailable,
     Finished,
     Heartbeat,
-    Identity,
     InMemoryModel,
     MemoryNetwork,
     ModelUnavailable,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from psyche.p2p.blobs import BlobCheckError, BlobReceiver, BlobStore
 from psyche.p2p.gossip import Gossip
-from psyche.p2p.identity import Identity
+from psyche.identity import Identity, IdentityError
 from psyche.p2p.model import RawTensor, build_manifest, choose_manifest, decode_manifest
 from psyche.p2p.wire import (
     DataHeader,
@@ -249,7 +249,6 @@ def test_identity_file(tmp_path):
     assert a.public_key == b.public_key and Identity.verify(a.public_key, b"m", b.sign(b"m"))
     assert not Identity.verify(a.public_key, b"m2", b.sign(b"m"))
     os.chmod(path, 0o644)
-    from psyche.p2p import IdentityError
     with pytest.raises(IdentityError, match="too open"):
         Identity.load(path)
     with pytest.raises(IdentityError, match="no such key file"):

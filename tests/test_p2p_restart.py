@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from psyche.p2p import Finished, Heartbeat, Identity, MemoryNetwork, P2PNode
+from psyche.identity import Identity
+from psyche.p2p import Finished, Heartbeat, MemoryNetwork, P2PNode
 from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
 
 RUN = "restart-run"

@@ -12,7 +12,7 @@ from psyche.ledger.host import replay
 from psyche.ledger.envelope import SignedRequest, open_request, sign_request
 from psyche.ledger.server import CoordinatorServer, create_app
 from psyche.ledger.store import Store
-from psyche.p2p import Identity
+from psyche.identity import Identity
 
 CFG = parse_config({
     "name": "srv-test",

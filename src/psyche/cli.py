@@ -16,7 +16,7 @@ import typer.core
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity
 
 # Commands in the order a newcomer meets them, in groups; `psyche --help` lists them so.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
@@ -122,8 +122,7 @@ def load_node_key(path: Path, *, create: bool = False) -> Identity:
 
     Exits with one line naming the file and the problem (missing, too open, not a key).
     """
-    from psyche.p2p.errors import IdentityError
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity, IdentityError
 
     try:
         return Identity.load_or_create(path) if create else Identity.load(path)
@@ -217,8 +216,7 @@ def keygen_cmd(
 
     The key is ed25519: the node's iroh endpoint id and the key it signs with.
     """
-    from psyche.p2p.errors import IdentityError
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity, IdentityError
 
     ident = Identity.generate()
     try:

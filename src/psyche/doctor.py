@@ -98,8 +98,7 @@ def check_device(spec: str) -> list[Finding]:
 
 def check_key(path: Path) -> list[Finding]:
     """Whether the node key file is usable; a missing one is fine (the client creates it)."""
-    from psyche.p2p.errors import IdentityError
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity, IdentityError
 
     if not path.exists():
         return [Finding("ok", "key", f"{path} does not exist yet; `psyche client --key {path}` creates it "
@@ -276,7 +275,7 @@ def check_p2p(bind: str) -> list[Finding]:
     The probe uses a throwaway key: an endpoint with the node's own key could be taken
     for the node by its peers if that node is running."""
     from psyche.p2p.errors import TransportError
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity
     from psyche.p2p.iroh_transport import IrohTransport
 
     async def probe() -> str:
@@ -297,8 +296,7 @@ def check_peers(state: CoordinatorState, key: Path, bind: str, *, sample: int = 
     """Whether this node's key is free (no live node registered with it) and whether the
     run's members answer over P2P from here (a handshake with up to ``sample`` of them)."""
     from psyche.coordinator import queries as q
-    from psyche.p2p.errors import IdentityError
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity, IdentityError
     from psyche.p2p.node import describe_address, endpoint_answers
 
     me = None

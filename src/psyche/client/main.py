@@ -59,8 +59,7 @@ def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
 
 def _load_key(path: Path, *, create: bool):
     """The node key in ``path`` (None if missing and not ``create``); SystemExit naming the problem."""
-    from psyche.p2p import Identity
-    from psyche.p2p.errors import IdentityError
+    from psyche.identity import Identity, IdentityError
 
     try:
         if not create and not path.exists():

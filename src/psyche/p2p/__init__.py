@@ -2,7 +2,7 @@
 
 Public API::
 
-    ident = Identity.load_or_create(path)               # ed25519 key, file mode 0600
+    ident = Identity.load_or_create(path)               # psyche.identity: ed25519 key, file mode 0600
     node = await P2PNode.start(ident, run_id, bind="127.0.0.1:0")   # iroh QUIC by default
     node.address                                         # ticket string for the coordinator Join
     node.set_members({pubkey: address, ...}); node.set_step(step)
@@ -24,9 +24,8 @@ Module map: :mod:`~psyche.p2p.wire` (messages, envelopes, frames),
 """
 
 from psyche.p2p.blobs import BlobStore
-from psyche.p2p.errors import BlobUnavailable, IdentityError, ModelUnavailable, NotAMember, P2PError, TransportError
+from psyche.p2p.errors import BlobUnavailable, ModelUnavailable, NotAMember, P2PError, TransportError
 from psyche.p2p.gossip import DROP_REASONS
-from psyche.p2p.identity import Identity
 from psyche.p2p.model import (
     FetchedModel,
     InMemoryModel,
@@ -46,11 +45,11 @@ from psyche.p2p.wire import ALPN, WIRE_VERSION, Finished, Heartbeat, Message, Re
 
 __all__ = [
     "ALPN", "WIRE_VERSION", "DROP_REASONS",
-    "Identity", "P2PNode", "Transport", "MemoryNetwork",
+    "P2PNode", "Transport", "MemoryNetwork",
     "ResultCommitment", "Finished", "Heartbeat", "Message", "SignedMessage", "content_hash",
     "BlobStore", "PeerStats",
     "Manifest", "ModelProvider", "InMemoryModel", "RawTensor", "FetchedModel", "build_manifest",
     "ModelSink", "MemorySink", "ModelMismatch", "RateLimit", "parse_rate",
     "random_order",
-    "P2PError", "IdentityError", "TransportError", "NotAMember", "BlobUnavailable", "ModelUnavailable",
+    "P2PError", "TransportError", "NotAMember", "BlobUnavailable", "ModelUnavailable",
 ]

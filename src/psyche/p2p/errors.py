@@ -2,10 +2,10 @@
 
 Bad input from a peer is never raised: it is dropped and counted in
 ``P2PNode.counters``. What reaches the caller is grouped by what the caller can
-do about it::
+do about it (a key file that cannot be used raises :class:`psyche.identity.IdentityError`,
+before any of this package is involved)::
 
     P2PError
-    ├── IdentityError        the key file is missing, unreadable, malformed or too open: fix the file
     ├── TransportError       the transport failed to bind/connect/stream (wraps iroh's error): retry later
     ├── NotAMember           the caller asked to reach a peer that is not in the member set: update members
     ├── BlobUnavailable      every provider failed to deliver a verified blob before the timeout
@@ -17,15 +17,6 @@ from __future__ import annotations
 
 class P2PError(Exception):
     """Base class of every error this package raises to its caller."""
-
-
-class IdentityError(P2PError):
-    """The node key file cannot be used; ``path`` names it."""
-
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-        self.problem = problem
 
 
 class TransportError(P2PError):

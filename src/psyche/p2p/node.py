@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from psyche.identity import Identity
 from psyche.p2p.blobs import BlobCheckError, BlobReceiver, BlobStore
 from psyche.p2p.errors import BlobUnavailable, ModelUnavailable, NotAMember, TransportError
 from psyche.p2p.gossip import Gossip
-from psyche.p2p.identity import Identity
 from psyche.p2p.model import (
     FetchedModel,
     Manifest,

@@ -24,6 +24,8 @@ from typing import Annotated, Literal, Union
 import blake3
 import msgspec
 
+from psyche.identity import Identity
+
 WIRE_VERSION = 1
 ALPN = b"psyche/p2p/1"
 # Signatures cover this tag so a signature made for another purpose (e.g. a
@@ -90,7 +92,7 @@ class SignedMessage(msgspec.Struct, array_like=True, frozen=True):
     sig: bytes
 
     @classmethod
-    def create(cls, identity, msg: Message) -> SignedMessage:  # identity: psyche.p2p.identity.Identity
+    def create(cls, identity: Identity, msg: Message) -> SignedMessage:
         """Sign ``msg`` as ``identity``."""
         body = encode_message(msg)
         return cls(WIRE_VERSION, identity.public_key, body, identity.sign(signing_bytes(WIRE_VERSION, body)))
@@ -106,8 +108,6 @@ class SignedMessage(msgspec.Struct, array_like=True, frozen=True):
 
     def verify(self) -> bool:
         """True iff the signature is the sender's over this version and body."""
-        from psyche.p2p.identity import Identity
-
         return Identity.verify(self.sender, signing_bytes(self.v, self.body), self.sig)
 
     def message(self) -> Message:

@@ -296,7 +296,7 @@ class _Worker:
 
 
 async def _child_main(args: argparse.Namespace) -> None:
-    from psyche.p2p.identity import Identity
+    from psyche.identity import Identity
     from psyche.p2p.node import P2PNode
 
     ident = Identity(bytes.fromhex(args.seed)) if args.seed else Identity.load_or_create(args.key)

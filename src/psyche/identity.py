@@ -1,8 +1,12 @@
-"""A node's identity: one ed25519 key, used as the iroh endpoint key and to sign messages.
+"""A participant's identity: one ed25519 key, used as the iroh endpoint key, the Solana signer
+and to sign messages.
 
 The key file holds the 32 secret bytes as one line of hex, mode 0600. The same
-32 bytes are the iroh ``SecretKey``, so a node's iroh endpoint id equals its
-public key, which is also its client id in the coordinator.
+32 bytes are the iroh ``SecretKey`` and the Solana keypair's seed, so a node's iroh
+endpoint id equals its public key, which is also its client id in the coordinator.
+
+This module imports nothing of ours: the P2P layer, the ledgers and the CLI all use
+the key, so it lives below every one of them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from psyche.p2p.errors import IdentityError
-
 _HEADER = "psyche-ed25519-secret-v1"
+
+
+class IdentityError(Exception):
+    """The key file cannot be used (missing, unreadable, malformed or too open): fix the file.
+
+    ``path`` names the file and ``problem`` says what is wrong with it.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
 
 
 class Identity:
