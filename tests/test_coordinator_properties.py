@@ -35,9 +35,12 @@ from psyche.coordinator import (
     Resume,
     RunState,
     Tick,
+    Round,
     WarmupWitness,
     Withdraw,
     Witness,
+    assignment_for,
+    batch_split,
     current_round,
     decode_instruction,
     round_batches,
@@ -135,6 +138,12 @@ class Tracker:
                 assert all(interval[0] >= end for _, end in self.rounds.values())
                 self.rounds[r.step] = interval
             assert interval[1] <= s.next_data_index
+        for r in s.rounds:
+            # Every assignment the state gives out is the batch-split rule's output for the round.
+            rule = {s.clients[i].id: (start, end) for i, start, end in batch_split(r)}
+            assert {b.client: (b.start, b.end) for b in round_batches(s, r.step)} == rule
+            assert all(assignment_for(s, s.clients[i].id, step=r.step) == rule.get(s.clients[i].id)
+                       for i in r.trainers)
         cur = current_round(s)
         if cur is not None:
             covered = sorted((b.start, b.end) for b in round_batches(s))
@@ -258,6 +267,23 @@ def test_refusals_never_change_state_even_mid_run(cfg, script):
         err = probe.apply(instr, signer, swarm.now, bytes(32))
         if err is not None:
             assert probe.to_bytes() == before
+
+
+@given(data_index=st.integers(0, 10**6), batch_size=st.integers(0, 40),
+       trainers=st.lists(st.integers(0, MAX_CLIENTS - 1), max_size=20, unique=True))
+def test_batch_split_tiles_the_batch_evenly_in_shuffle_order(data_index, batch_size, trainers):
+    r = Round(height=0, step=1, data_index=data_index, batch_size=batch_size, random_seed=bytes(32), started_at=0,
+              trainers=trainers, witnesses=0)
+    split = batch_split(r)
+    # Contiguous from data_index, covering the batch exactly once (nothing when no one trains).
+    ends = [data_index] + [end for _, _, end in split]
+    assert [start for _, start, _ in split] == ends[:-1]
+    assert ends[-1] == data_index + (batch_size if trainers else 0)
+    # The first trainers in shuffle order, each with a share no more than one sample above another's.
+    assert [i for i, _, _ in split] == trainers[: min(len(trainers), batch_size)]
+    sizes = [end - start for _, start, end in split]
+    assert all(size > 0 for size in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+    assert sizes == sorted(sizes, reverse=True)
 
 
 @given(n=st.integers(2, 9), witness_nodes=st.integers(0, 2), silent=st.sets(st.integers(0, 8), max_size=3),

@@ -66,6 +66,7 @@ from psyche.coordinator.instructions import (
     Witness,
 )
 from psyche.coordinator.queries import (
+    batch_split,
     bloom_votes,
     member_index,
     quorum,
@@ -592,11 +593,7 @@ class Coordinator:
             s.ready_since = now
 
     def _trainers_with_batch(self, r: Round) -> set[int]:
-        n = len(r.trainers)
-        if n == 0:
-            return set()
-        base, extra = divmod(r.batch_size, n)
-        return {idx for pos, idx in enumerate(r.trainers) if base + (1 if pos < extra else 0) > 0}
+        return {idx for idx, _, _ in batch_split(r)}
 
     def _record_stats(self, r: Round, now: int) -> None:
         s = self.state

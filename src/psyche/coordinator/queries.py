@@ -191,16 +191,35 @@ class Batch(NamedTuple):
     end: int
 
 
-def _batches(state: CoordinatorState, round_: Round) -> list[tuple[Client, int, int]]:
+def batch_split(round_: Round) -> list[tuple[int, int, int]]:
+    """The rule that cuts a round's global batch among its trainers: ``(client index, start, end)``
+    per trainer, in shuffle order. The only place this rule is written.
+
+    The ``batch_size`` samples from ``data_index`` on are shared as evenly as
+    possible: the first ``batch_size % n`` trainers in shuffle order take one
+    sample more. The intervals are contiguous and cover the batch exactly once;
+    a trainer whose share is zero samples (more trainers than samples) is left out.
+
+    >>> r = Round(height=0, step=1, data_index=100, batch_size=5, random_seed=bytes(32), started_at=0,
+    ...           trainers=[4, 2, 7], witnesses=1)
+    >>> batch_split(r)
+    [(4, 100, 102), (2, 102, 104), (7, 104, 105)]
+    >>> batch_split(msgspec.structs.replace(r, batch_size=2))
+    [(4, 100, 101), (2, 101, 102)]
+    """
     n = len(round_.trainers)
     base, extra = divmod(round_.batch_size, n) if n else (0, 0)
     out, start = [], round_.data_index
     for pos, idx in enumerate(round_.trainers):
         size = base + (1 if pos < extra else 0)
         if size:
-            out.append((state.clients[idx], start, start + size))
+            out.append((idx, start, start + size))
         start += size
     return out
+
+
+def _batches(state: CoordinatorState, round_: Round) -> list[tuple[Client, int, int]]:
+    return [(state.clients[idx], start, end) for idx, start, end in batch_split(round_)]
 
 
 def round_batches(state: CoordinatorState, step: int | None = None) -> list[Batch]:
