@@ -6,7 +6,7 @@ Public API::
         -> SampleProvider          # .num_samples, .sample(i), .batch(indices) -> LongTensor (B, seq_len+1)
     providers_for(run_cfg) -> RunData(train, val)
     TokenFile(path, *, dtype)      # a TokenSource: .read_tokens(offset, count)
-    register_source(name, opener)  # plug in an HTTP / data-server token source
+    SOURCES                        # provider name -> how to open its TokenSource (local, http, server)
     tokenize_corpus(...), ensure_default_dataset(out_dir="data/fortunes") -> Path
     data_problems(run_cfg) -> list[ConfigProblem]   # why its local token folder cannot be used (reads meta.json and sizes)
     builds_on_first_use(location), is_checked_offline(run_cfg)
@@ -14,20 +14,8 @@ Public API::
 """
 
 from psyche.data.errors import DataError, DataMissingError, SampleIndexError, TokenWidthError
-from psyche.data.provider import (
-    RunData,
-    SampleProvider,
-    TokenFile,
-    TokenSource,
-    open_provider,
-    open_token_folder_split,
-    provider_kind,
-    providers_for,
-    read_meta,
-    register_source,
-    token_dtype_for,
-)
-from psyche.data import remote as _remote  # noqa: F401  (registers the http and server token sources)
+from psyche.data.provider import SOURCES, RunData, SampleProvider, open_provider, provider_kind, providers_for
+from psyche.data.tokens import TokenFile, TokenSource, open_token_folder_split, read_meta, token_dtype_for
 from psyche.data.tokenize import EOT, corpus_files, ensure_default_dataset, tokenize_corpus
 from psyche.data.check import builds_on_first_use, data_problems, is_checked_offline
 
@@ -36,6 +24,7 @@ __all__ = [
     "DataError",
     "DataMissingError",
     "RunData",
+    "SOURCES",
     "SampleIndexError",
     "SampleProvider",
     "TokenFile",
@@ -51,7 +40,6 @@ __all__ = [
     "provider_kind",
     "providers_for",
     "read_meta",
-    "register_source",
     "token_dtype_for",
     "tokenize_corpus",
 ]

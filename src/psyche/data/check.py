@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from psyche.config import ConfigProblem
 from psyche.data.errors import DataError, DataMissingError
-from psyche.data.provider import open_provider, provider_kind, read_meta
+from psyche.data.provider import open_provider, provider_kind
+from psyche.data.tokens import read_meta
 from psyche.data.tokenize import DEFAULT_CORPUS_DIR, DEFAULT_OUT_DIR
 
 if TYPE_CHECKING:

@@ -53,7 +53,8 @@ def split_documents(text: str) -> list[str]:
     text = clean_text(text)
     lines = text.split("\n")
     if "%" in lines:
-        parts, cur = [], []
+        parts: list[str] = []
+        cur: list[str] = []
         for line in lines:
             if line == "%":
                 parts.append("\n".join(cur))

@@ -1,8 +1,7 @@
 """Token sources a client on another machine reads through the network.
 
-Both plug into :func:`psyche.data.provider.open_provider` through
-:func:`register_source`, so the sample index → tokens mapping is the very same
-code as for local files; only ``read_tokens`` travels:
+Both are named in :data:`psyche.data.provider.SOURCES`, so the sample index → tokens
+mapping is the very same code as for local files; only ``read_tokens`` travels:
 
 - ``http``: a token folder served by any HTTP server that honours byte ranges
   (``https://host/data/fortunes`` → ``.../meta.json``, ``.../train.bin``).
@@ -12,14 +11,16 @@ code as for local files; only ``read_tokens`` travels:
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import numpy as np
 
-from psyche.data.errors import DataError, DataMissingError, SampleIndexError, TokenWidthError
-from psyche.data.provider import DTYPES, META_FORMAT, Split, register_source
+from psyche.data.errors import DataError, DataMissingError, TokenWidthError
+from psyche.data.tokens import DTYPES, META_FORMAT, Split, check_range
 
 
-def _meta_from(client: httpx.Client, url: str) -> dict:
+def _meta_from(client: httpx.Client, url: str) -> dict[str, Any]:
     try:
         resp = client.get(url)
     except httpx.TransportError as exc:
@@ -42,7 +43,7 @@ def _meta_from(client: httpx.Client, url: str) -> dict:
 class _RemoteSource:
     """Shared by both remote sources: meta.json, range checks and decoding."""
 
-    def __init__(self, base: str, split: Split, *, timeout: float = 30.0):
+    def __init__(self, base: str, split: Split, *, timeout: float = 30.0) -> None:
         self.base = base.rstrip("/")
         self.split = split
         self.client = httpx.Client(timeout=timeout, follow_redirects=True)
@@ -56,14 +57,11 @@ class _RemoteSource:
         self.name = f"{self.base}/{self.file}"
 
     def meta_url(self) -> str:
+        """Where this folder's ``meta.json`` is."""
         return f"{self.base}/meta.json"
 
     def _check(self, offset: int, count: int) -> None:
-        if count < 0 or offset < 0 or offset + count > self.num_tokens:
-            raise SampleIndexError(
-                f"{self.name}: tokens [{offset}, {offset + count}) (bytes {offset * self.dtype.itemsize}.."
-                f"{(offset + count) * self.dtype.itemsize}) lie outside its {self.num_tokens} tokens"
-            )
+        check_range(self.name, self.dtype, self.num_tokens, offset, count)
 
     def _decode(self, body: bytes, offset: int, count: int) -> np.ndarray:
         want = count * self.dtype.itemsize
@@ -76,6 +74,7 @@ class HttpTokenSource(_RemoteSource):
     """A token folder on a plain HTTP(S) server, read with ``Range`` requests."""
 
     def read_tokens(self, offset: int, count: int) -> np.ndarray:
+        """Tokens ``[offset, offset + count)``, fetched with one byte-range request."""
         self._check(offset, count)
         if count == 0:
             return np.zeros(0, self.dtype)
@@ -96,13 +95,14 @@ class HttpTokenSource(_RemoteSource):
 class DataServerSource(_RemoteSource):
     """A split served by ``psyche data-server``, read by token range."""
 
-    def __init__(self, location: str, split: Split, *, timeout: float = 30.0):
+    def __init__(self, location: str, split: Split, *, timeout: float = 30.0) -> None:
         base = location
         if base.startswith("psyche://"):
             base = "http://" + base[len("psyche://"):]
         super().__init__(base, split, timeout=timeout)
 
     def read_tokens(self, offset: int, count: int) -> np.ndarray:
+        """Tokens ``[offset, offset + count)``, asked of the data server as one token range."""
         self._check(offset, count)
         if count == 0:
             return np.zeros(0, self.dtype)
@@ -115,6 +115,3 @@ class DataServerSource(_RemoteSource):
             raise DataError(f"{url}: tokens [{offset}, {offset + count}): HTTP {resp.status_code} {resp.text[:200]}")
         return self._decode(resp.content, offset, count)
 
-
-register_source("http", lambda location, split: HttpTokenSource(location, split))
-register_source("server", lambda location, split: DataServerSource(location, split))

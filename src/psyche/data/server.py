@@ -22,7 +22,8 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 
 from psyche.data.errors import DataError
-from psyche.data.provider import SampleProvider, TokenFile, open_token_folder_split, read_meta
+from psyche.data.provider import SampleProvider
+from psyche.data.tokens import TokenFile, open_token_folder_split, read_meta
 
 MAX_TOKENS_PER_REQUEST = 1 << 22
 MAX_SAMPLES_PER_REQUEST = 4096

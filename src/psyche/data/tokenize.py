@@ -31,7 +31,7 @@ import numpy as np
 
 from psyche.data.corpus import split_documents, split_validation
 from psyche.data.errors import DataError, DataMissingError
-from psyche.data.provider import DTYPES, META_FORMAT, read_meta, token_dtype_for
+from psyche.data.tokens import DTYPES, META_FORMAT, read_meta, token_dtype_for
 from psyche.fsutil import replace_dir
 
 DEFAULT_CORPUS_DIR = Path("/usr/share/games/fortunes")
