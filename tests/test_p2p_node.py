@@ -152,6 +152,8 @@ def test_non_member_refused_and_counted():
 
 
 def test_model_fetch_parallel_verified_and_majority_manifest():
+    from psyche.p2p.torch_io import raw_to_state_dict
+
     async def main():
         net, nodes = await _cluster(4)
         tensors = {f"layer{i}.weight": RawTensor("F32", (64, 16), bytes([i]) * 4096) for i in range(5)}
@@ -173,7 +175,7 @@ def test_model_fetch_parallel_verified_and_majority_manifest():
         with pytest.raises(ModelUnavailable):
             await joiner.fetch_model([n.public_key for n in nodes[:3]], manifest_digest=b"\0" * 32, timeout=2)
         assert len(digests) == 1
-        sd = got.to_state_dict()
+        sd = raw_to_state_dict(got.tensors)
         assert tuple(sd["layer1.weight"].shape) == (64, 16)
         for nd in nodes:
             await nd.close()

@@ -19,8 +19,9 @@ Module map: :mod:`~psyche.p2p.wire` (messages, envelopes, frames),
 :mod:`~psyche.p2p.ratelimit` (bandwidth caps),
 :mod:`~psyche.p2p.transport` (the seam and an in-memory network),
 :mod:`~psyche.p2p.iroh_transport`, :mod:`~psyche.p2p.node` (asyncio),
-:mod:`~psyche.p2p.torch_io` (torch conversion, fetching into a model in place), :mod:`~psyche.p2p.worker`
-(a node in its own process, driven over stdin/stdout: tests, bench, demos).
+:mod:`~psyche.p2p.torch_io` (torch conversion, fetching into a model in place; the one module
+here that imports torch). A node in its own process, driven over stdin/stdout for tests and
+benchmarks, is :mod:`psyche.testing.p2p_worker`.
 """
 
 from psyche.p2p.blobs import BlobStore
@@ -37,7 +38,7 @@ from psyche.p2p.model import (
     RawTensor,
     build_manifest,
 )
-from psyche.p2p.node import P2PNode, random_order
+from psyche.p2p.node import P2PNode
 from psyche.p2p.ratelimit import RateLimit, parse_rate
 from psyche.p2p.stats import PeerStats
 from psyche.p2p.transport import MemoryNetwork, Transport
@@ -50,6 +51,5 @@ __all__ = [
     "BlobStore", "PeerStats",
     "Manifest", "ModelProvider", "InMemoryModel", "RawTensor", "FetchedModel", "build_manifest",
     "ModelSink", "MemorySink", "ModelMismatch", "RateLimit", "parse_rate",
-    "random_order",
     "P2PError", "TransportError", "NotAMember", "BlobUnavailable", "ModelUnavailable",
 ]

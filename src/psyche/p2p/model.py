@@ -12,8 +12,9 @@ checkpoint record can carry it), exactly that manifest is accepted and any
 provider serving another one is ignored. Otherwise the manifest served by a
 strict majority of the providers that answered is taken, and at least
 ``min_agree`` of them must agree; providers that served a different manifest
-are not used. This package stays torch-free: :mod:`psyche.p2p.torch_io`
-converts to and from torch state dicts.
+are not used. This module stays torch-free and knows nothing of torch:
+:mod:`psyche.p2p.torch_io`, built on it, converts to and from torch state dicts
+(``raw_to_state_dict(fetched.tensors)``).
 
 **Where fetched bytes go**: a :class:`ModelSink` hands the fetcher one writable
 buffer per entry, and every verified part is written straight into its place
@@ -213,12 +214,6 @@ class FetchedModel:
     files: dict[str, bytes]
     sources: dict[bytes, int]
     """Bytes fetched from each provider."""
-
-    def to_state_dict(self):  # -> dict[str, torch.Tensor]
-        """The tensors as torch tensors over the fetched buffers (imports torch; no copy)."""
-        from psyche.p2p.torch_io import raw_to_state_dict
-
-        return raw_to_state_dict(self.tensors)
 
 
 def choose_manifest(

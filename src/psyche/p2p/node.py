@@ -575,7 +575,9 @@ class P2PNode:
                 if buf is None or buf.readonly or buf.nbytes != e.nbytes:
                     raise ModelMismatch(f"{kind} {e.name!r}: the destination gives no writable buffer of {e.nbytes} bytes")
 
-        fetch = _ModelFetch(self, digest, manifest, dest, random_order(agreeing), max_providers, streams_per_peer)
+        # A random order of the agreeing providers spreads joiners' load over every peer that holds the model.
+        order = random.sample(agreeing, len(agreeing))
+        fetch = _ModelFetch(self, digest, manifest, dest, order, max_providers, streams_per_peer)
         try:
             async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
                 await fetch.run()
@@ -924,14 +926,6 @@ class _Missing(Exception):
 
 class _Refused(Exception):
     """The provider refused us (we are not a member in its view)."""
-
-
-def random_order(providers: list[bytes], *, first: bytes | None = None, rng: random.Random | None = None) -> list[bytes]:
-    """``providers`` shuffled, with ``first`` (e.g. the publisher) kept in front: spreads load
-    over peers that already hold a blob."""
-    rest = [p for p in providers if p != first]
-    (rng or random).shuffle(rest)
-    return ([first] if first is not None and first in providers else []) + rest
 
 
 _closing: set[asyncio.Task] = set()

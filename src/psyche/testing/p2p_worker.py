@@ -73,7 +73,7 @@ async def _fetch_llama(node, a: dict) -> dict:
     ``"buffers"`` fetches into separate buffers and then loads them (the way before sinks)."""
     import gc
 
-    from psyche.p2p.torch_io import StateDictSink
+    from psyche.p2p.torch_io import StateDictSink, raw_to_state_dict
     from psyche.train.model import import_model_code
 
     import_model_code()  # a client imports it at start; its memory is not the join's
@@ -88,7 +88,7 @@ async def _fetch_llama(node, a: dict) -> dict:
     fetched = await node.fetch_model(providers, into=StateDictSink(model.state_dict()) if in_place else None,
                                      timeout=a.get("timeout", 600), max_providers=a.get("max_providers", 3))
     if not in_place:
-        model.load_state_dict(fetched.to_state_dict())
+        model.load_state_dict(raw_to_state_dict(fetched.tensors))
     seconds = time.perf_counter() - t0
     _, peak = _memory()
     state = model.state_dict()
