@@ -37,8 +37,8 @@ from psyche.coordinator import (
     round_batches,
     round_witnesses,
 )
-from psyche.coordinator.sim import Swarm, result_commitment
 from psyche.ledger.status import run_events
+from psyche.testing.coordinator_swarm import Swarm, result_commitment
 
 
 def sha256_us() -> float:

@@ -37,7 +37,7 @@ import sys
 import time
 
 from psyche.p2p.iroh_transport import FAST_BUFFER_COPY, FAST_COPY_ENV
-from psyche.p2p.worker import close_all, connect_all, start_workers
+from psyche.testing.p2p_worker import close_all, connect_all, start_workers
 
 RESULT_BYTES_100M = 300_000
 RESULT_BYTES_1B = 3_000_000

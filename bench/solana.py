@@ -29,9 +29,9 @@ from collections import defaultdict
 
 from psyche.coordinator import CoordinatorSettings, RunState
 from psyche.ledger.solana.chain import ChainTx
-from psyche.ledger.solana.swarm import ChainSwarm
 from psyche.ledger.solana.validator import LocalValidator
 from psyche.ledger.solana.wire import parse_envelope
+from psyche.testing.solana_swarm import ChainSwarm
 
 SOLANA_TX_LIMIT = 1232
 ROUND_STATES = (RunState.RoundTrain, RunState.RoundWitness)

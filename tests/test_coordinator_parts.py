@@ -207,7 +207,7 @@ def test_coordinator_imports_no_torch_or_pydantic():
     import subprocess
     import sys
 
-    code = ("import sys, psyche.coordinator, psyche.coordinator.sim; "
+    code = ("import sys, psyche.coordinator, psyche.testing.coordinator_swarm; "
             "bad = [m for m in ('torch', 'pydantic', 'numpy', 'psyche.config') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

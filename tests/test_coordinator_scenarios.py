@@ -51,7 +51,8 @@ from psyche.coordinator import (
     verify_role_proof,
     witnessed_trainers,
 )
-from psyche.coordinator.sim import Swarm, client_key, replay, result_commitment
+from psyche.coordinator.replay import apply_entry, replay
+from psyche.testing.coordinator_swarm import Swarm, client_key, result_commitment
 
 AUTH = b"\xaa" * 32
 SEED = bytes(32)
@@ -89,10 +90,8 @@ def all_intervals(swarm: Swarm) -> list[tuple[int, int]]:
     """Replay the log and collect every round's batch intervals as they were handed out."""
     coord = Coordinator.new("test-run", swarm.coord.state.settings, authority=AUTH, now=0)
     seen: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    from psyche.coordinator import decode_instruction
-
-    for body, signer, now, seed in swarm.log:
-        assert coord.apply(decode_instruction(body), signer, now, seed) is None
+    for entry in swarm.log:
+        assert apply_entry(coord, entry).error is None
         r = current_round(coord.state)
         if r is not None:
             seen[(coord.state.epoch, r.step)] = [(b.start, b.end) for b in round_batches(coord.state, r.step)]

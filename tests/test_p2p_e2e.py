@@ -1,4 +1,4 @@
-"""psyche.p2p between separate processes over iroh on loopback (each worker is `python -m psyche.p2p.worker`)."""
+"""psyche.p2p between separate processes over iroh on loopback (each worker is `python -m psyche.testing.p2p_worker`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import iroh
 import pytest
 
-from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
+from psyche.testing.p2p_worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
 
 pytestmark = pytest.mark.e2e
 RUN = "e2e-run"

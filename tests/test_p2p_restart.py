@@ -8,7 +8,7 @@ import pytest
 
 from psyche.identity import Identity
 from psyche.p2p import Finished, Heartbeat, MemoryNetwork, P2PNode
-from psyche.p2p.worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
+from psyche.testing.p2p_worker import WorkerProcess, close_all, connect_all, start_workers, wait_until
 
 RUN = "restart-run"
 

@@ -12,13 +12,21 @@ from solders.keypair import Keypair
 from solders.message import Message
 from solders.transaction import Transaction
 
-from psyche.coordinator import CoordinatorSettings, Join, Pause, RunState, Witness, encode_instruction
+from psyche.coordinator import (
+    Coordinator,
+    CoordinatorSettings,
+    Join,
+    Pause,
+    RunState,
+    Witness,
+    encode_instruction,
+    replay,
+)
 from psyche.ledger.base import InstructionRefused
 from psyche.ledger.solana.build import build_program
 from psyche.ledger.solana.chain import ChainRefused, SvmChain
 from psyche.ledger.solana.ledger import RunSync, SolanaLedger, create_run, send_instruction
 from psyche.ledger.solana.sbf_link import LinkError, link
-from psyche.ledger.solana.swarm import ChainSwarm
 from psyche.ledger.solana.wire import (
     DEFAULT_PROGRAM_ID,
     KIND_CREATE_RUN,
@@ -30,6 +38,7 @@ from psyche.ledger.solana.wire import (
     submit_data,
     submit_instruction,
 )
+from psyche.testing.solana_swarm import ChainSwarm
 
 FAST = CoordinatorSettings(warmup_time=2, cooldown_time=1, max_round_train_time=3, round_witness_time=1,
                            epoch_time=1000, total_steps=3, init_min_clients=3, min_clients=3,
@@ -204,10 +213,14 @@ def test_whole_run_through_transactions_and_restart_mid_run() -> None:
     assert run(late.sync.verify()) is True
     applied = [o for outs in late.sync.replay.outcomes.values() for o in outs if o.applied]
     assert {o.instruction for o in applied} >= {"CreateRun", "Join", "WarmupWitness", "Witness", "Tick", "Checkpoint"}
+    # The chain's entries (block time, seed from the block hash) replay like any host's log.
+    genesis = Coordinator.new("whole", FAST, bytes(swarm.authority.pubkey()), now=1_700_000_000)
+    assert all(err is None for err in replay(genesis, swarm.log))
+    assert genesis.digest() == swarm.coord.digest()
 
 
 def swarm_keypair_of(swarm: ChainSwarm, i: int) -> Keypair:
-    from psyche.ledger.solana.swarm import swarm_keypair
+    from psyche.testing.solana_swarm import swarm_keypair
 
     return swarm_keypair(i)
 

@@ -23,11 +23,11 @@ import tomli_w
 from fastapi.testclient import TestClient
 
 from psyche.config import parse_config
-from psyche.coordinator import Coordinator, RunState, decode_instruction
-from psyche.coordinator.sim import Swarm
+from psyche.coordinator import Coordinator, RunState, apply_entry
 from psyche.data import tokenize_corpus
 from psyche.ledger.server import CoordinatorServer, create_app
 from psyche.ledger.store import Store
+from psyche.testing.coordinator_swarm import Swarm
 from psyche.train.schedule import lr_at
 
 # --- psyche train ----------------------------------------------------------------
@@ -122,10 +122,10 @@ def stored_run(db: Path, until) -> Coordinator:
     store = Store(db)
     store.create_run(run_id, RUN_CFG.model_dump(mode="json"), bytes(32), genesis.to_bytes(), genesis.digest())
     coord = Coordinator.from_bytes(genesis.to_bytes())
-    for seq, (body, signer, now, seed) in enumerate(swarm.log, 1):
-        assert coord.apply(decode_instruction(body), signer, now, seed) is None
-        store.append(run_id, seq, signer=signer, body=body, now=now, seed=seed, state=coord.to_bytes(),
-                     digest=coord.digest())
+    for seq, entry in enumerate(swarm.log, 1):
+        assert apply_entry(coord, entry).error is None
+        store.append(run_id, seq, signer=entry.signer, body=entry.body, now=entry.now, seed=entry.seed,
+                     state=coord.to_bytes(), digest=coord.digest())
     store.close()
     return coord
 

@@ -8,11 +8,11 @@ point. Modules, one idea each:
 - :mod:`~psyche.coordinator.state` — :class:`CoordinatorState`, the whole state (msgspec).
 - :mod:`~psyche.coordinator.instructions` — instruction structs and their wire form.
 - :mod:`~psyche.coordinator.queries` — pure questions: roles, batches, consensus, deadlines.
+- :mod:`~psyche.coordinator.replay` — :class:`LogEntry` and :func:`replay`, how every host rebuilds a state.
 - :mod:`~psyche.coordinator.settings` — :class:`CoordinatorSettings` and their rules.
 - :mod:`~psyche.coordinator.shuffle` — the swap-or-not shuffle behind committees.
 - :mod:`~psyche.coordinator.bloom` — deterministic Bloom filters witnesses send.
 - :mod:`~psyche.coordinator.errors` — the named refusals.
-- :mod:`~psyche.coordinator.sim` — honest clients in a loop, for tests, benches and demos.
 """
 
 from psyche.coordinator.bloom import BloomFilter
@@ -79,6 +79,7 @@ from psyche.coordinator.queries import (
     verify_role_proof,
     witnessed_trainers,
 )
+from psyche.coordinator.replay import LogEntry, Replayed, apply_entry, replay
 from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, MAX_WITNESSES, CoordinatorSettings, settings_problems
 from psyche.coordinator.state import (
     Account,
@@ -97,12 +98,13 @@ __all__ = [
     "Account", "Batch", "BloomFilter", "Checkpoint", "CheckpointRecord", "Client", "ClientState", "Coordinator",
     "CoordinatorError", "CoordinatorSettings", "CoordinatorState", "DuplicateCheckpoint", "DuplicateWitness",
     "FalseAccusation", "Halted", "HealthCheck", "Instruction", "InvalidInstruction", "InvalidRunState", "Join",
-    "NotACheckpointer", "NotAMember", "NotAWitness", "Pause", "Resume", "RoleProof", "Round", "RoundStats",
-    "RunFull", "RunState", "StaleStep", "Tick", "Unauthorized", "WarmupWitness", "Withdraw", "Witness",
-    "WitnessReport",
-    "accusable_trainers", "address_of", "assignment_for", "batch_split", "consensus", "current_round",
-    "decode_instruction", "encode_instruction", "epoch_deadline", "healthy_clients", "is_checkpointer", "is_warmup_witness", "is_witness",
-    "latest_checkpoint", "lr_warmup_window", "member", "model_source", "phase_deadline", "points", "quorum",
-    "role_proof", "round_batches", "round_closed", "round_for_step", "round_stats", "round_trainers",
-    "round_witnesses", "settings_problems", "time_left", "verify_role_proof", "witnessed_trainers",
+    "LogEntry", "NotACheckpointer", "NotAMember", "NotAWitness", "Pause", "Replayed", "Resume", "RoleProof",
+    "Round", "RoundStats", "RunFull", "RunState", "StaleStep", "Tick", "Unauthorized", "WarmupWitness", "Withdraw",
+    "Witness", "WitnessReport",
+    "accusable_trainers", "address_of", "apply_entry", "assignment_for", "batch_split", "consensus",
+    "current_round", "decode_instruction", "encode_instruction", "epoch_deadline", "healthy_clients",
+    "is_checkpointer", "is_warmup_witness", "is_witness", "latest_checkpoint", "lr_warmup_window", "member",
+    "model_source", "phase_deadline", "points", "quorum", "replay", "role_proof", "round_batches", "round_closed",
+    "round_for_step", "round_stats", "round_trainers", "round_witnesses", "settings_problems", "time_left",
+    "verify_role_proof", "witnessed_trainers",
 ]

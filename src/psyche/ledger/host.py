@@ -15,7 +15,15 @@ import os
 import time
 from collections.abc import Callable
 
-from psyche.coordinator import Coordinator, CoordinatorError, Instruction, Tick, encode_instruction
+from psyche.coordinator import (
+    Coordinator,
+    CoordinatorError,
+    Instruction,
+    LogEntry,
+    Tick,
+    apply_entry,
+    encode_instruction,
+)
 from psyche.coordinator.state import RunState
 from psyche.ledger.store import Store
 
@@ -30,15 +38,14 @@ def derive_seed(secret: bytes, run_id: str, seq: int) -> bytes:
 
 
 def replay(genesis: bytes, log: list[tuple[int, bytes, bytes, int, bytes]]) -> Coordinator:
-    """Rebuild a run's state from its initial state and its log of (seq, signer, body, now, seed).
+    """Rebuild a run's state from its initial state and its stored log of (seq, signer, body, now, seed).
 
-    Anyone holding the log computes the same state (and digest) as the host did.
+    Anyone holding the log computes the same state (and digest) as the host did;
+    an entry the coordinator refuses means the log is not this host's, and raises ``ValueError``.
     """
-    from psyche.coordinator import decode_instruction
-
     coord = Coordinator.from_bytes(genesis)
     for seq, signer, body, now, seed in log:
-        err = coord.apply(decode_instruction(body), signer, now, seed)
+        err = apply_entry(coord, LogEntry(body, signer, now, seed)).error
         if err is not None:
             raise ValueError(f"log entry {seq} was refused on replay: {err.name}: {err}")
     return coord

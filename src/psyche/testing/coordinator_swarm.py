@@ -8,8 +8,8 @@ ticks. Used by the tests and the benchmark, and handy for exercising ledger
 hosts. Results are simulated: a trainer's result commitment is a hash of its
 step and batch; ``silent`` trainers produce none, ``offline`` clients send nothing.
 
-Every applied instruction is logged as ``(wire bytes, signer, now, seed)``, so
-:func:`replay` can rebuild the same state elsewhere.
+Every applied instruction is logged as a :class:`~psyche.coordinator.replay.LogEntry`,
+so :func:`psyche.coordinator.replay.replay` rebuilds the same state elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from psyche.coordinator.instructions import (
     Tick,
     WarmupWitness,
     Witness,
-    decode_instruction,
     encode_instruction,
 )
 from psyche.coordinator.machine import Coordinator
@@ -40,10 +39,8 @@ from psyche.coordinator.queries import (
     round_batches,
     round_witnesses,
 )
+from psyche.coordinator.replay import LogEntry
 from psyche.coordinator.state import ClientState, RunState
-
-LogEntry = tuple[bytes, bytes, int, bytes]
-"""One applied instruction: (wire bytes, signer, now, seed)."""
 
 
 def client_key(i: int) -> bytes:
@@ -58,7 +55,7 @@ def result_commitment(step: int, client: bytes, start: int, end: int) -> bytes:
 
 
 class Swarm:
-    """Honest clients ``0..n-1`` (keys from :func:`client_key`) acting on one coordinator."""
+    """Honest clients ``0..n-1`` (keys from :meth:`key`) acting on one coordinator."""
 
     def __init__(self, coord: Coordinator, *, now: int = 0, seed: bytes = b"sim", host_key: bytes = bytes(32)):
         self.coord = coord
@@ -74,6 +71,10 @@ class Swarm:
         self.refused: list[tuple[Instruction, bytes, CoordinatorError]] = []
         self.joined: set[int] = set()
 
+    def key(self, i: int) -> bytes:
+        """Client ``i``'s public key (:func:`client_key`; a host with real keys overrides this)."""
+        return client_key(i)
+
     def next_seed(self) -> bytes:
         """The host's seed for the next instruction (deterministic here)."""
         self._counter += 1
@@ -84,7 +85,7 @@ class Swarm:
         seed = self.next_seed()
         err = self.coord.apply(instr, signer, self.now, seed)
         if err is None:
-            self.log.append((encode_instruction(instr), signer, self.now, seed))
+            self.log.append(LogEntry(encode_instruction(instr), signer, self.now, seed))
         else:
             self.refused.append((instr, signer, err))
         return err
@@ -93,7 +94,7 @@ class Swarm:
         """Clients join (with a fake P2P address)."""
         for i in clients:
             self.joined.add(i)
-            self.submit(Join(p2p_address=f"sim-ticket-{i}"), client_key(i))
+            self.submit(Join(p2p_address=f"sim-ticket-{i}"), self.key(i))
 
     def tick(self) -> CoordinatorError | None:
         """The host ticks."""
@@ -110,7 +111,7 @@ class Swarm:
     def act(self) -> None:
         """Every online client reacts once to the state as it is now (one phase per call)."""
         s = self.coord.state
-        ids = {client_key(i): i for i in self._online()}
+        ids = {self.key(i): i for i in self._online()}
         phase = s.run_state
         if phase is RunState.Warmup:
             for cid in ids:
@@ -129,6 +130,8 @@ class Swarm:
     def _witness(self, ids: dict[bytes, int]) -> None:
         s = self.coord.state
         r = current_round(s)
+        if r is None:
+            return
         reported = {s.clients[rep.client].id for rep in r.reports}
         witnesses = [w for w in round_witnesses(s) if w in ids and w not in reported]
         if not witnesses:
@@ -174,7 +177,3 @@ class Swarm:
                 break
             self.advance(step_seconds)
 
-
-def replay(coord: Coordinator, log: Iterable[LogEntry]) -> list[CoordinatorError | None]:
-    """Apply a logged sequence to ``coord`` (decoding each entry); returns each result."""
-    return [coord.apply(decode_instruction(body), signer, now, seed) for body, signer, now, seed in log]

@@ -1,10 +1,11 @@
 """A P2P node in its own process, driven by JSON lines: for integration tests, the benchmark and demos.
 
-Run ``python -m psyche.p2p.worker --run RUN [--seed HEX | --key PATH]``. It prints
+Run ``python -m psyche.testing.p2p_worker --run RUN [--seed HEX | --key PATH]``. It prints
 ``{"ready": true, "id": ..., "address": ...}`` then answers each command line
 ``{"id": N, "cmd": NAME, ...args}`` with ``{"id": N, "ok": true, ...}`` or
-``{"id": N, "ok": false, "error": ...}``. Commands run concurrently, so a long
-fetch does not block a ``stats`` query. Bytes travel as hex.
+``{"id": N, "ok": false, "error": ...}``; :data:`COMMANDS` names every command.
+Commands run concurrently, so a long fetch does not block a ``stats`` query.
+Bytes travel as hex.
 
 :class:`WorkerProcess` is the parent side.
 """
@@ -21,11 +22,18 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
 
 import blake3
 
+from psyche.identity import Identity
 from psyche.p2p.errors import P2PError
+from psyche.p2p.iroh_transport import IrohConnection, IrohStream, IrohTransport
+from psyche.p2p.model import InMemoryModel, RawTensor
+from psyche.p2p.node import P2PNode
+from psyche.p2p.transport import read_exactly
+from psyche.p2p.wire import Finished, Heartbeat, Message, ResultCommitment, SignedMessage, content_hash
 
 
 def payload(seed: int, size: int) -> bytes:
@@ -98,135 +106,172 @@ async def _fetch_llama(node, a: dict) -> dict:
 
 
 class _Worker:
-    def __init__(self, node) -> None:
+    """The child's node, the messages it received, and the state its baseline commands keep."""
+
+    def __init__(self, node: P2PNode) -> None:
         self.node = node
         self.received: list[dict] = []
         node.on_message(self._on_message)
         self.tcp_server: asyncio.AbstractServer | None = None
+        self.raw: IrohTransport | None = None
+        self.raw_conns: dict[bytes, IrohConnection] = {}
+        self.raw_accept: asyncio.Future[None] | None = None
 
-    def _on_message(self, sender: bytes, msg) -> None:
-        d = {"sender": sender.hex(), "type": type(msg).__name__, "step": msg.step}
-        if hasattr(msg, "phase"):
+    def _on_message(self, sender: bytes, msg: Message) -> None:
+        d: dict[str, Any] = {"sender": sender.hex(), "type": type(msg).__name__, "step": msg.step}
+        if isinstance(msg, Finished):
             d["phase"] = msg.phase
-        if hasattr(msg, "blob_hash"):
+        if isinstance(msg, ResultCommitment):
             d["blob_hash"] = msg.blob_hash.hex()
             d["size"] = msg.size
         self.received.append(d)
 
-    def _message(self, a: dict):
-        from psyche.p2p.wire import Finished, Heartbeat, ResultCommitment
-
-        run_id = a.get("run_id", self.node.run_id)
-        kind = a["kind"]
-        if kind == "commit":
-            return ResultCommitment(run_id=run_id, step=a["step"], batch_start=a.get("batch_start", 0),
-                                    batch_end=a.get("batch_end", 1), blob_hash=bytes.fromhex(a["blob_hash"]), size=a["size"])
-        if kind == "finished":
-            return Finished(run_id=run_id, step=a["step"], phase=a.get("phase", "round"))
-        return Heartbeat(run_id=run_id, step=a["step"])
-
     async def handle(self, cmd: str, a: dict) -> dict:
-        from psyche.p2p.model import InMemoryModel, RawTensor
-        from psyche.p2p.wire import SignedMessage
+        """Run the command named ``cmd`` with the request's arguments ``a``; its reply fields."""
+        command = COMMANDS.get(cmd)
+        if command is None:
+            raise ValueError(f"unknown command {cmd!r}")
+        return await command(self, a)
 
-        node = self.node
-        if cmd == "set_members":
-            node.set_members({bytes.fromhex(k): v for k, v in a["members"].items()})
-            return {}
-        if cmd == "set_step":
-            node.set_step(a["step"])
-            return {}
-        if cmd == "broadcast":
-            msg = self._message(a)
-            if msg.run_id != node.run_id:  # sign for another run on purpose: returned, not sent
-                return {"envelope": SignedMessage.create(node.identity, msg).encode().hex()}
-            mid = await node.broadcast(msg)
-            return {"message_id": mid.hex(), "envelope": SignedMessage.create(node.identity, msg).encode().hex()}
-        if cmd == "forge":
-            env = SignedMessage.create(node.identity, self._message(a))
-            sig = bytes(b ^ 0xFF for b in env.sig[:1]) + env.sig[1:]
-            return {"envelope": SignedMessage(env.v, env.sender, env.body, sig).encode().hex()}
-        if cmd == "inject":
-            n = await node.send_raw_envelopes(bytes.fromhex(a["peer"]), [bytes.fromhex(e) for e in a["envelopes"]])
-            return {"acked": n}
-        if cmd == "received":
-            return {"messages": self.received}
-        if cmd == "pending":
-            return {"pending": node.pending_pushes()}
-        if cmd == "publish":
-            data = payload(a["seed"], a["size"])
-            return {"hash": node.publish_blob(data, step=a.get("step")).hex()}
-        if cmd == "publish_fake":
-            from psyche.p2p.wire import content_hash
 
-            data = payload(a["seed"], a["size"])
-            h = content_hash(data)
-            mode = a["mode"]
-            fake = {"truncate": data[: len(data) // 2], "oversize": data + b"\0" * 4096,
-                    "corrupt": data[:-1] + bytes([data[-1] ^ 1])}[mode]
-            node.blobs.insert_unchecked(h, fake)
-            return {"hash": h.hex()}
-        if cmd == "fetch":
-            return await self._fetch(a)
-        if cmd == "fetch_many":
-            t0 = time.perf_counter()
-            res = await asyncio.gather(*(self._fetch({**it, "timeout": a.get("timeout", 60)}) for it in a["items"]))
-            return {"seconds": time.perf_counter() - t0, "results": res}
-        if cmd == "counters":
-            return {"counters": node.counters}
-        if cmd == "stats":
-            return {"stats": {k.hex(): v.to_dict() for k, v in node.stats().items()}}
-        if cmd == "set_upload_rate":
-            node.set_upload_rate(a.get("rate"))
-            return {}
-        if cmd == "set_download_rate":
-            node.set_download_rate(a.get("rate"))
-            return {}
-        if cmd == "serve_model" and "llama" in a:
-            return _serve_llama(node, a)
-        if cmd == "fetch_model" and "llama" in a:
-            return await _fetch_llama(node, a)
-        if cmd == "serve_model":
-            tensors = {f"t{i}": RawTensor("U8", (a["tensor_bytes"],), payload(a["seed"] * 1000 + i, a["tensor_bytes"]))
-                       for i in range(a["n_tensors"])}
-            d = node.serve_model(InMemoryModel(tensors, {"config.json": b'{"ok": 1}'}, part_size=a.get("part_size", 1 << 20)))
-            return {"digest": d.hex()}
-        if cmd == "fetch_model":
-            t0 = time.perf_counter()
-            digest = bytes.fromhex(a["digest"]) if a.get("digest") else None
-            m = await node.fetch_model([bytes.fromhex(p) for p in a["providers"]], manifest_digest=digest,
+def _message(w: _Worker, a: dict) -> Message:
+    """The gossip message a ``broadcast``/``forge`` request describes (``kind``: commit, finished, heartbeat)."""
+    run_id = a.get("run_id", w.node.run_id)
+    kind = a["kind"]
+    if kind == "commit":
+        return ResultCommitment(run_id=run_id, step=a["step"], batch_start=a.get("batch_start", 0),
+                                batch_end=a.get("batch_end", 1), blob_hash=bytes.fromhex(a["blob_hash"]),
+                                size=a["size"])
+    if kind == "finished":
+        return Finished(run_id=run_id, step=a["step"], phase=a.get("phase", "round"))
+    return Heartbeat(run_id=run_id, step=a["step"])
+
+
+# --- the commands: each takes the worker and the request, and returns the reply's fields ---------
+
+
+async def _set_members(w: _Worker, a: dict) -> dict:
+    w.node.set_members({bytes.fromhex(k): v for k, v in a["members"].items()})
+    return {}
+
+
+async def _set_step(w: _Worker, a: dict) -> dict:
+    w.node.set_step(a["step"])
+    return {}
+
+
+async def _broadcast(w: _Worker, a: dict) -> dict:
+    msg = _message(w, a)
+    envelope = SignedMessage.create(w.node.identity, msg).encode().hex()
+    if msg.run_id != w.node.run_id:  # signed for another run on purpose: returned, not sent
+        return {"envelope": envelope}
+    mid = await w.node.broadcast(msg)
+    return {"message_id": mid.hex(), "envelope": envelope}
+
+
+async def _forge(w: _Worker, a: dict) -> dict:
+    """An envelope whose signature is broken (its first byte flipped), for injection."""
+    env = SignedMessage.create(w.node.identity, _message(w, a))
+    sig = bytes(b ^ 0xFF for b in env.sig[:1]) + env.sig[1:]
+    return {"envelope": SignedMessage(env.v, env.sender, env.body, sig).encode().hex()}
+
+
+async def _inject(w: _Worker, a: dict) -> dict:
+    n = await w.node.send_raw_envelopes(bytes.fromhex(a["peer"]), [bytes.fromhex(e) for e in a["envelopes"]])
+    return {"acked": n}
+
+
+async def _received(w: _Worker, a: dict) -> dict:
+    return {"messages": w.received}
+
+
+async def _pending(w: _Worker, a: dict) -> dict:
+    return {"pending": w.node.pending_pushes()}
+
+
+async def _publish(w: _Worker, a: dict) -> dict:
+    data = payload(a["seed"], a["size"])
+    return {"hash": w.node.publish_blob(data, step=a.get("step")).hex()}
+
+
+async def _publish_fake(w: _Worker, a: dict) -> dict:
+    """Serve wrong bytes under the hash of ``payload(seed, size)``: ``mode`` truncate, oversize or corrupt."""
+    data = payload(a["seed"], a["size"])
+    fake = {"truncate": data[: len(data) // 2], "oversize": data + b"\0" * 4096,
+            "corrupt": data[:-1] + bytes([data[-1] ^ 1])}[a["mode"]]
+    h = content_hash(data)
+    w.node.blobs.insert_unchecked(h, fake)
+    return {"hash": h.hex()}
+
+
+async def _fetch(w: _Worker, a: dict) -> dict:
+    """Fetch one blob from ``providers``; a failure is reported in the reply, with each provider's attempt."""
+    t0 = time.perf_counter()
+    try:
+        data = await w.node.fetch_blob(bytes.fromhex(a["hash"]), a["size"], [bytes.fromhex(p) for p in a["providers"]],
                                        timeout=a.get("timeout", 60))
-            ok = all(t.data == payload(a["seed"] * 1000 + int(n[1:]), len(t.data)) for n, t in m.tensors.items())
-            return {"seconds": time.perf_counter() - t0, "tensors": len(m.tensors), "content_ok": ok,
-                    "sources": {k.hex(): v for k, v in m.sources.items()}, "files": sorted(m.files)}
-        if cmd == "tcp_serve":
-            self.tcp_server = await asyncio.start_server(self._tcp_serve, "127.0.0.1", 0)
-            return {"port": self.tcp_server.sockets[0].getsockname()[1]}
-        if cmd == "raw_serve":
-            return await self._raw_serve()
-        if cmd in ("raw_fetch", "tcp_fetch"):  # baselines: fetch all items at once, each checked by hash
-            fetch = self._raw_fetch if cmd == "raw_fetch" else self._tcp_fetch
-            t0 = time.perf_counter()
-            oks = await asyncio.gather(*(fetch(it) for it in a["items"]))
-            return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
-        raise ValueError(f"unknown command {cmd!r}")
+    except P2PError as exc:
+        attempts = [(p.hex(), r) for p, r in getattr(exc, "attempts", [])]
+        return {"fetched": False, "error": str(exc), "attempts": attempts, "seconds": time.perf_counter() - t0}
+    return {"fetched": True, "size": len(data), "seconds": time.perf_counter() - t0}
 
-    async def _fetch(self, a: dict) -> dict:
-        t0 = time.perf_counter()
-        try:
-            data = await self.node.fetch_blob(bytes.fromhex(a["hash"]), a["size"], [bytes.fromhex(p) for p in a["providers"]],
-                                              timeout=a.get("timeout", 60))
-        except P2PError as exc:
-            attempts = [(p.hex(), r) for p, r in getattr(exc, "attempts", [])]
-            return {"fetched": False, "error": str(exc), "attempts": attempts, "seconds": time.perf_counter() - t0}
-        return {"fetched": True, "size": len(data), "seconds": time.perf_counter() - t0}
 
-    # Plain-TCP baseline for the benchmark: request = 32-byte hash + 8-byte size; reply = 8-byte size + bytes.
-    async def _tcp_serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _fetch_many(w: _Worker, a: dict) -> dict:
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(_fetch(w, {**it, "timeout": a.get("timeout", 60)}) for it in a["items"]))
+    return {"seconds": time.perf_counter() - t0, "results": res}
+
+
+async def _counters(w: _Worker, a: dict) -> dict:
+    return {"counters": w.node.counters}
+
+
+async def _stats(w: _Worker, a: dict) -> dict:
+    return {"stats": {k.hex(): v.to_dict() for k, v in w.node.stats().items()}}
+
+
+async def _set_upload_rate(w: _Worker, a: dict) -> dict:
+    w.node.set_upload_rate(a.get("rate"))
+    return {}
+
+
+async def _set_download_rate(w: _Worker, a: dict) -> dict:
+    w.node.set_download_rate(a.get("rate"))
+    return {}
+
+
+async def _serve_model(w: _Worker, a: dict) -> dict:
+    """Serve a LLaMA (``llama``: its sizes) or ``n_tensors`` raw tensors of ``tensor_bytes`` from ``seed``."""
+    if "llama" in a:
+        return _serve_llama(w.node, a)
+    tensors = {f"t{i}": RawTensor("U8", (a["tensor_bytes"],), payload(a["seed"] * 1000 + i, a["tensor_bytes"]))
+               for i in range(a["n_tensors"])}
+    d = w.node.serve_model(InMemoryModel(tensors, {"config.json": b'{"ok": 1}'}, part_size=a.get("part_size", 1 << 20)))
+    return {"digest": d.hex()}
+
+
+async def _fetch_model(w: _Worker, a: dict) -> dict:
+    """Fetch what a ``serve_model`` serves, and check every tensor's content."""
+    if "llama" in a:
+        return await _fetch_llama(w.node, a)
+    t0 = time.perf_counter()
+    digest = bytes.fromhex(a["digest"]) if a.get("digest") else None
+    m = await w.node.fetch_model([bytes.fromhex(p) for p in a["providers"]], manifest_digest=digest,
+                                 timeout=a.get("timeout", 60))
+    ok = all(t.data == payload(a["seed"] * 1000 + int(n[1:]), len(t.data)) for n, t in m.tensors.items())
+    return {"seconds": time.perf_counter() - t0, "tensors": len(m.tensors), "content_ok": ok,
+            "sources": {k.hex(): v for k, v in m.sources.items()}, "files": sorted(m.files)}
+
+
+# Plain-TCP baseline for the benchmark: request = 32-byte hash + 8-byte size; reply = 8-byte size + bytes.
+
+
+async def _tcp_serve(w: _Worker, a: dict) -> dict:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 req = await reader.readexactly(40)
-                data = self.node.blobs.get(req[:32]) or b""
+                data = w.node.blobs.get(req[:32]) or b""
                 writer.write(len(data).to_bytes(8, "big"))
                 writer.write(data)
                 await writer.drain()
@@ -235,70 +280,112 @@ class _Worker:
         finally:
             writer.close()
 
-    # Bare-iroh baseline for the benchmark: the same transport adapter with none of the node's
-    # protocol (a second endpoint; request = 32-byte hash, reply = the blob, then end of stream).
-    async def _raw_serve(self) -> dict:
-        from psyche.p2p.iroh_transport import IrohTransport
+    w.tcp_server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return {"port": w.tcp_server.sockets[0].getsockname()[1]}
 
-        self.raw = await IrohTransport.bind(os.urandom(32))
-        self.raw_conns: dict[bytes, object] = {}
 
-        async def serve_stream(stream) -> None:
-            from psyche.p2p.transport import read_exactly
+async def _tcp_fetch_one(it: dict) -> bool:
+    reader, writer = await asyncio.open_connection("127.0.0.1", it["port"])
+    h = bytes.fromhex(it["hash"])
+    writer.write(h + it["size"].to_bytes(8, "big"))
+    await writer.drain()
+    n = int.from_bytes(await reader.readexactly(8), "big")
+    data = await reader.readexactly(n)
+    writer.close()
+    return n == it["size"] and content_hash(data) == h
 
-            data = self.node.blobs.get(await read_exactly(stream, 32)) or b""
-            await stream.write(data)
-            await stream.finish()
 
-        async def serve_conn(conn) -> None:
-            while True:
-                try:
-                    stream = await conn.accept_stream()
-                except P2PError:
-                    return
-                asyncio.ensure_future(serve_stream(stream))
+# Bare-iroh baseline for the benchmark: the same transport adapter with none of the node's
+# protocol (a second endpoint; request = 32-byte hash, reply = the blob, then end of stream).
 
-        async def accept() -> None:
-            while (conn := await self.raw.accept()) is not None:
-                asyncio.ensure_future(serve_conn(conn))
 
-        self.raw_accept = asyncio.ensure_future(accept())
-        return {"raw_id": self.raw.local_id.hex(), "raw_address": self.raw.address}
+async def _raw_serve(w: _Worker, a: dict) -> dict:
+    raw = w.raw = await IrohTransport.bind(os.urandom(32))
 
-    async def _raw_fetch(self, it: dict) -> bool:
-        from psyche.p2p.wire import content_hash
-
-        peer = bytes.fromhex(it["raw_id"])
-        conn = self.raw_conns.get(peer)
-        if conn is None or conn.is_closed:
-            conn = self.raw_conns[peer] = await self.raw.connect(peer, it["raw_address"])
-        stream = await conn.open_stream()
-        h = bytes.fromhex(it["hash"])
-        await stream.write(h)
+    async def serve_stream(stream: IrohStream) -> None:
+        data = w.node.blobs.get(await read_exactly(stream, 32)) or b""
+        await stream.write(data)
         await stream.finish()
-        chunks = []
-        while chunk := await stream.read(1 << 20):
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        return len(data) == it["size"] and content_hash(data) == h
 
-    async def _tcp_fetch(self, it: dict) -> bool:
-        from psyche.p2p.wire import content_hash
+    async def serve_conn(conn: IrohConnection) -> None:
+        while True:
+            try:
+                stream = await conn.accept_stream()
+            except P2PError:
+                return
+            asyncio.ensure_future(serve_stream(stream))
 
-        reader, writer = await asyncio.open_connection("127.0.0.1", it["port"])
-        h = bytes.fromhex(it["hash"])
-        writer.write(h + it["size"].to_bytes(8, "big"))
-        await writer.drain()
-        n = int.from_bytes(await reader.readexactly(8), "big")
-        data = await reader.readexactly(n)
-        writer.close()
-        return n == it["size"] and content_hash(data) == h
+    async def accept() -> None:
+        while (conn := await raw.accept()) is not None:
+            asyncio.ensure_future(serve_conn(conn))
+
+    w.raw_accept = asyncio.ensure_future(accept())
+    return {"raw_id": raw.local_id.hex(), "raw_address": raw.address}
+
+
+async def _raw_fetch_one(w: _Worker, it: dict) -> bool:
+    assert w.raw is not None, "raw_fetch needs raw_serve first (it binds the bare endpoint)"
+    peer = bytes.fromhex(it["raw_id"])
+    conn = w.raw_conns.get(peer)
+    if conn is None or conn.is_closed:
+        conn = w.raw_conns[peer] = await w.raw.connect(peer, it["raw_address"])
+    stream = await conn.open_stream()
+    h = bytes.fromhex(it["hash"])
+    await stream.write(h)
+    await stream.finish()
+    chunks = []
+    while chunk := await stream.read(1 << 20):
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    return len(data) == it["size"] and content_hash(data) == h
+
+
+async def _tcp_fetch(w: _Worker, a: dict) -> dict:
+    """Baseline: fetch all ``items`` at once over plain TCP, each checked by hash."""
+    t0 = time.perf_counter()
+    oks = await asyncio.gather(*(_tcp_fetch_one(it) for it in a["items"]))
+    return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
+
+
+async def _raw_fetch(w: _Worker, a: dict) -> dict:
+    """Baseline: fetch all ``items`` at once over bare iroh streams, each checked by hash."""
+    t0 = time.perf_counter()
+    oks = await asyncio.gather(*(_raw_fetch_one(w, it) for it in a["items"]))
+    return {"seconds": time.perf_counter() - t0, "ok": all(oks)}
+
+
+COMMANDS: dict[str, Callable[[_Worker, dict], Awaitable[dict]]] = {
+    # membership and gossip
+    "set_members": _set_members,
+    "set_step": _set_step,
+    "broadcast": _broadcast,
+    "forge": _forge,
+    "inject": _inject,
+    "received": _received,
+    "pending": _pending,
+    # blobs
+    "publish": _publish,
+    "publish_fake": _publish_fake,
+    "fetch": _fetch,
+    "fetch_many": _fetch_many,
+    # models
+    "serve_model": _serve_model,
+    "fetch_model": _fetch_model,
+    # observation and shaping
+    "counters": _counters,
+    "stats": _stats,
+    "set_upload_rate": _set_upload_rate,
+    "set_download_rate": _set_download_rate,
+    # baselines for the benchmark
+    "tcp_serve": _tcp_serve,
+    "tcp_fetch": _tcp_fetch,
+    "raw_serve": _raw_serve,
+    "raw_fetch": _raw_fetch,
+}
+"""Every command a worker answers, by the name a request gives in ``cmd``."""
 
 
 async def _child_main(args: argparse.Namespace) -> None:
-    from psyche.identity import Identity
-    from psyche.p2p.node import P2PNode
-
     ident = Identity(bytes.fromhex(args.seed)) if args.seed else Identity.load_or_create(args.key)
     node = await P2PNode.start(ident, args.run, bind=args.bind, stall_timeout=args.stall_timeout,
                                connect_timeout=args.connect_timeout, resend_interval=args.resend_interval)
@@ -352,12 +439,15 @@ class WorkerProcess:
         self.seed = seed or os.urandom(32)
         self._err = tempfile.NamedTemporaryFile(prefix="p2p-worker-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "psyche.p2p.worker", "--run", run_id, "--seed", self.seed.hex(),
+            [sys.executable, "-m", "psyche.testing.p2p_worker", "--run", run_id, "--seed", self.seed.hex(),
              "--stall-timeout", str(stall_timeout), "--connect-timeout", str(connect_timeout),
              "--resend-interval", str(resend_interval)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1,
             env={**os.environ, **(env or {})},
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self._stdin: IO[str] = self.proc.stdin
+        self._stdout: IO[str] = self.proc.stdout
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()
         self._next = 0
@@ -381,7 +471,7 @@ class WorkerProcess:
         return self
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
+        for line in self._stdout:
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -408,8 +498,8 @@ class WorkerProcess:
         with self._cond:
             self._next += 1
             rid = self._next
-        self.proc.stdin.write(json.dumps({"id": rid, "cmd": cmd, **args}) + "\n")
-        self.proc.stdin.flush()
+        self._stdin.write(json.dumps({"id": rid, "cmd": cmd, **args}) + "\n")
+        self._stdin.flush()
         return rid
 
     def result(self, rid: int, timeout: float = 60.0) -> dict:
@@ -437,8 +527,8 @@ class WorkerProcess:
         """Ask the worker to close its node and exit (without waiting)."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write(json.dumps({"id": 0, "cmd": "close"}) + "\n")
-                self.proc.stdin.flush()
+                self._stdin.write(json.dumps({"id": 0, "cmd": "close"}) + "\n")
+                self._stdin.flush()
             except (OSError, ValueError):
                 pass
 
@@ -504,7 +594,7 @@ def connect_all(workers: list[WorkerProcess], *, step: int = 0, overrides: dict 
 
 
 def main() -> None:
-    """Entry point of ``python -m psyche.p2p.worker``."""
+    """Entry point of ``python -m psyche.testing.p2p_worker``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--seed", help="hex of the 32 secret bytes (else --key)")

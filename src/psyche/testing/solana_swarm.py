@@ -1,7 +1,7 @@
 """Simulated participants that coordinate a run through real transactions on an in-process chain.
 
 :class:`ChainSwarm` is the coordinator's honest-swarm simulator
-(:class:`psyche.coordinator.sim.Swarm`) with its clients given real ed25519
+(:class:`psyche.testing.coordinator_swarm.Swarm`) with its clients given real ed25519
 keypairs: every instruction is a signed transaction executed by LiteSVM, the
 clock is the chain's block time, and the coordinator the swarm acts on is the
 replay of the run's confirmed transactions. Ticks are sent only when a phase
@@ -11,18 +11,23 @@ Used by the tests and ``bench/solana.py``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterator
 
+from solders.instruction import Instruction as SolanaInstruction
 from solders.keypair import Keypair
 from solders.message import Message
 from solders.transaction import Transaction
 
-from psyche.coordinator import CoordinatorError, CoordinatorSettings, Instruction, encode_instruction, phase_deadline
-from psyche.coordinator import sim
-from psyche.ledger.solana.chain import ChainTx, _from_recorded
-from psyche.ledger.solana.replay import RunReplay
+from psyche.coordinator import (
+    CoordinatorError,
+    CoordinatorSettings,
+    Instruction,
+    LogEntry,
+    encode_instruction,
+    phase_deadline,
+)
+from psyche.ledger.solana.chain import ChainTx, from_recorded
+from psyche.ledger.solana.replay import RunReplay, entry_seed
 from psyche.ledger.solana.validator import LocalValidator
 from psyche.ledger.solana.wire import (
     RUN_ACCOUNT_SIZE,
@@ -30,6 +35,7 @@ from psyche.ledger.solana.wire import (
     encode_genesis,
     submit_instruction,
 )
+from psyche.testing.coordinator_swarm import Swarm
 
 
 def swarm_keypair(i: int) -> Keypair:
@@ -37,7 +43,7 @@ def swarm_keypair(i: int) -> Keypair:
     return Keypair.from_seed(hashlib.sha256(b"psyche-chain-swarm" + i.to_bytes(4, "little")).digest())
 
 
-class ChainSwarm(sim.Swarm):
+class ChainSwarm(Swarm):
     """Honest clients ``0..n-1`` and an authority, acting on a run through a :class:`LocalValidator`."""
 
     def __init__(self, run_id: str, settings: CoordinatorSettings, *, clients: int, now: int = 1_700_000_000,
@@ -59,37 +65,38 @@ class ChainSwarm(sim.Swarm):
         assert self.replay.coordinator is not None, "create-run did not replay"
         super().__init__(self.replay.coordinator, now=now, host_key=bytes(self.authority.pubkey()))
 
-    @contextlib.contextmanager
-    def _real_keys(self) -> Iterator[None]:
-        # Swarm names its clients by sim.client_key(i); here client i is swarm_keypair(i).
-        original = sim.client_key
-        sim.client_key = lambda i: bytes(swarm_keypair(i).pubkey())
-        try:
-            yield
-        finally:
-            sim.client_key = original
+    def key(self, i: int) -> bytes:
+        """Client ``i``'s public key: that of :func:`swarm_keypair` ``(i)``."""
+        return bytes(swarm_keypair(i).pubkey())
 
-    def _send(self, ix, kp: Keypair) -> ChainTx:
+    def _send(self, ix: SolanaInstruction, kp: Keypair) -> tuple[ChainTx, bytes]:
+        """Land ``ix`` signed by ``kp`` in a block of its own and feed it to the replay; the
+        transaction as confirmed, and the hash of its block."""
         v = self.validator
         if v.block_time != int(self.now):
             v.end_slot()  # a new block at the current time
         tx = Transaction([kp], Message([ix], kp.pubkey()), v.latest_blockhash()[0])
         sig = v.send(tx)
         block = v.end_slot()
-        rec = _from_recorded(v.transaction(sig))
-        self.replay.feed(rec, bytes(block.blockhash))
+        landed = v.transaction(sig)
+        assert landed is not None, "a sent transaction did not land"
+        rec = from_recorded(landed)
+        block_hash = bytes(block.blockhash)
+        self.replay.feed(rec, block_hash)
         self.fetched.append(rec)
-        return rec
+        return rec, block_hash
 
     def submit(self, instr: Instruction, signer: bytes) -> CoordinatorError | None:
         """Send ``instr`` as a transaction signed by ``signer``; return the coordinator's refusal, if any."""
         kp = self.keypairs[signer]
         body = encode_instruction(instr)
-        rec = self._send(submit_instruction(kp.pubkey(), self.replay.address, body,
-                                            program_id=self.validator.program_id), kp)
+        rec, block_hash = self._send(submit_instruction(kp.pubkey(), self.replay.address, body,
+                                                        program_id=self.validator.program_id), kp)
         outcome = self.replay.outcomes[rec.signature][-1]
         if outcome.error is None:
-            self.log.append((body, signer, self.now, b""))
+            assert outcome.seq is not None  # an applied entry was recorded
+            seed = entry_seed(self.replay.address, block_hash, rec.signature, outcome.seq)
+            self.log.append(LogEntry(body, signer, self.now, seed))
             return None
         err = CoordinatorError(f"{outcome.error}: {outcome.message}")
         self.refused.append((instr, signer, err))
@@ -101,11 +108,3 @@ class ChainSwarm(sim.Swarm):
         if deadline is None or self.now < deadline:
             return None
         return super().tick()
-
-    def join(self, clients) -> None:
-        with self._real_keys():
-            super().join(clients)
-
-    def act(self) -> None:
-        with self._real_keys():
-            super().act()

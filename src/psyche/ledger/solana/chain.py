@@ -84,7 +84,8 @@ def _top_instructions(vtx: VersionedTransaction, loaded: list[Pubkey]) -> list[T
     return out
 
 
-def _from_recorded(t: RecordedTx) -> ChainTx:
+def from_recorded(t: RecordedTx) -> ChainTx:
+    """A transaction recorded by the in-process validator, as the replay reads it."""
     rd = (t.return_data.program_id, bytes(t.return_data.data)) if t.return_data is not None else None
     return ChainTx(t.signature, t.slot, t.block_time, t.err is not None, None if t.err is None else str(t.err),
                    _top_instructions(t.transaction, []), rd, t.compute_units, t.fee, len(bytes(t.transaction)))
@@ -165,7 +166,7 @@ class SvmChain:
         t = self.validator.transaction(sig)
         if t is None:
             raise LedgerUnavailable(f"transaction {sig} not found")
-        return _from_recorded(t)
+        return from_recorded(t)
 
     async def block_hash(self, slot: int) -> bytes:
         return bytes(self.validator.blocks[slot].blockhash)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
-from psyche.coordinator import Coordinator, decode_instruction
+from psyche.coordinator import Coordinator, LogEntry, apply_entry
 from psyche.ledger.solana.chain import ChainTx
 from psyche.ledger.solana.wire import (
     DEFAULT_PROGRAM_ID,
@@ -140,12 +140,11 @@ class RunReplay:
             return Outcome(tx.signature, tx.slot, self.count, signer, "CreateRun", None)
         if self.coordinator is None:
             return Outcome(tx.signature, tx.slot, self.count, signer, None, "NoRun", "the run has no valid genesis")
+        entry = LogEntry(payload, signer, now, entry_seed(self.address, block_hash, tx.signature, self.count))
         try:
-            instr = decode_instruction(payload)
+            instr, err = apply_entry(self.coordinator, entry)
         except ValueError as exc:
             return Outcome(tx.signature, tx.slot, self.count, signer, None, "Malformed", str(exc))
-        seed = entry_seed(self.address, block_hash, tx.signature, self.count)
-        err = self.coordinator.apply(instr, signer, now, seed)
         name = type(instr).__name__
         if err is not None:
             return Outcome(tx.signature, tx.slot, self.count, signer, name, err.name, err.message)
