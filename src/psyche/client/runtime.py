@@ -28,17 +28,22 @@ import hashlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from psyche.client import timing
-from psyche.coordinator import Checkpoint, HealthCheck, Join, WarmupWitness, Withdraw, Witness
+from psyche.client.ports import Node, NodeIdentity, Trainer
+from psyche.coordinator import Checkpoint, Coordinator, HealthCheck, Instruction, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.state import ClientState, CoordinatorState, RunState
-from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
-from psyche.p2p import ResultCommitment
+from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, MetricsReport
+from psyche.p2p import BlobUnavailable, ModelMismatch, ModelUnavailable, ResultCommitment
+
+if TYPE_CHECKING:
+    from psyche.client.trainer import TrainOutput
 
 log = logging.getLogger("psyche.client")
 
@@ -47,6 +52,12 @@ EPOCH_STATES = (RunState.Warmup, RunState.RoundTrain, RunState.RoundWitness, Run
 
 OUTBOX_LIMIT = 256
 """Metrics reports kept while the coordinator is unreachable; the oldest go first beyond this."""
+
+MODEL_RETRY_SECONDS = 1.0
+"""Wait before trying again to get the model when no source delivered it."""
+
+BLOB_TIMEOUT = 60.0
+"""Seconds a peer's result is sought (from every provider in turn) before it counts as unavailable."""
 
 
 def merkle_root(leaves: list[bytes]) -> bytes:
@@ -82,7 +93,7 @@ class KeyInUse(Exception):
     before joining, and stays out).
     """
 
-    def __init__(self, address: str, *, taken_over: bool):
+    def __init__(self, address: str, *, taken_over: bool) -> None:
         self.address = address
         self.taken_over = taken_over
         what = ("another process registered this node's key at {} while this one ran" if taken_over
@@ -122,14 +133,23 @@ def wait_notice(s: CoordinatorState, me: bytes) -> str | None:
 
 
 class ClientRuntime:
-    """One node in one run. ``node`` is a started :class:`psyche.p2p.P2PNode`."""
+    """One node in one run. ``node`` is a started :class:`psyche.p2p.P2PNode`.
 
-    def __init__(self, ledger: Ledger, node, trainer, identity, *, checkpoint_dir: Path | None = None,
-                 eval_every: int = 5, say=print, key_probe: Callable[[str], Awaitable[bool]] | None = None):
+    Errors: what the ledger, the P2P node and the trainer raise for conditions the run
+    expects (a host that restarts, a result or model no peer delivers, a peer's result
+    that does not decode) is handled where it happens; anything else ends :meth:`run`
+    with that error, also when it happened in a download running beside the main loop.
+    """
+
+    def __init__(self, ledger: Ledger, node: Node, trainer: Trainer, identity: NodeIdentity, *,
+                 checkpoint_dir: Path | None = None, eval_every: int = 5, say: Callable[[str], None] = print,
+                 key_probe: Callable[[str], Awaitable[bool]] | None = None,
+                 blob_timeout: float = BLOB_TIMEOUT) -> None:
         """``key_probe(address)``: whether a live process holding this node's key answers at
         ``address`` (see :func:`psyche.p2p.node.endpoint_answers`); checked once, before this
         process first registers its own address, so a second process started with a key in use
-        stays out instead of taking the key from a healthy node. None: never checked."""
+        stays out instead of taking the key from a healthy node. None: never checked.
+        ``blob_timeout``: seconds a peer's result is sought before it counts as unavailable."""
         self.ledger = ledger
         self.node = node
         self.trainer = trainer
@@ -137,7 +157,8 @@ class ClientRuntime:
         self.checkpoint_dir = checkpoint_dir
         self.eval_every = eval_every
         self.say = say
-        self.coord = None
+        self.blob_timeout = blob_timeout
+        self.coord: Coordinator | None = None
         self._wake = asyncio.Event()
         self._stop_requested = False
         self._registered: set[str] = set()
@@ -151,7 +172,8 @@ class ClientRuntime:
         self.blobs: dict[bytes, bytes] = {}
         self.applied_step = 0
         """Last step whose agreed results are in our weights."""
-        self.trained: dict[int, tuple] = {}
+        self.trained: dict[int, tuple[TrainOutput | None, ResultCommitment | None]] = {}
+        """step -> what we trained for it and the commitment we broadcast ((None, None): no batch)."""
         self.witnessed: set[int] = set()
         self.accused: set[int] = set()
         self.joined_epoch: int | None = None
@@ -161,14 +183,17 @@ class ClientRuntime:
         self.model_epoch: int | None = None
         self._lock = asyncio.Lock()
         self._reported = (0, 0)
+        """P2P bytes (sent, received) in total at our previous metrics report."""
         # Metrics reports the host could not take yet (it was restarting): sent, oldest
         # first, once it is back, so a restart loses no step from the run's history.
-        self._outbox: deque[dict] = deque(maxlen=OUTBOX_LIMIT)
+        self._outbox: deque[MetricsReport] = deque(maxlen=OUTBOX_LIMIT)
         self._flushing = False
         self._training_since: tuple[float, float] | None = None
         """(wall, process CPU) clock readings when this node first trained: its profile's window."""
-        self._background: set[asyncio.Task] = set()
-        self._eval_due: dict | None = None
+        self._background: set[asyncio.Task[object]] = set()
+        self._failure: BaseException | None = None
+        """An unexpected error in a task beside the main loop: :meth:`run` raises it."""
+        self._eval_due: MetricsReport | None = None
         """The report of a step whose validation loss is still to be measured (after witnessing)."""
         self.steps_trained = 0
 
@@ -205,17 +230,18 @@ class ClientRuntime:
             self._spawn(self._fetch_result(sender, c))
 
     async def _fetch_result(self, sender: bytes, c: ResultCommitment, providers: list[bytes] | None = None) -> bytes | None:
+        """Download and check ``sender``'s result; None if no provider delivered it or it does not decode."""
         book = self.books[c.step]
         try:
             data = self.blobs.get(c.blob_hash)
             if data is None:
-                data = await self.node.fetch_blob(c.blob_hash, c.size, providers or [sender])
+                data = await self.node.fetch_blob(c.blob_hash, c.size, providers or [sender], timeout=self.blob_timeout)
             self.trainer.check_payload(data)
         except ValueError as exc:
             log.warning("result of %s for step %d does not decode: %s", sender.hex()[:8], c.step, exc)
             book.bad.add(sender)
             return None
-        except Exception as exc:  # BlobUnavailable and transport errors: not verified
+        except BlobUnavailable as exc:  # not verified (yet): a later commitment or the apply may try again
             known = self.coord is not None and q.member(self.coord.state, sender) is not None
             log.warning("could not fetch result of %s for step %d (member in our state: %s, in p2p set: %s): %r",
                         sender.hex()[:8], c.step, known, sender in self.node.members, exc)
@@ -226,21 +252,30 @@ class ClientRuntime:
         book.bytes_received += len(data)
         self._wake.set()
         s = self.coord.state if self.coord is not None else None
-        rnd = q.current_round(s) if s is not None and s.run_state is not RunState.Cooldown else None
-        if rnd is not None and rnd.step == c.step:
+        if s is not None and s.run_state is not RunState.Cooldown and (rnd := q.current_round(s)) is not None \
+                and rnd.step == c.step:
             # The last result of a round may be what a witness waits for: say so now rather
             # than when the main loop is next free (it may be applying or evaluating).
             self._spawn(self._witness(s, c.step))
         return data
 
-    def _spawn(self, coro) -> asyncio.Task:
-        """Run ``coro`` beside the main loop, holding a reference until it ends."""
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
+        """Run ``coro`` beside the main loop, holding a reference until it ends; an error it
+        raises ends the main loop (see :meth:`_task_done`)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._task_done)
         return task
 
-    async def _submit(self, instruction, *, quiet: bool = False) -> bool:
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        self._background.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._failure is None:
+            self._failure = task.exception()
+        self._wake.set()
+
+    async def _submit(self, instruction: Instruction, *, quiet: bool = False) -> bool:
         """Submit, retrying while the host is unreachable; False if refused."""
         delay = 0.2
         while True:
@@ -268,6 +303,8 @@ class ClientRuntime:
             while self.coord is None:
                 await asyncio.sleep(0.05)
             while True:
+                if self._failure is not None:
+                    raise self._failure
                 if self._stop_requested:
                     # The cancel that came with the request can be lost inside a library's
                     # await (e.g. Python 3.11's wait_for when the inner wait had just ended).
@@ -306,7 +343,7 @@ class ClientRuntime:
         self._stop_requested = True
         self._wake.set()
 
-    def profile(self) -> dict | None:
+    def profile(self) -> dict[str, Any] | None:
         """Where this node's time went since it first trained (None if it never did).
 
         See :func:`psyche.client.timing.profile`; written by ``psyche client --profile``.
@@ -333,8 +370,9 @@ class ClientRuntime:
 
     async def act(self) -> None:
         """Do what the current state asks of us that we have not done yet."""
-        coord = self.coord
-        s = coord.state
+        if self.coord is None:
+            return  # no state seen yet
+        s = self.coord.state
         await self._claim_address(s)
         me = q.member(s, self.me)
         if me is not None and me.state is not ClientState.Healthy and self.dropped_noted != s.epoch:
@@ -385,7 +423,7 @@ class ClientRuntime:
             if notice is None:
                 self.say(f"epoch {s.epoch} started with {len(s.clients)} members")
 
-    async def _claim_address(self, s) -> None:
+    async def _claim_address(self, s: CoordinatorState) -> None:
         """Make the run reach this process at its own address; raise :class:`KeyInUse` if another does.
 
         The run keeps one address per key. If it holds one this process never registered,
@@ -406,7 +444,7 @@ class ClientRuntime:
             self._registered.add(self.node.address)
             self.say("re-registered this key at this process's P2P address (the run had an earlier one)")
 
-    async def _ensure_joined(self, s) -> None:
+    async def _ensure_joined(self, s: CoordinatorState) -> None:
         if self.me in s.pending:
             return
         me = q.member(s, self.me)
@@ -422,7 +460,7 @@ class ClientRuntime:
             self.joined_epoch = s.epoch
             self.say(f"joined run {s.run_id} (epoch {s.epoch})")
 
-    async def _refuse_a_live_twin(self, s) -> None:
+    async def _refuse_a_live_twin(self, s: CoordinatorState) -> None:
         """Before this process first registers its address: raise :class:`KeyInUse` if the
         address the run holds for our key answers (a live process uses it; taking it over would
         stop a healthy node). An address that does not answer belonged to a process that died."""
@@ -435,13 +473,15 @@ class ClientRuntime:
         if await self.key_probe(registered):
             raise KeyInUse(registered, taken_over=False)
 
-    async def _warmup(self, s) -> None:
+    async def _warmup(self, s: CoordinatorState) -> None:
         if self.model_epoch != s.epoch:
             try:
                 await self._get_model(s)
-            except Exception as exc:  # ModelUnavailable, a mismatching model: try again shortly
+            except (ModelUnavailable, ModelMismatch, OSError) as exc:
+                # No peer delivered it, the peers serve another architecture, or the checkpoint
+                # folder could not be read: try again shortly (peers may have caught up).
                 log.warning("could not get the model for epoch %d: %r", s.epoch, exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(MODEL_RETRY_SECONDS)
                 return
             self.model_epoch = s.epoch
         self.trainer.lr_window = q.lr_warmup_window(s)
@@ -449,14 +489,15 @@ class ClientRuntime:
             if await self._submit(WarmupWitness(), quiet=True):
                 self.warmup_reported = s.epoch
 
-    async def _get_model(self, s) -> None:
+    async def _get_model(self, s: CoordinatorState) -> None:
         """Make sure our weights are those of the start of step ``s.step``.
 
         Epoch 0: built from the run's seed (or its configured checkpoint). Later: our
         own weights if we applied every step so far; else downloaded from peers
         (those that were in the previous epoch, or, when nobody was, from whoever
         kept the weights, unless the run's last checkpoint is current and on this
-        machine). Raises if no source works; the caller retries.
+        machine). Raises :class:`ModelUnavailable`, :class:`ModelMismatch` or ``OSError`` if
+        no source works; the caller retries.
         """
         if self.trainer.ready and self.applied_step == s.step - 1:
             return
@@ -487,8 +528,10 @@ class ClientRuntime:
 
         self.node.serve_model(model_from_state_dict(self.trainer.state_tensors()))
 
-    async def _round(self, s) -> None:
+    async def _round(self, s: CoordinatorState) -> None:
         rnd = q.current_round(s)
+        if rnd is None:
+            return
         step = rnd.step
         overlapped = self.trainer.cfg.optimizer.overlapped
         if not overlapped:
@@ -496,7 +539,7 @@ class ClientRuntime:
         if step not in self.trained and self.applied_step >= step - 2:
             interval = q.assignment_for(s, self.me, step=step)
             if interval is not None and s.run_state is RunState.RoundTrain:
-                await self._train(step, interval)
+                await self._train(s.run_id, step, interval)
             else:
                 self.trained[step] = (None, None)
         # Witness first: the round (everyone's next step) waits for it; evaluating and
@@ -508,7 +551,7 @@ class ClientRuntime:
         await self._witness(s, step)
         await self._health_checks(s)
 
-    async def _train(self, step: int, interval: tuple[int, int]) -> None:
+    async def _train(self, run_id: str, step: int, interval: tuple[int, int]) -> None:
         start, end = interval
         if self._training_since is None:
             # The profile covers training: from now on (the model load before is not in it).
@@ -518,7 +561,7 @@ class ClientRuntime:
             out = await asyncio.to_thread(self.trainer.train, step, start, end)
         self.steps_trained += 1
         blob_hash = self.node.publish_blob(out.payload, step=step)
-        commitment = ResultCommitment(run_id=self.coord.state.run_id, step=step, batch_start=start,
+        commitment = ResultCommitment(run_id=run_id, step=step, batch_start=start,
                                       batch_end=end, blob_hash=blob_hash, size=len(out.payload))
         book = self.books[step]
         book.commitments[self.me] = commitment
@@ -530,14 +573,12 @@ class ClientRuntime:
                  f"({out.tokens / max(out.seconds, 1e-9):,.0f} tok/s), result {len(out.payload):,} bytes")
         await self._report(step, out)
 
-    async def _report(self, step: int, out) -> None:
-        if getattr(self.ledger, "report", None) is None:
-            return  # a host without a metrics channel (the chain)
+    async def _report(self, step: int, out: TrainOutput) -> None:
         total = self.trainer.cfg.coordinator.total_steps
         stats = self.node.stats()
         sent = sum(p.bytes_out for p in stats.values())
         received = sum(p.bytes_in for p in stats.values())
-        data = {"step": step, "loss": out.loss, "tokens": out.tokens, "train_seconds": out.seconds,
+        data: MetricsReport = {"step": step, "loss": out.loss, "tokens": out.tokens, "train_seconds": out.seconds,
                 "forward_backward_seconds": out.forward_backward_seconds,
                 "tokens_per_sec": out.tokens / max(out.seconds, 1e-9), "result_bytes": len(out.payload),
                 # P2P traffic since our previous report, and in total since this client started.
@@ -563,7 +604,7 @@ class ClientRuntime:
             val = await asyncio.to_thread(self.trainer.evaluate)
         await self._send_report(dict(data, val_loss=val))
 
-    async def _send_report(self, data: dict) -> None:
+    async def _send_report(self, data: MetricsReport) -> None:
         """Queue a metrics report and send what is queued, keeping what the host cannot take yet."""
         if len(self._outbox) == self._outbox.maxlen:
             log.warning("metrics report for step %d dropped: %d reports wait for the coordinator",
@@ -591,7 +632,7 @@ class ClientRuntime:
         finally:
             self._flushing = False
 
-    async def _witness(self, s, step: int) -> None:
+    async def _witness(self, s: CoordinatorState, step: int) -> None:
         if step in self.witnessed or not q.is_witness(s, self.me, step=step):
             return
         book = self.books[step]
@@ -614,7 +655,7 @@ class ClientRuntime:
         self.witnessed.add(step)
         await self._submit(instr, quiet=True)
 
-    async def _health_checks(self, s) -> None:
+    async def _health_checks(self, s: CoordinatorState) -> None:
         for rnd in s.rounds:
             if rnd.step in self.accused or not q.round_closed(s, rnd.step):
                 continue
@@ -625,7 +666,7 @@ class ClientRuntime:
                 if ok:
                     self.say(f"step {rnd.step}: accused {[a.hex()[:8] for a in accused]} of missing results")
 
-    async def _apply_closed(self, s) -> None:
+    async def _apply_closed(self, s: CoordinatorState) -> None:
         """Apply, in step order, every closed round we have not applied yet."""
         while True:
             step = self.applied_step + 1
@@ -633,22 +674,24 @@ class ClientRuntime:
                 return
             await self._apply(s, step)
 
-    async def _apply(self, s, step: int) -> None:
+    async def _apply(self, s: CoordinatorState, step: int) -> None:
         book = self.books[step]
         batches = q.round_batches(s, step)
         # Only results a witness quorum downloaded and verified: they can be fetched from those
         # witnesses, and every node derives this same set from the state. (A trainer that died
         # after broadcasting its commitment but before serving its blob is left out by all.)
         verified = set(q.witnessed_trainers(s, step))
-        candidates = {}
-        owner = {}
+        candidates: dict[tuple[int, int], list[bytes]] = {}
+        owner: dict[tuple[int, int], tuple[bytes, ResultCommitment]] = {}
         for b in batches:
+            if b.client not in verified:
+                continue
             c = book.commitments.get(b.client)
-            if b.client in verified and c is None:
+            if c is None:
                 # The others will apply a result we never heard of: we would fork.
                 await self._resync(f"step {step}: missed the commitment of {b.client.hex()[:8]}")
                 return
-            if b.client in verified and (c.batch_start, c.batch_end) == (b.start, b.end):
+            if (c.batch_start, c.batch_end) == (b.start, b.end):
                 candidates[(b.start, b.end)] = [c.blob_hash]
                 owner[(b.start, b.end)] = (b.client, c)
         agreed = q.consensus(s, step, candidates)
@@ -686,7 +729,7 @@ class ClientRuntime:
         self.model_epoch = None
         await self._submit(Withdraw(), quiet=True)
 
-    async def _cooldown(self, s) -> None:
+    async def _cooldown(self, s: CoordinatorState) -> None:
         if self.checkpointed_epoch == s.epoch:
             return
         self.checkpointed_epoch = s.epoch
@@ -701,6 +744,5 @@ class ClientRuntime:
 
     async def _finish_pending(self) -> None:
         """At Finished: nothing left to train; make sure a checkpointer's last save happened."""
-        s = self.coord.state
-        if self.trainer.ready:
-            await self._apply_closed(s)
+        if self.coord is not None and self.trainer.ready:
+            await self._apply_closed(self.coord.state)

@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # the coordinator package imports no I/O; keep this module li
     from psyche.coordinator import Coordinator, Instruction
 
 
+MetricsReport = dict[str, float]
+"""One client's metrics for one step: ``step`` and numbers such as ``loss`` or ``tokens_per_sec``."""
+
+
 class LedgerError(Exception):
     """Base of every error a ledger raises."""
 
@@ -60,6 +64,18 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[Coordinator]:
         """Yield the coordinator each time its state changes (at least once, at once)."""
+
+    @abc.abstractmethod
+    async def report(self, report: MetricsReport) -> None:
+        """Send this participant's metrics for one step (``report["step"]``), for dashboards.
+
+        Which hosts keep them: ``server`` stores them (SQLite) for its dashboard, status
+        API and Prometheus metrics; ``embedded`` keeps them in memory on the ledger
+        (``EmbeddedLedger.reports``); ``solana`` has no metrics channel and drops them.
+        Raises :class:`LedgerUnavailable` if the host could not be reached (the caller
+        may keep the report and send it later) and :class:`InstructionRefused` if the
+        host will not take it (e.g. from a non-member).
+        """
 
     async def close(self) -> None:
         """Release connections; the run itself is unaffected."""

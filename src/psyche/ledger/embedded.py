@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from psyche.coordinator import Coordinator, Instruction
-from psyche.ledger.base import InstructionRefused, Ledger
+from psyche.ledger.base import InstructionRefused, Ledger, MetricsReport
 from psyche.ledger.envelope import Signer
 from psyche.ledger.host import RunHost
 
@@ -21,11 +21,18 @@ class EmbeddedLedger(Ledger):
         self.host = host
         self.signer = signer
         self.run_id = host.run_id
+        self.reports: list[MetricsReport] = []
+        """The metrics reports this participant sent, in order: an embedded run has no
+        dashboard or database, so they stay here for the process that holds the ledger."""
 
     async def submit(self, instruction: Instruction) -> None:
         err = self.host.apply(instruction, self.signer.public_key)
         if err is not None:
             raise InstructionRefused(type(err).__name__, str(err))
+
+    async def report(self, report: MetricsReport) -> None:
+        """Keep ``report`` in :attr:`reports` (never unavailable, never refused)."""
+        self.reports.append(dict(report))
 
     async def state(self) -> Coordinator:
         # A copy, so a caller can never change the host's state by accident.

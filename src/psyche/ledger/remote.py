@@ -15,7 +15,7 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from psyche.coordinator import Coordinator, Instruction, encode_instruction
-from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
+from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, MetricsReport
 from psyche.ledger.envelope import RequestKind, Signer, sign_request
 
 
@@ -162,8 +162,9 @@ class ServerLedger(Ledger):
     async def submit(self, instruction: Instruction) -> None:
         await self._post_signed(f"/api/runs/{self.run_id}/instructions", "instruction", encode_instruction(instruction))
 
-    async def report(self, report: dict) -> None:
-        """Send this client's metrics for a step (shown by the dashboard and `psyche demo`)."""
+    async def report(self, report: MetricsReport) -> None:
+        """Send this client's metrics for a step; the server stores them for its dashboard,
+        status API and `psyche demo`."""
         await self._post_signed(f"/api/runs/{self.run_id}/reports", "report", json.dumps(report).encode())
 
     async def state(self) -> Coordinator:

@@ -28,7 +28,7 @@ from solders.signature import Signature
 from solders.transaction import Transaction
 
 from psyche.coordinator import Coordinator, CoordinatorSettings, Instruction, Tick, encode_instruction, phase_deadline
-from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable
+from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, MetricsReport
 from psyche.ledger.solana.chain import Chain, ChainRefused, ChainTx, connect
 from psyche.ledger.solana.replay import Outcome, ReplayError, RunReplay
 from psyche.ledger.solana.wire import (
@@ -195,6 +195,10 @@ class SolanaLedger(Ledger):
             raise
         except ChainRefused as exc:
             raise LedgerUnavailable(str(exc)) from exc
+
+    async def report(self, report: MetricsReport) -> None:
+        """Drop ``report``: the chain holds the coordinator's state only, and paying a
+        transaction per step's metrics would buy no dashboard anything it can read."""
 
     async def state(self) -> Coordinator:
         await self._sync()

@@ -1,0 +1,166 @@
+"""What the client runtime needs of its collaborators, as typed ports.
+
+:class:`~psyche.client.runtime.ClientRuntime` follows the coordinator through a
+:class:`~psyche.ledger.base.Ledger`; everything else it drives is named here by
+what it uses, not by the class that happens to provide it:
+
+- :class:`Trainer`: the torch half (model, DisTrO, data); :class:`psyche.client.trainer.LocalTrainer`.
+- :class:`Node`: the P2P node (membership, gossip, blobs, model sharing); :class:`psyche.p2p.P2PNode`.
+- :class:`NodeIdentity`: whose key this node signs with; :class:`psyche.p2p.Identity`.
+
+The ports are structural (``typing.Protocol``): the real classes do not inherit
+from them, and ``mypy`` checks that they fit wherever a runtime is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # types only: this module imports neither torch nor the transport
+    import torch
+
+    from psyche.client.timing import PhaseTimer
+    from psyche.client.trainer import TrainOutput
+    from psyche.config import RunConfig
+    from psyche.p2p import Message
+    from psyche.p2p.model import FetchedModel, ModelProvider, ModelSink
+    from psyche.p2p.stats import PeerStats
+    from psyche.p2p.torch_io import StateDictSink
+
+
+class Trainer(Protocol):
+    """One node's model and optimizer: trains intervals, applies agreed results, saves.
+
+    Blocking methods (``train``, ``apply``, ``evaluate``, ``save``) are called from a
+    worker thread, one at a time.
+    """
+
+    cfg: RunConfig
+    """The run's config (the runtime reads ``optimizer.overlapped`` and ``coordinator.total_steps``)."""
+    lr_window: tuple[int, int] | None
+    """Steps ``[start, end)`` of the cold-start LR ramp; set by the runtime at each warmup."""
+    timer: PhaseTimer
+    """Seconds spent per kind of work, for ``psyche client --profile``."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether a model is loaded."""
+        ...
+
+    def init_model(self) -> None:
+        """Build the epoch-0 model (from the run's seed or its configured checkpoint)."""
+        ...
+
+    def load_checkpoint_folder(self, path: str | Path) -> None:
+        """Load the weights of a ``save_pretrained`` folder."""
+        ...
+
+    async def fetch_from_peers(self, fetch: Callable[[StateDictSink], Awaitable[FetchedModel]]) -> FetchedModel:
+        """Install the weights ``fetch(sink)`` writes; raises what ``fetch`` raises
+        (:class:`~psyche.p2p.ModelUnavailable`, :class:`~psyche.p2p.ModelMismatch`)."""
+        ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the weights (what peers fetch)."""
+        ...
+
+    def parameters(self) -> int:
+        """Number of parameters of the loaded model."""
+        ...
+
+    def train(self, step: int, start: int, end: int) -> TrainOutput:
+        """Train samples ``[start, end)`` for ``step``; return the compressed result."""
+        ...
+
+    def check_payload(self, payload: bytes) -> None:
+        """Raise ``ValueError`` unless ``payload`` decodes to a result for our parameters."""
+        ...
+
+    def apply(self, step: int, payloads: list[bytes]) -> None:
+        """Apply ``step``'s agreed results, in the order given."""
+        ...
+
+    def evaluate(self) -> float:
+        """Validation loss of the current weights."""
+        ...
+
+    def save(self, out_dir: str | Path, *, step: int) -> tuple[Path, bytes]:
+        """Write a checkpoint folder; return it and the sha256 of its weights."""
+        ...
+
+
+class Node(Protocol):
+    """This node's place in the run's P2P network (see :class:`psyche.p2p.P2PNode`)."""
+
+    @property
+    def address(self) -> str:
+        """Where peers reach this node (what a ``Join`` registers)."""
+        ...
+
+    @property
+    def members(self) -> dict[bytes, str]:
+        """The peers this node talks to: id -> address."""
+        ...
+
+    @property
+    def upload_rate(self) -> float | None:
+        """Upload limit in bytes per second (None: unlimited)."""
+        ...
+
+    @property
+    def download_rate(self) -> float | None:
+        """Download limit in bytes per second (None: unlimited)."""
+        ...
+
+    def set_members(self, members: dict[bytes, str]) -> None:
+        """Replace the member set (the run's other clients)."""
+        ...
+
+    def set_step(self, step: int) -> None:
+        """The run's current step (tags blobs, drops stale messages)."""
+        ...
+
+    def messages(self) -> AsyncIterator[tuple[bytes, Message]]:
+        """Yield ``(sender, message)`` for every verified message from a member."""
+        ...
+
+    async def broadcast(self, msg: Message) -> bytes:
+        """Sign and gossip ``msg`` to every member; return its content hash."""
+        ...
+
+    def publish_blob(self, data: bytes, *, step: int | None = None) -> bytes:
+        """Serve ``data`` to members; return its hash."""
+        ...
+
+    async def fetch_blob(self, blob_hash: bytes, size: int, providers: list[bytes], *,
+                         timeout: float = ...) -> bytes:
+        """Download and verify a blob; raise :class:`~psyche.p2p.BlobUnavailable` after ``timeout``."""
+        ...
+
+    def drop_blobs_older_than(self, step: int) -> int:
+        """Stop serving blobs of steps before ``step``; return how many went."""
+        ...
+
+    def serve_model(self, provider: ModelProvider | None) -> bytes | None:
+        """Serve ``provider``'s model to members (None stops); return its manifest digest."""
+        ...
+
+    async def fetch_model(self, providers: list[bytes], *, into: ModelSink | None = None) -> FetchedModel:
+        """Fetch a model from ``providers`` into ``into``; raise :class:`~psyche.p2p.ModelUnavailable`
+        or :class:`~psyche.p2p.ModelMismatch`."""
+        ...
+
+    def stats(self) -> dict[bytes, PeerStats]:
+        """Bytes and timings exchanged with each peer since this node started."""
+        ...
+
+
+class NodeIdentity(Protocol):
+    """The key this node signs with."""
+
+    @property
+    def public_key(self) -> bytes:
+        """32-byte ed25519 public key: the node's id in the run and on the P2P network."""
+        ...
