@@ -33,7 +33,7 @@ import iroh
 import iroh.iroh_ffi as _ffi
 
 from psyche.p2p.errors import TransportError
-from psyche.p2p.wire import ALPN
+from psyche.p2p.wire import ALPN, Buffer
 
 FAST_COPY_ENV = "PSYCHE_IROH_FAST_COPY"
 """Set to ``0`` to keep the bindings' own per-byte copy (to measure it, or to rule the fix out)."""
@@ -101,7 +101,7 @@ class IrohStream:
         self._send = bi.send()
         self._recv = bi.recv()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: Buffer) -> None:
         try:
             await self._send.write_all(bytes(data))
         except iroh.IrohError as exc:

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from psyche.p2p.wire import content_hash, manifest_digest
+from psyche.p2p.wire import Buffer, content_hash, manifest_digest
 
 DEFAULT_PART_SIZE = 4 << 20
 
@@ -72,6 +72,10 @@ class Manifest(msgspec.Struct, frozen=True):
         """sha256 of the canonical bytes."""
         return manifest_digest(self.encode())
 
+    def entries(self) -> list[tuple[Kind, TensorEntry | FileEntry]]:
+        """Every entry with its kind: the tensors, then the files."""
+        return [*(("tensor", e) for e in self.tensors), *(("file", e) for e in self.files)]
+
     def entry(self, kind: Kind, name: str) -> TensorEntry | FileEntry | None:
         """The named entry, or None."""
         entries = self.tensors if kind == "tensor" else self.files
@@ -83,11 +87,10 @@ class Manifest(msgspec.Struct, frozen=True):
     def parts(self) -> list[PartRef]:
         """Every part to fetch, largest entries first (they benefit most from spreading)."""
         refs: list[PartRef] = []
-        for kind, entries in (("tensor", self.tensors), ("file", self.files)):
-            for e in entries:
-                for i, h in enumerate(e.parts):
-                    off = i * self.part_size
-                    refs.append(PartRef(kind, e.name, i, off, min(self.part_size, e.nbytes - off), h))
+        for kind, e in self.entries():
+            for i, h in enumerate(e.parts):
+                off = i * self.part_size
+                refs.append(PartRef(kind, e.name, i, off, min(self.part_size, e.nbytes - off), h))
         refs.sort(key=lambda r: -r.length)
         return refs
 
@@ -105,7 +108,7 @@ def decode_manifest(data: bytes) -> Manifest:
     m = _manifest_decoder.decode(data)
     if m.part_size <= 0:
         raise ValueError(f"part_size must be > 0, got {m.part_size}")
-    for e in [*m.tensors, *m.files]:
+    for _, e in m.entries():
         want = max(1, -(-e.nbytes // m.part_size)) if e.nbytes else 0
         if len(e.parts) != want:
             raise ValueError(f"entry {e.name!r}: {len(e.parts)} part hashes for {e.nbytes} bytes (expected {want})")
@@ -122,9 +125,6 @@ class PartRef:
     offset: int
     length: int
     hash: bytes
-
-
-Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +197,7 @@ class MemorySink:
     """A :class:`ModelSink` that allocates one ``bytearray`` per entry (the default)."""
 
     def buffers(self, manifest: Manifest) -> dict[tuple[Kind, str], memoryview]:
-        out: dict[tuple[Kind, str], memoryview] = {}
-        for kind, entries in (("tensor", manifest.tensors), ("file", manifest.files)):
-            for e in entries:
-                out[(kind, e.name)] = memoryview(bytearray(e.nbytes))
-        return out
+        return {(kind, e.name): memoryview(bytearray(e.nbytes)) for kind, e in manifest.entries()}
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import overload
 
 import msgspec
 
@@ -55,6 +56,7 @@ from psyche.p2p.stats import PeerStats
 from psyche.p2p.transport import Connection, Stream, Transport, read_exactly
 from psyche.p2p.wire import (
     MAX_FRAME,
+    Buffer,
     MAX_PUSH_BATCH,
     DataHeader,
     GetBlob,
@@ -319,8 +321,10 @@ class P2PNode:
             while self._out.get(peer) and not self._closed:
                 items = self._out[peer]
                 batch, self._out[peer] = items[:MAX_PUSH_BATCH], items[MAX_PUSH_BATCH:]
-                seen: set[bytes] = set()
-                batch = [(m, e) for m, e in batch if not (m in seen or seen.add(m))]
+                first: dict[bytes, bytes] = {}
+                for m, e in batch:
+                    first.setdefault(m, e)  # a message queued twice goes once
+                batch = list(first.items())
                 try:
                     await self._push(peer, [e for _, e in batch])
                 except (TransportError, NotAMember, _Stalled, EOFError, ValueError, msgspec.DecodeError) as exc:
@@ -454,6 +458,14 @@ class P2PNode:
         self._peer(peer).record_in(len(data), self._loop.time() - t0, now=self._loop.time())
         return data
 
+    @overload
+    async def _read_payload(self, stream: Stream, peer: bytes, *, size: int, expected_hash: bytes | None,
+                            into: None = None) -> bytes: ...
+
+    @overload
+    async def _read_payload(self, stream: Stream, peer: bytes, *, size: int, expected_hash: bytes | None,
+                            into: memoryview | None) -> bytes | memoryview: ...
+
     async def _read_payload(self, stream: Stream, peer: bytes, *, size: int, expected_hash: bytes | None,
                             into: memoryview | None = None) -> bytes | memoryview:
         """Read a DataHeader and its raw bytes. With ``expected_hash`` the size must be exactly
@@ -569,11 +581,10 @@ class P2PNode:
             raise ModelUnavailable(f"the trusted manifest is malformed: {exc}") from exc
         digest = manifest.digest()
         dest = (into if into is not None else MemorySink()).buffers(manifest)
-        for kind, entries in (("tensor", manifest.tensors), ("file", manifest.files)):
-            for e in entries:
-                buf = dest.get((kind, e.name))
-                if buf is None or buf.readonly or buf.nbytes != e.nbytes:
-                    raise ModelMismatch(f"{kind} {e.name!r}: the destination gives no writable buffer of {e.nbytes} bytes")
+        for kind, e in manifest.entries():
+            buf = dest.get((kind, e.name))
+            if buf is None or buf.readonly or buf.nbytes != e.nbytes:
+                raise ModelMismatch(f"{kind} {e.name!r}: the destination gives no writable buffer of {e.nbytes} bytes")
 
         # A random order of the agreeing providers spreads joiners' load over every peer that holds the model.
         order = random.sample(agreeing, len(agreeing))
@@ -734,7 +745,7 @@ class P2PNode:
             log.exception("p2p: serving a stream from %s failed", peer.hex()[:8])
             stream.abort()
 
-    def _read_part(self, req: GetPart) -> bytes | None:
+    def _read_part(self, req: GetPart) -> Buffer | None:
         if self._provider is None or req.digest != self._provider_digest:
             return None
         manifest: Manifest = self._provider.manifest()
@@ -748,7 +759,7 @@ class P2PNode:
         await stream.write(encode_frame(header))
         await stream.finish()
 
-    async def _send_data(self, stream: Stream, peer: bytes, data: bytes | None) -> None:
+    async def _send_data(self, stream: Stream, peer: bytes, data: Buffer | None) -> None:
         if data is None:
             await self._send_header(stream, DataHeader("missing"))
             return

@@ -29,7 +29,7 @@ class RateLimit:
         if rate is not None and not rate > 0:
             raise ValueError(f"a rate limit must be > 0 bytes/s (or None for no limit), got {rate}")
         self.rate = None if rate is None else float(rate)
-        self.burst = 0.0 if rate is None else max(float(MIN_BURST), self.rate * 0.05)
+        self.burst = 0.0 if rate is None else max(float(MIN_BURST), float(rate) * 0.05)
         self._tokens = self.burst
         self._t: float | None = None
 

@@ -25,7 +25,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
     if t.numel() == 0:
         return memoryview(bytearray(0))
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return t.detach().reshape(-1).view(torch.uint8).numpy().data.cast("B")  # .data: the array's memoryview
 
 
 def tensor_to_raw(t: torch.Tensor) -> RawTensor:

@@ -14,12 +14,13 @@ import asyncio
 from typing import Protocol
 
 from psyche.p2p.errors import TransportError
+from psyche.p2p.wire import Buffer
 
 
 class Stream(Protocol):
     """One bidirectional stream."""
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: Buffer) -> None:
         """Send bytes (in order)."""
 
     async def finish(self) -> None:
@@ -102,7 +103,7 @@ class MemoryStream:
         self._out = outbound
         self._conn = conn
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: Buffer) -> None:
         if self._conn.is_closed:
             raise TransportError("connection closed")
         if data:

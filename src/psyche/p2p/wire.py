@@ -34,6 +34,9 @@ SIGN_DOMAIN = b"psyche/p2p/message/v1\x00"
 MAX_FRAME = 16 << 20  # a frame header/request/manifest; raw blob bytes are not frames
 MAX_PUSH_BATCH = 256  # envelopes per Push frame
 
+Buffer = bytes | bytearray | memoryview
+"""Bytes to send or serve: ``bytes``, or a view of memory someone else owns (a tensor's, a sink's)."""
+
 Phase = Literal["warmup", "round", "witness"]
 
 
