@@ -44,7 +44,7 @@ class CoordinatorError(Exception):
         return f"{self.name}({self.message!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.message == self.message  # type: ignore[attr-defined]
+        return type(other) is type(self) and other.message == self.message
 
     def __hash__(self) -> int:
         return hash((self.name, self.message))

@@ -31,10 +31,14 @@ Step = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 
 
 class _Instr(msgspec.Struct, frozen=True, array_like=True, tag_field="op"):
-    pass
+    """The wire form every instruction shares: a tagged msgpack array.
+
+    Each subclass repeats ``frozen=True``: msgspec inherits it anyway, but type
+    checkers read each class's own keywords.
+    """
 
 
-class Join(_Instr, tag="join"):
+class Join(_Instr, frozen=True, tag="join"):
     """The signer joins the run (for the next epoch), or updates its P2P address if already in.
 
     ``p2p_address``: the P2P ticket other clients use to reach the signer.
@@ -43,15 +47,15 @@ class Join(_Instr, tag="join"):
     p2p_address: Address
 
 
-class Tick(_Instr, tag="tick"):
+class Tick(_Instr, frozen=True, tag="tick"):
     """Time passes: timeouts fire (anyone may send it; ``now``/``seed`` come from the host)."""
 
 
-class WarmupWitness(_Instr, tag="warmup_witness"):
+class WarmupWitness(_Instr, frozen=True, tag="warmup_witness"):
     """A selected warmup witness has the model and is ready to train."""
 
 
-class Witness(_Instr, tag="witness"):
+class Witness(_Instr, frozen=True, tag="witness"):
     """A selected witness's report on the round of ``step``.
 
     ``participant_bloom``: a :class:`BloomFilter` of the 32-byte ids of trainers
@@ -71,14 +75,14 @@ class Witness(_Instr, tag="witness"):
     bandwidth_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
-class HealthCheck(_Instr, tag="health_check"):
+class HealthCheck(_Instr, frozen=True, tag="health_check"):
     """Accuse trainers of the (finished, stored) round of ``step`` of not delivering results."""
 
     step: Step
     accused: Annotated[list[Hash32], msgspec.Meta(min_length=1, max_length=MAX_ACCUSED)]
 
 
-class Checkpoint(_Instr, tag="checkpoint"):
+class Checkpoint(_Instr, frozen=True, tag="checkpoint"):
     """A selected checkpointer wrote the model after ``step`` to ``location`` (sha256 of its manifest)."""
 
     step: Step
@@ -86,15 +90,15 @@ class Checkpoint(_Instr, tag="checkpoint"):
     sha256: Hash32
 
 
-class Pause(_Instr, tag="pause"):
+class Pause(_Instr, frozen=True, tag="pause"):
     """Authority only: stop the run at the end of the current round (via Cooldown)."""
 
 
-class Resume(_Instr, tag="resume"):
+class Resume(_Instr, frozen=True, tag="resume"):
     """Authority only: restart a paused run; members join again, the LR warms up again."""
 
 
-class Withdraw(_Instr, tag="withdraw"):
+class Withdraw(_Instr, frozen=True, tag="withdraw"):
     """The signer leaves the run cleanly (at the end of the round, without points this epoch)."""
 
 

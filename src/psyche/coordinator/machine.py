@@ -216,12 +216,12 @@ class Coordinator:
         if s.run_state is RunState.Finished:
             raise Halted("the run is Finished")
         i = member_index(s, signer)
-        healthy = i is not None and s.clients[i].state is ClientState.Healthy
-        if not healthy and signer not in s.pending:
+        healthy_index = i if i is not None and s.clients[i].state is ClientState.Healthy else None
+        if healthy_index is None and signer not in s.pending:
             raise NotAMember(f"{_hex(signer)} is neither a healthy member nor pending")
         # --- valid: apply
-        if healthy:
-            self._leave(i, ClientState.Withdrawn)
+        if healthy_index is not None:
+            self._leave(healthy_index, ClientState.Withdrawn)
         if signer in s.pending:
             s.pending.remove(signer)
         self._refresh_ready(now)

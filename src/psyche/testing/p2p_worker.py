@@ -30,7 +30,7 @@ import blake3
 from psyche.identity import Identity
 from psyche.p2p.errors import P2PError
 from psyche.p2p.iroh_transport import IrohConnection, IrohStream, IrohTransport
-from psyche.p2p.model import InMemoryModel, RawTensor
+from psyche.p2p.model import InMemoryModel, ModelProvider, RawTensor
 from psyche.p2p.node import P2PNode
 from psyche.p2p.transport import read_exactly
 from psyche.p2p.wire import Finished, Heartbeat, Message, ResultCommitment, SignedMessage, content_hash
@@ -60,13 +60,21 @@ def _state_hash(state_dict) -> str:
     return h.hexdigest()
 
 
-def _serve_llama(node, a: dict) -> dict:
+def _serve(node: P2PNode, provider: ModelProvider) -> str:
+    """Serve ``provider``'s model; the hex of the manifest digest peers will see."""
+    digest = node.serve_model(provider)
+    assert digest is not None  # None only when serving nothing
+    return digest.hex()
+
+
+def _serve_llama(node: P2PNode, a: dict) -> dict:
     """Serve a LLaMA of the given sizes initialised from ``seed`` (what a trainer serves: a copy of its weights)."""
     from psyche.p2p.torch_io import model_from_state_dict
 
     state = {k: v.detach().clone() for k, v in _llama(a, a["seed"]).state_dict().items()}
-    digest = node.serve_model(model_from_state_dict(state, {"config.json": b'{"ok": 1}'}, part_size=a.get("part_size", 4 << 20)))
-    return {"digest": digest.hex(), "state_hash": _state_hash(state), "model_bytes": sum(t.nbytes for t in state.values())}
+    digest = _serve(node, model_from_state_dict(state, {"config.json": b'{"ok": 1}'},
+                                                part_size=a.get("part_size", 4 << 20)))
+    return {"digest": digest, "state_hash": _state_hash(state), "model_bytes": sum(t.nbytes for t in state.values())}
 
 
 def _memory() -> tuple[int, int]:
@@ -75,7 +83,7 @@ def _memory() -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
-async def _fetch_llama(node, a: dict) -> dict:
+async def _fetch_llama(node: P2PNode, a: dict) -> dict:
     """Join as a new node would: build the model, fetch its weights from ``providers`` and report time
     and memory. ``"into": "model"`` writes parts into the model's own memory (what the client does);
     ``"buffers"`` fetches into separate buffers and then loads them (the way before sinks)."""
@@ -246,8 +254,8 @@ async def _serve_model(w: _Worker, a: dict) -> dict:
         return _serve_llama(w.node, a)
     tensors = {f"t{i}": RawTensor("U8", (a["tensor_bytes"],), payload(a["seed"] * 1000 + i, a["tensor_bytes"]))
                for i in range(a["n_tensors"])}
-    d = w.node.serve_model(InMemoryModel(tensors, {"config.json": b'{"ok": 1}'}, part_size=a.get("part_size", 1 << 20)))
-    return {"digest": d.hex()}
+    return {"digest": _serve(w.node, InMemoryModel(tensors, {"config.json": b'{"ok": 1}'},
+                                                   part_size=a.get("part_size", 1 << 20)))}
 
 
 async def _fetch_model(w: _Worker, a: dict) -> dict:

@@ -197,10 +197,11 @@ class RpcChain:
 
     def __init__(self, url: str, *, commitment: str = "confirmed", timeout: float = 10.0):
         from solana.rpc.async_api import AsyncClient
+        from solana.rpc.commitment import Commitment
 
         self.url = url
-        self.commitment = commitment
-        self.client = AsyncClient(url, commitment=commitment, timeout=timeout)
+        self.commitment = Commitment(commitment)  # ValueError for a level Solana has not
+        self.client = AsyncClient(url, commitment=self.commitment, timeout=timeout)
         self._block_hashes: dict[int, bytes] = {}
 
     async def _call(self, what: str, coro):

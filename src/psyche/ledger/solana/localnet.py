@@ -34,10 +34,12 @@ from solders.rpc.responses import (
 )
 from solders.signature import Signature
 from solders.transaction import Legacy, VersionedTransaction
+from solders.transaction_metadata import FailedTransactionMetadata
 from solders.transaction_status import (
     EncodedConfirmedTransactionWithStatusMeta,
     EncodedTransactionWithStatusMeta,
     TransactionConfirmationStatus,
+    TransactionErrorType,
     TransactionStatus,
     UiConfirmedBlock,
     UiTransactionStatusMeta,
@@ -66,7 +68,7 @@ def _result(solders_resp: Any) -> Any:
     return json.loads(solders_resp.to_json())["result"]
 
 
-def _err_json(err: object | None) -> Any:
+def _err_json(err: TransactionErrorType | None) -> Any:
     """A transaction error in its JSON-RPC form (e.g. ``{"InstructionError": [0, {"Custom": 3}]}``)."""
     if err is None:
         return None
@@ -194,13 +196,13 @@ class LocalnetRpc:
         config = config or {}
         tx = _decode_tx(data, config.get("encoding", "base58"))
         sim = self.v.svm.simulate_transaction(tx)
-        meta = sim.meta() if hasattr(sim, "err") else sim.meta()
-        err = sim.err() if hasattr(sim, "err") else None
+        meta = sim.meta()
+        err = sim.err() if isinstance(sim, FailedTransactionMetadata) else None
         return {"context": self._ctx(), "value": {"err": _err_json(err), "logs": list(meta.logs()), "accounts": None,
                                                   "unitsConsumed": meta.compute_units_consumed(), "returnData": None}}
 
     def getSignatureStatuses(self, sigs: list[str], *_: Any) -> dict:
-        value = []
+        value: list[TransactionStatus | None] = []
         for s in sigs:
             st = self.v.status(Signature.from_string(s))
             if st is None:

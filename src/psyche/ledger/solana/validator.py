@@ -25,6 +25,7 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import Transaction, VersionedTransaction
 from solders.transaction_metadata import FailedTransactionMetadata
+from solders.transaction_status import TransactionErrorType, TransactionReturnData
 
 from psyche.ledger.solana.wire import DEFAULT_PROGRAM_ID
 
@@ -39,7 +40,7 @@ class TxRejected(Exception):
     plain refusal; ``logs`` and ``units`` come from the simulation when it ran.
     """
 
-    def __init__(self, message: str, *, err: object = None, logs: list[str] | None = None, units: int | None = None):
+    def __init__(self, message: str, *, err: TransactionErrorType | None = None, logs: list[str] | None = None, units: int | None = None):
         super().__init__(message)
         self.err = err
         self.logs = logs or []
@@ -55,10 +56,10 @@ class RecordedTx:
     index: int
     block_time: int
     transaction: VersionedTransaction
-    err: object | None
+    err: TransactionErrorType | None
     logs: list[str]
     compute_units: int
-    return_data: object | None  # solders TransactionReturnData
+    return_data: TransactionReturnData | None
     fee: int
     pre_balances: list[int]
     post_balances: list[int]
@@ -98,7 +99,7 @@ class LocalValidator:
         self.blocks: dict[int, Block] = {}
         self.txs: dict[Signature, RecordedTx] = {}
         self.by_address: dict[Pubkey, list[Signature]] = {}
-        self.statuses: dict[Signature, tuple[int, object | None]] = {}  # every landed signature: (slot, err)
+        self.statuses: dict[Signature, tuple[int, TransactionErrorType | None]] = {}  # every landed signature: (slot, err)
         self.genesis_slot = self.svm.get_clock().slot
         self.slot = self.genesis_slot
         self._recent: deque[Hash] = deque([self.svm.latest_blockhash()], maxlen=MAX_BLOCKHASH_AGE)
@@ -180,7 +181,7 @@ class LocalValidator:
         self.statuses[sig] = (self.slot, err)
         return sig
 
-    def status(self, sig: Signature) -> tuple[int, object | None, bool] | None:
+    def status(self, sig: Signature) -> tuple[int, TransactionErrorType | None, bool] | None:
         """``(slot, err, confirmed)`` of a landed signature, or ``None`` if unknown."""
         if sig not in self.statuses:
             return None
