@@ -45,7 +45,7 @@ from psyche.coordinator import (
     decode_instruction,
     round_batches,
 )
-from psyche.coordinator.replay import replay
+from psyche.coordinator.log import replay
 from psyche.testing.coordinator_swarm import Swarm, client_key, result_commitment
 from psyche.coordinator.state import NUM_STORED_CHECKPOINTS, NUM_STORED_ROUNDS, NUM_STORED_STATS
 

@@ -51,7 +51,7 @@ from psyche.coordinator import (
     verify_role_proof,
     witnessed_trainers,
 )
-from psyche.coordinator.replay import apply_entry, replay
+from psyche.coordinator.log import apply_entry, replay
 from psyche.testing.coordinator_swarm import Swarm, client_key, result_commitment
 
 AUTH = b"\xaa" * 32

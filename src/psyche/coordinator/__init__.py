@@ -8,7 +8,7 @@ point. Modules, one idea each:
 - :mod:`~psyche.coordinator.state` — :class:`CoordinatorState`, the whole state (msgspec).
 - :mod:`~psyche.coordinator.instructions` — instruction structs and their wire form.
 - :mod:`~psyche.coordinator.queries` — pure questions: roles, batches, consensus, deadlines.
-- :mod:`~psyche.coordinator.replay` — :class:`LogEntry` and :func:`replay`, how every host rebuilds a state.
+- :mod:`~psyche.coordinator.log` — :class:`LogEntry` and :func:`replay`, how every host rebuilds a state.
 - :mod:`~psyche.coordinator.settings` — :class:`CoordinatorSettings` and their rules.
 - :mod:`~psyche.coordinator.shuffle` — the swap-or-not shuffle behind committees.
 - :mod:`~psyche.coordinator.bloom` — deterministic Bloom filters witnesses send.
@@ -46,6 +46,7 @@ from psyche.coordinator.instructions import (
     decode_instruction,
     encode_instruction,
 )
+from psyche.coordinator.log import LogEntry, Replayed, apply_entry, replay
 from psyche.coordinator.machine import Coordinator
 from psyche.coordinator.queries import (
     Batch,
@@ -79,7 +80,6 @@ from psyche.coordinator.queries import (
     verify_role_proof,
     witnessed_trainers,
 )
-from psyche.coordinator.replay import LogEntry, Replayed, apply_entry, replay
 from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, MAX_WITNESSES, CoordinatorSettings, settings_problems
 from psyche.coordinator.state import (
     Account,

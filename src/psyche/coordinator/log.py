@@ -1,4 +1,4 @@
-"""Replaying a run's instruction log: the one way every host rebuilds a state (no I/O).
+"""A run's instruction log and its replay: the one way every host rebuilds a state (no I/O).
 
 A host applies each instruction with its own clock and seed and records what it
 applied as a :class:`LogEntry`. Anyone holding the run's initial state and the

@@ -8,8 +8,8 @@ ticks. Used by the tests and the benchmark, and handy for exercising ledger
 hosts. Results are simulated: a trainer's result commitment is a hash of its
 step and batch; ``silent`` trainers produce none, ``offline`` clients send nothing.
 
-Every applied instruction is logged as a :class:`~psyche.coordinator.replay.LogEntry`,
-so :func:`psyche.coordinator.replay.replay` rebuilds the same state elsewhere.
+Every applied instruction is logged as a :class:`~psyche.coordinator.log.LogEntry`,
+so :func:`psyche.coordinator.log.replay` rebuilds the same state elsewhere.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from psyche.coordinator.queries import (
     round_batches,
     round_witnesses,
 )
-from psyche.coordinator.replay import LogEntry
+from psyche.coordinator.log import LogEntry
 from psyche.coordinator.state import ClientState, RunState
 
 
