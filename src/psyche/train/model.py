@@ -25,7 +25,9 @@ def llama_config(model_cfg: "ModelConfig", *, eot_token_id: int = 0) -> "LlamaCo
     """
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    # transformers 5 types its __init__ with rope_parameters only, yet still takes rope_theta
+    # (folding it into rope_parameters); 4.x (>= 4.45, which we support) knows only rope_theta.
+    return LlamaConfig(  # type: ignore[call-arg]
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,
         intermediate_size=model_cfg.intermediate_size,
@@ -59,7 +61,8 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> 
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except TypeError:  # transformers < 4.56 calls it torch_dtype
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
-    return model.to(device)
+    # Transformers wraps PreTrainedModel.to in a decorator whose types drop the bound self.
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def import_model_code() -> None:
