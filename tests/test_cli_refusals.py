@@ -104,3 +104,34 @@ def test_a_rate_cap_that_is_not_a_rate_is_refused_before_joining(tmp_path):
         said = " ".join(res.output.split())
         assert res.exit_code == 1 and f"{flag}: '5 Mbit/s' is not a rate" in said and "e.g. 500K" in said, res.output
     assert not (tmp_path / "c.key").exists()
+
+
+def test_every_command_says_a_config_problem_the_same_way(tmp_path):
+    """One ``error: FILE: field: rule`` line per problem, from every command that reads a config."""
+    import pytest
+
+    from psyche.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "b"\n[coordinator]\nwarmup_time = 900\nepoch_time = 600\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert [p.field for p in info.value.problems] == ["coordinator.warmup_time", "coordinator.epoch_time"]
+    expected = [f"error: {bad}: {p.field}: {p.message}" for p in info.value.problems]
+    assert expected[0] == f"error: {bad}: coordinator.warmup_time: warmup_time must be < epoch_time (900 >= 600)"
+    key = tmp_path / "node.key"
+    runner = CliRunner()
+    for args in (["validate-config", str(bad)],
+                 ["train", "--config", str(bad), "--out", str(tmp_path / "run")],
+                 ["server", "--config", str(bad), "--db", str(tmp_path / "run.sqlite"), "--key", str(key), "--port", "0"],
+                 ["demo", "--config", str(bad), "--out", str(tmp_path / "demo")],
+                 ["client", "--solana", "http://127.0.0.1:9", "--run-id", "b", "--config", str(bad), "--key", str(key)],
+                 ["solana", "create-run", "--config", str(bad), "--rpc", "http://127.0.0.1:9", "--keypair", str(key)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and res.output.splitlines() == expected, (args, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"], "a refused config creates nothing"
+    # psyche doctor reports every check; its config finding carries the same lines.
+    res = runner.invoke(app, ["doctor", "--config", str(bad), "--key", str(key)])
+    assert res.exit_code == 1
+    assert [line for line in res.output.splitlines() if "config:" in line] == [
+        f"FAIL  config: {line.removeprefix('error: ')}" for line in expected]

@@ -9,14 +9,12 @@ them, so ``psyche --help`` and ``psyche validate-config`` stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated
 
 import typer
 import typer.core
-from rich.console import Console
 
-if TYPE_CHECKING:
-    from psyche.identity import Identity
+from psyche.console import console, err_console, fail, fail_config, load_node_key
 
 # Commands in the order a newcomer meets them, in groups; `psyche --help` lists them so.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
@@ -55,18 +53,6 @@ app = typer.Typer(
 )
 
 
-def _console(*, stderr: bool = False) -> Console:
-    """A rich console that, when its output is a file or a pipe, never breaks a line:
-    logs stay whole lines that grep finds (a terminal still wraps them for the eye)."""
-    out = Console(stderr=stderr)
-    out.soft_wrap = not out.is_terminal
-    return out
-
-
-console = _console()
-err_console = _console(stderr=True)
-
-
 def serve_http(app_, *, host: str, port: int, banner: str) -> None:
     """Print ``banner`` and serve the ASGI ``app_`` with uvicorn until Ctrl-C."""
     import uvicorn
@@ -98,38 +84,6 @@ def _root(
     New here? `psyche demo` runs a whole network on this machine; `psyche doctor
     --server URL` tells you whether this machine is ready to join a run.
     """
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one error line to stderr and exit with ``code``."""
-    from rich.markup import escape  # a message is plain text: "[coordinator]" must print, not vanish as markup
-
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-def fail_config(source: Path | str, problems: list) -> NoReturn:
-    """Print one ``error:`` line per config problem (``SOURCE: field: rule``) and exit 1."""
-    from rich.markup import escape
-
-    for p in problems[:-1]:
-        err_console.print(f"[bold red]error:[/] {escape(f'{source}: {p.field}: {p.message}')}", highlight=False)
-    fail(f"{source}: {problems[-1].field}: {problems[-1].message}")
-
-
-def load_node_key(path: Path, *, create: bool = False) -> Identity:
-    """The node key in ``path`` (created first if ``create`` and it is missing).
-
-    Exits with one line naming the file and the problem (missing, too open, not a key).
-    """
-    from psyche.identity import Identity, IdentityError
-
-    try:
-        return Identity.load_or_create(path) if create else Identity.load(path)
-    except IdentityError as exc:
-        fail(f"--key {exc}")
-    except OSError as exc:
-        fail(f"--key {path}: {exc.strerror}")
 
 
 def require_device(device: str) -> str:
@@ -165,14 +119,10 @@ def validate_config(
 
     try:
         cfg = load_config(path)
-        problems = data_problems(cfg)
     except ConfigError as exc:
-        problems = exc.problems
-    if problems:
-        err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {path}:", highlight=False)
-        for p in problems:
-            err_console.print(f"  {p.field}: {p.message}", highlight=False, markup=False)
-        raise typer.Exit(1)
+        fail_config(exc)
+    if problems := data_problems(cfg):
+        fail_config(ConfigError(problems, str(path)))
     loc = cfg.data_location()
     if not is_checked_offline(cfg):
         data = "remote, not checked here: each client checks it when it opens it"
@@ -264,11 +214,11 @@ def bench_distro_cmd(
     """Simulated DisTrO network in one process vs AdamW on the same tokens: one JSON line."""
     import json
 
-    from psyche.distro.simulate import bench, config_from
+    from psyche.testing.distro_sim import bench, config_from
 
     if peers < 1 or steps < 1 or topk < 1 or chunk < 1:
         fail(f"--peers, --steps, --topk and --chunk must be >= 1 (got {peers}, {steps}, {topk}, {chunk})")
-    overrides = dict(peers=peers, steps=150 if quick else steps, topk=topk, chunk=chunk,
+    overrides: dict[str, int | float | bool] = dict(peers=peers, steps=150 if quick else steps, topk=topk, chunk=chunk,
                      one_bit=one_bit, overlapped=overlapped)
     if lr is not None:
         overrides["distro_lr"] = lr
@@ -331,22 +281,25 @@ def train_cmd(
     from psyche.config import ConfigError, load_config
     from psyche.data import DataError
 
-    if optimizer not in (None, "adamw", "distro"):
-        fail(f"--optimizer must be adamw or distro (got {optimizer!r})")
+    match optimizer:
+        case None | "adamw" | "distro":
+            kind = optimizer
+        case _:
+            fail(f"--optimizer must be adamw or distro (got {optimizer!r})")
     device = require_device(device)
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        fail_config(config, exc.problems)
+        fail_config(exc)
     from psyche.data import data_problems
 
     if problems := data_problems(cfg, location=data):
         # Before train() makes its output folder: a refusal leaves nothing behind.
-        fail_config(config if data is None else "--data", problems)
+        fail_config(ConfigError(problems, str(config) if data is None else "--data"))
     from psyche.train import CheckpointError, TrainingError, train
 
     try:
-        result = train(cfg, out_dir=out or Path("runs") / cfg.name, steps=steps, optimizer=optimizer, device=device,
+        result = train(cfg, out_dir=out or Path("runs") / cfg.name, steps=steps, optimizer=kind, device=device,
                        data_location=data, eval_every=eval_every, checkpoint_every=checkpoint_every,
                        resume=resume, console=console)
     except (DataError, CheckpointError, TrainingError) as exc:
@@ -408,14 +361,14 @@ def server_cmd(
         try:
             cfg = load_config(config)
         except ConfigError as exc:
-            fail_config(config, exc.problems)
+            fail_config(exc)
     elif not db.exists():
         fail(f"{db} does not exist; pass --config RUN.toml to create a run in it")
     ident = load_node_key(key, create=True)
     try:
         server = open_server(cfg, db, authority=ident.public_key, host_key=ident.public_key)
-    except ConfigError as exc:
-        fail_config(db, exc.problems)
+    except ConfigError as exc:  # a run stored by a psyche whose config rules differ
+        fail_config(exc)
     if not server.hosts:
         fail(f"{db} holds no run; pass --config RUN.toml to create one")
     from psyche.dashboard import mount_dashboard
@@ -433,10 +386,7 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
     from psyche.ledger.remote import ServerLedger
 
     ident = load_node_key(key)
-    try:
-        rid = server_run_id(server, run_id)
-    except SystemExit as exc:  # one "error: ..." line naming what is wrong with the server
-        fail(str(exc.code).removeprefix("error: "))
+    rid = server_run_id(server, run_id)
     instr = Pause() if instruction_name == "pause" else Resume()
 
     async def send() -> None:
@@ -524,9 +474,14 @@ def demo_cmd(
     config: Annotated[Path | None, typer.Option(metavar="FILE", help="Base run config (default: config/tiny-fortunes.toml).")] = None,
 ) -> None:
     """Run a whole network here: a coordinator server and N clients training a small LLaMA."""
+    from psyche.config import ConfigError
     from psyche.demo import run_demo
 
-    raise typer.Exit(run_demo(clients=clients, steps=steps, out=out, port=port, config=config, console=console))
+    try:
+        code = run_demo(clients=clients, steps=steps, out=out, port=port, config=config, console=console)
+    except ConfigError as exc:
+        fail_config(exc)
+    raise typer.Exit(code)
 
 
 @app.command("data-server")

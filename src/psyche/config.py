@@ -7,9 +7,8 @@ is built, by :func:`load_config` / :func:`parse_config`; every problem is report
 with the dotted path of the field and the rule it broke, all at once:
 
     >>> parse_config({"name": "x", "coordinator": {"warmup_time": 0}})  # doctest: +SKIP
-    ConfigError: 2 problems in run config:
-      coordinator.warmup_time: must be > 0 (got 0)
-      ...
+    ConfigError: run config: coordinator.warmup_time: Input should be greater than 0 (got 0)
+    ...
 
 This module imports no torch: the coordinator, the server and the CLI read it.
 """
@@ -185,12 +184,26 @@ class ConfigProblem:
 
 
 class ConfigError(ValueError):
-    """A run config broke one or more rules; ``problems`` lists every one."""
+    """A run config broke one or more rules; ``problems`` lists every one.
+
+    ``source`` names where the config came from (its file, ``--data``, or the server
+    that sent it). :meth:`lines` is the one way a config error is shown to a user.
+    """
 
     def __init__(self, problems: list[ConfigProblem], source: str = "run config"):
+        if not problems:
+            raise ValueError("a ConfigError needs at least one problem")
         self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+        self.source = source
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        """One line per problem: ``SOURCE: field: rule``.
+
+        >>> ConfigError([ConfigProblem("lr.final_lr", "final_lr must be <= peak_lr")], "run.toml").lines()
+        ['run.toml: lr.final_lr: final_lr must be <= peak_lr']
+        """
+        return [f"{self.source}: {p}" for p in self.problems]
 
 
 def rule_violations(cfg: RunConfig) -> list[ConfigProblem]:

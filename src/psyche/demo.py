@@ -155,21 +155,23 @@ def _progress_table(status: dict, url: str) -> Table:
 
 def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo"), port: int | None = None,
              config: Path | None = None, timeout: float = 1800.0, console: Console | None = None) -> int:
-    """Run the whole local network; returns the process exit code (0 when the run Finished)."""
+    """Run the whole local network; returns the process exit code (0 when the run Finished).
+
+    Raises :class:`~psyche.config.ConfigError` before creating anything if ``config`` is not a valid run config."""
     from psyche.data import ensure_default_dataset
 
     console = console or Console()
     if port is not None and (problem := port_problem("127.0.0.1", port)):
         console.print(f"[red]error:[/] {problem}; pass another --port, or none to use a free one")
         return 1
-    out = out.resolve()
-    for sub in ("keys", "logs", "profiles"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     base = load_config(config or DEFAULT_CONFIG)
     location = base.data_location()  # a folder written in the config file is relative to that file
     if location == "data/fortunes" and not Path(location).exists():
         location = str(ensure_default_dataset(Path("data/fortunes")).resolve())
     cfg = demo_config(base, clients=clients, steps=steps, data_location=str(Path(location).resolve()) if Path(location).exists() else location)
+    out = out.resolve()
+    for sub in ("keys", "logs", "profiles"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     (out / "run.toml").write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
     db = out / "run.sqlite"
     if db.exists():

@@ -152,8 +152,8 @@ def check_coordinator(ctx: Context) -> list[Finding]:
     except httpx.TransportError as exc:
         return [Finding("FAIL", "coordinator", f"{url}: {transport_problem(exc)}")]
     except ConfigError as exc:
-        return [Finding("FAIL", "coordinator", f"run {ctx.run_id}: this psyche cannot read its config: "
-                        f"{' '.join(str(exc).split())}; update psyche")]
+        return [Finding("FAIL", "coordinator", f"{line} (this psyche cannot read the run's config; update psyche)")
+                for line in exc.lines()]
     state, done, total = status.get("state"), status.get("steps_completed"), status.get("total_steps")
     detail = (f"{url} reachable; run {ctx.run_id} is {state}, {done} of {total} steps done, "
               f"{len(status.get('clients', []))} member(s), {len(status.get('pending', []))} waiting to start")
@@ -171,7 +171,7 @@ def check_config(path: Path, ctx: Context) -> list[Finding]:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        return [Finding("FAIL", "config", f"{path}: {p.field}: {p.message}") for p in exc.problems]
+        return [Finding("FAIL", "config", line) for line in exc.lines()]
     if ctx.config is not None and ctx.config.digest() != cfg.digest():
         return [Finding("FAIL", "config", f"{path} is not the config of run {ctx.run_id} (digest "
                         f"{cfg.digest()[:12]} vs the server's {ctx.config.digest()[:12]})")]
@@ -306,22 +306,20 @@ def check_peers(state: CoordinatorState, key: Path, bind: str, *, sample: int = 
         except IdentityError:
             pass  # the key check already said what is wrong with it
     # Members of the epoch, then those who joined and wait for the next one.
-    known = [(c.id, c.p2p_address) for c in q.healthy_clients(state)]
+    known: list[tuple[bytes, str | None]] = [(c.id, c.p2p_address) for c in q.healthy_clients(state)]
     known += [(p, q.address_of(state, p)) for p in state.pending]
     members = [(pk, addr) for pk, addr in known if pk != me and addr][:sample]
-    registered = q.address_of(state, me) if me is not None else None
+    # This key and where the run last saw it, if it did: a live node there holds the key.
+    own = [(me, addr)] if me is not None and (addr := q.address_of(state, me)) else []
 
-    async def probe() -> tuple[bool, list[bool]]:
-        checks = [endpoint_answers(pk, addr, bind=bind) for pk, addr in members]
-        if registered is not None:
-            checks.append(endpoint_answers(me, registered, bind=bind))
-        found = await asyncio.gather(*checks)
-        return (bool(found[-1]) if registered is not None else False), list(found[:len(members)])
+    async def probe() -> tuple[list[bool], bool]:
+        found = await asyncio.gather(*(endpoint_answers(pk, addr, bind=bind) for pk, addr in members + own))
+        return list(found[:len(members)]), any(found[len(members):])
 
-    in_use, answered = asyncio.run(probe())
+    answered, in_use = asyncio.run(probe())
     out = []
     if in_use:
-        out.append(Finding("FAIL", "key", f"{key} is in use by a live node at {describe_address(registered)} "
+        out.append(Finding("FAIL", "key", f"{key} is in use by a live node at {describe_address(own[0][1])} "
                            f"(another psyche client?); give each node its own key: --key other.key"))
     if not members:
         out.append(Finding("ok", "peers", "no other member to reach yet"))

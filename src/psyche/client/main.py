@@ -1,4 +1,8 @@
-"""``psyche client``: wire a ledger, a P2P node and a trainer into a running node."""
+"""``psyche client``: wire a ledger, a P2P node and a trainer into a running node.
+
+A refusal (an unreachable server, a missing run, an unusable key or config) is one
+``error:`` line through :mod:`psyche.console`, as for every other command.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +10,46 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
 
 from psyche.config import ConfigError, RunConfig, parse_config
+from psyche.console import fail, fail_config, load_node_key
+from psyche.ledger.base import Ledger
 from psyche.ledger.remote import server_url_problem, unreachable_message
 
 
-def _get_json(url: str, path: str):
-    """``GET url + path`` as JSON, and its HTTP status; SystemExit with one line if the server
+def _get_json(url: str, path: str) -> tuple[int, Any]:
+    """``GET url + path`` as JSON, and its HTTP status; exits with one line if the server
     cannot be reached or does not answer like a psyche server."""
     try:
         resp = httpx.get(f"{url.rstrip('/')}{path}", timeout=10)
     except httpx.TransportError as exc:
-        raise SystemExit(f"error: {unreachable_message(url, exc)}") from None
+        fail(unreachable_message(url, exc))
     try:
         return resp.status_code, resp.json()
     except ValueError:
-        raise SystemExit(f"error: {url} answered GET {path} with HTTP {resp.status_code} and no JSON; "
-                         "is --server the URL of `psyche server`?") from None
+        fail(f"{url} answered GET {path} with HTTP {resp.status_code} and no JSON; "
+             "is --server the URL of `psyche server`?")
 
 
 def server_run_id(url: str, run_id: str | None) -> str:
-    """``run_id``, or the id of the server's only run; SystemExit with a clear line otherwise."""
+    """``run_id``, or the id of the server's only run; exits with one clear line otherwise."""
     if (problem := server_url_problem(url)) is not None:
-        raise SystemExit(f"error: {problem}")
+        fail(problem)
     if run_id is not None:
         return run_id
     code, runs = _get_json(url, "/api/runs")
     if code != 200 or not isinstance(runs, list):
-        raise SystemExit(f"error: {url} answered GET /api/runs with HTTP {code}; is --server the URL of `psyche server`?")
-    if len(runs) != 1:
-        raise SystemExit(f"error: the server at {url} hosts {len(runs)} runs; pass --run-id "
-                         f"(one of {[r.get('run_id') for r in runs]})" if runs else
-                         f"error: the server at {url} hosts no run; start it with `psyche server --config RUN.toml`")
+        fail(f"{url} answered GET /api/runs with HTTP {code}; is --server the URL of `psyche server`?")
+    if not runs:
+        fail(f"the server at {url} hosts no run; start it with `psyche server --config RUN.toml`")
+    if len(runs) > 1:
+        fail(f"the server at {url} hosts {len(runs)} runs; pass --run-id (one of {[r.get('run_id') for r in runs]})")
     return runs[0]["run_id"]
 
 
@@ -53,22 +59,8 @@ def _server_run(url: str, run_id: str | None) -> tuple[str, RunConfig]:
     code, status = _get_json(url, f"/api/runs/{run_id}")
     if code != 200 or not isinstance(status, dict) or "config" not in status:
         why = status.get("message") if isinstance(status, dict) and status.get("message") else f"HTTP {code}"
-        raise SystemExit(f"error: {url}: run {run_id!r}: {why}")
+        fail(f"{url}: run {run_id!r}: {why}")
     return run_id, parse_config(status["config"], f"run {run_id} config from {url}")
-
-
-def _load_key(path: Path, *, create: bool):
-    """The node key in ``path`` (None if missing and not ``create``); SystemExit naming the problem."""
-    from psyche.identity import Identity, IdentityError
-
-    try:
-        if not create and not path.exists():
-            return None
-        return Identity.load_or_create(path) if create else Identity.load(path)
-    except IdentityError as exc:
-        raise SystemExit(f"error: --key {exc}") from None
-    except OSError as exc:
-        raise SystemExit(f"error: --key {path}: {exc.strerror}") from None
 
 
 def _bind_host(bind: str) -> str:
@@ -79,8 +71,11 @@ def _bind_host(bind: str) -> str:
 async def _run(args: dict, console: Console) -> int:
     from psyche.train.model import import_model_code
 
-    # Transformers takes seconds to import: let that overlap joining and waiting for the run.
-    threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
+    def start_importing_model_code() -> None:
+        # Transformers takes seconds to import: let that overlap joining and waiting for the run
+        # (once the run's config is known: a refused command imports nothing it will not use).
+        threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
+
     from psyche.client.runtime import ClientRuntime, KeyInUse
     from psyche.client.trainer import LocalTrainer
     from psyche.data import DataError
@@ -88,14 +83,15 @@ async def _run(args: dict, console: Console) -> int:
     from psyche.p2p.node import describe_address, endpoint_answers
 
     key_path = Path(args["key"])
+    ledger: Ledger | None = None
     if args["server"] is not None:
         from psyche.ledger.remote import ServerLedger
 
         # Nothing is created before the server answered and the run is found: an existing key is
         # checked first (its problems are the user's to fix either way), a missing one made last.
-        identity = _load_key(key_path, create=False)
+        identity = load_node_key(key_path) if key_path.exists() else None
         run_id, cfg = _server_run(args["server"], args["run_id"])
-        ledger = None
+        start_importing_model_code()
     else:
         from urllib.parse import urlparse
 
@@ -104,26 +100,27 @@ async def _run(args: dict, console: Console) -> int:
         from psyche.ledger.solana.keys import load_keypair
 
         if args["run_id"] is None or args["config"] is None:
-            raise SystemExit("error: --solana needs --run-id and --config (the run's config file)")
-        identity = _load_key(key_path, create=True)
-        cfg = load_config(args["config"])
+            fail("--solana needs --run-id and --config (the run's config file)")
+        cfg = load_config(args["config"])  # a bad config is told before a key is created
+        start_importing_model_code()
+        identity = load_node_key(key_path, create=True)
         try:
-            keypair = load_keypair(Path(args["key"]), create=True)
+            keypair = load_keypair(key_path, create=True)
         except ValueError as exc:
-            raise SystemExit(f"error: --key {exc}") from None
+            fail(f"--key {exc}")
         local = urlparse(args["solana"]).hostname in ("127.0.0.1", "localhost", "::1")
         ledger = SolanaLedger(args["solana"], args["run_id"], keypair, airdrop=local)
         await ledger.state()
         digest = ledger.sync.replay.config_digest
         if digest and digest != cfg.digest():
-            raise SystemExit(f"error: {args['config']} is not the config run {args['run_id']!r} was created with "
-                             f"(digest {cfg.digest()[:12]} vs {digest[:12]} on chain)")
+            fail(f"{args['config']} is not the config run {args['run_id']!r} was created with "
+                 f"(digest {cfg.digest()[:12]} vs {digest[:12]} on chain)")
     try:
         trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
     except DataError as exc:
-        raise SystemExit("error: " + " ".join(str(exc).split())) from None
+        fail(" ".join(str(exc).split()))
     if identity is None:
-        identity = _load_key(key_path, create=True)
+        identity = load_node_key(key_path, create=True)
     say = lambda msg: console.print(f"[dim]{identity.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
     if ledger is None:
         ledger = ServerLedger(args["server"], run_id, identity, say=say)
@@ -157,8 +154,7 @@ async def _run(args: dict, console: Console) -> int:
         else:
             line = (f"{key_path} is in use by a live node at {where} (another psyche client?); "
                     f"give each node its own key: --key other.key")
-        print(f"error: {line}", file=sys.stderr, flush=True)
-        return 1
+        fail(line)
     finally:
         _write_profile(runtime, args["profile"], say)
         await node.close()
@@ -181,7 +177,8 @@ def run_client(*, server: str | None, solana: str | None, run_id: str | None, ke
                checkpoint_dir: Path | None, data: str | None, bind: str, console: Console,
                config: Path | None = None, profile: Path | None = None,
                upload_rate: float | None = None, download_rate: float | None = None) -> int:
-    """Run one node until the run finishes (0), it is stopped (130), or a user error (1).
+    """Run one node until the run finishes (0) or it is stopped (130); a user error exits
+    with one ``error:`` line (code 1, see :func:`psyche.console.fail`).
 
     ``profile``: write where this node's time went (JSON, see :mod:`psyche.client.timing`) on exit.
     ``upload_rate`` / ``download_rate``: caps on this node's P2P traffic in bytes per second.
@@ -192,6 +189,5 @@ def run_client(*, server: str | None, solana: str | None, run_id: str | None, ke
                 upload_rate=upload_rate, download_rate=download_rate)
     try:
         return asyncio.run(_run(args, console))
-    except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 1
+    except ConfigError as exc:  # the --config file, or a config this psyche cannot read from the server
+        fail_config(exc)

@@ -54,7 +54,7 @@ class CoordinatorServer:
         self._logged: dict[str, tuple[int, Coordinator]] = {}
         """Per run: the seq and state the log last described (events are what changed since)."""
         for stored in store.runs():
-            cfg = parse_config(stored.config)
+            cfg = parse_config(stored.config, f"{store.path}: run {stored.run_id}")
             coord = Coordinator.from_bytes(stored.state)
             self._add(cfg, RunHost(coord, store=store, seq=stored.seq, host_key=host_key))
             log.info("resumed run %s at seq %d after step %d of %d (%s)", cfg.run_id, stored.seq,

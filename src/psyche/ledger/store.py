@@ -79,7 +79,7 @@ class StoredRun:
     config: dict
     authority: bytes
     seq: int
-    state: bytes | None
+    state: bytes
 
 
 class Store:
@@ -118,10 +118,10 @@ class Store:
             )
 
     def runs(self) -> list[StoredRun]:
-        """Every run with its latest snapshot."""
+        """Every run with its latest snapshot (its genesis state, seq 0, if it has none)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.run_id, r.config, r.authority, s.seq, s.state FROM runs r "
+                "SELECT r.run_id, r.config, r.authority, s.seq, COALESCE(s.state, r.genesis) FROM runs r "
                 "LEFT JOIN snapshots s ON s.run_id = r.run_id ORDER BY r.created"
             ).fetchall()
         return [StoredRun(r[0], json.loads(r[1]), bytes(r[2]), r[3] or 0, r[4]) for r in rows]

@@ -1,7 +1,7 @@
 """The ``psyche localnet`` and ``psyche solana ...`` commands (thin: parse, call, print).
 
-Kept import-light (typer only at module level) because ``psyche.cli`` registers
-the ``solana`` sub-app when it loads.
+Kept import-light (typer and :mod:`psyche.console` at module level) because
+``psyche.cli`` registers the ``solana`` sub-app when it loads.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
+
+from psyche.console import fail, fail_config
 
 solana_app = typer.Typer(name="solana", help="Runs coordinated on Solana: create, inspect, pause, resume.",
                          no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -22,12 +24,6 @@ KeypairOpt = Annotated[Path, typer.Option("--keypair", metavar="FILE", help="Sig
 ProgramOpt = Annotated[str | None, typer.Option("--program-id", metavar="ADDRESS", help="Where the run program is deployed (default: localnet's).")]
 
 
-def _fail(message: str) -> NoReturn:
-    from psyche.cli import fail
-
-    fail(message)
-
-
 def _program(program_id: str | None):
     from solders.pubkey import Pubkey
 
@@ -36,7 +32,7 @@ def _program(program_id: str | None):
     try:
         return DEFAULT_PROGRAM_ID if program_id is None else Pubkey.from_string(program_id)
     except ValueError:
-        _fail(f"--program-id: {program_id!r} is not a base58 public key")
+        fail(f"--program-id: {program_id!r} is not a base58 public key")
 
 
 def _is_local(url: str) -> bool:
@@ -51,7 +47,7 @@ def _keypair(path: Path, *, create: bool = False):
     try:
         return load_keypair(path, create=create)
     except ValueError as exc:
-        _fail(f"--keypair: {exc}")
+        fail(f"--keypair: {exc}")
 
 
 def _run(coro):
@@ -61,11 +57,11 @@ def _run(coro):
     try:
         return asyncio.run(coro)
     except InstructionRefused as exc:
-        _fail(f"refused: {exc}")
+        fail(f"refused: {exc}")
     except LedgerUnavailable as exc:
-        _fail(f"chain unavailable: {exc}")
+        fail(f"chain unavailable: {exc}")
     except ReplayError as exc:
-        _fail(f"inconsistent history: {exc}")
+        fail(f"inconsistent history: {exc}")
 
 
 @solana_app.command("create-run")
@@ -84,7 +80,7 @@ def create_run_cmd(
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        _fail(str(exc).replace("\n", " "))
+        fail_config(exc)
     kp = _keypair(keypair, create=True)
     pid = _program(program_id)
     settings = CoordinatorSettings.from_config(cfg)
@@ -129,7 +125,7 @@ def state_cmd(run_id: RunIdOpt, rpc: RpcOpt, program_id: ProgramOpt = None,
     """Replay the run from the chain and print its state and digest (anyone can check it)."""
     out = _run(_state(rpc, run_id, _program(program_id)))
     if out["entries"] == 0:
-        _fail(f"run {run_id!r} not found at {rpc} (address {out['address']})")
+        fail(f"run {run_id!r} not found at {rpc} (address {out['address']})")
     if as_json:
         typer.echo(json.dumps(out, sort_keys=True))
         return
@@ -182,5 +178,5 @@ def run_localnet(*, host: str, port: int, slot_time: float) -> int:
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc}")
+        fail(f"cannot listen on {host}:{port}: {exc}")
     return 0
