@@ -3,7 +3,7 @@
 Prints one JSON line (``distro_val_loss``, ``adamw_val_loss``, ``loss_ratio``,
 ``tokens``, ``peers``, ``distro_config``, ``adamw_lrs``, ...) and writes the
 validation-loss curves to ``bench/out/convergence[_quick].png``. The simulation
-itself is :mod:`psyche.distro.simulate`.
+itself is :mod:`psyche.testing.distro_sim`.
 
     python bench/convergence.py            # the full run (several minutes on 2 cores)
     python bench/convergence.py --quick    # CI-sized (about 2 minutes)
@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from psyche.distro.simulate import FULL_STEPS, QUICK_STEPS, bench, config_from
+    from psyche.testing.distro_sim import FULL_STEPS, QUICK_STEPS, bench, config_from
 
     steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
     overrides = dict(steps=steps, peers=args.peers, topk=args.topk, one_bit=not args.full_precision,

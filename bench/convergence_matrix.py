@@ -1,8 +1,8 @@
 """DisTrO out of the box vs the best AdamW, over a matrix of corpora, models, seeds and horizons.
 
 Each cell is one (corpus, model shape, seed, horizon). In every cell, 4 simulated
-DisTrO peers (:mod:`psyche.distro.simulate`, DisTrO built by
-:meth:`psyche.distro.DisTrO.for_model` with its defaults, at ``DisTrO.DEFAULT_LR``)
+DisTrO peers (:mod:`psyche.testing.distro_sim`, DisTrO built by
+:meth:`psyche.distro.DisTrO.from_config` with its defaults, at ``DisTrO.DEFAULT_LR``)
 train on exactly the tokens that each AdamW run trains on; the baseline is the best
 final validation loss of two AdamW sweeps over ``ADAMW_LRS``: plain (one LR) and
 per-kind (embeddings ×2, matrices ×0.25). A cell's ratio is DisTrO's loss over
@@ -123,7 +123,7 @@ def corpus_dir(name: str) -> str:
 # -- one run -------------------------------------------------------------------
 
 def sim_config(cell: Cell, **overrides):
-    from psyche.distro.simulate import config_from
+    from psyche.testing.distro_sim import config_from
 
     return config_from(data_dir=corpus_dir(cell.corpus), steps=cell.steps, seed=cell.seed, seq_len=64,
                        batch_per_peer=4, peers=4, eval_every=10**9, eval_batches=8, eval_batch_size=16,
@@ -137,7 +137,7 @@ def run_one(job: tuple) -> dict:
     torch.set_num_threads(1)
     kind, cell, arg, options = job
     t0 = time.perf_counter()
-    from psyche.distro.simulate import run_adamw, run_distro
+    from psyche.testing.distro_sim import run_adamw, run_distro
 
     if kind == "adamw":
         lr, grouped = arg

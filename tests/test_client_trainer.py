@@ -59,26 +59,47 @@ def test_the_parsed_results_kept_stay_within_their_byte_budget(cfg, monkeypatch)
 
 
 def test_trainer_single_machine_loop_and_simulation_build_the_same_distro(cfg):
-    """One builder: the client, `psyche train` and the benchmarks all get DisTrO.for_model's groups and options."""
+    """One builder: the client, `psyche train` and the benchmarks all get DisTrO.from_config's groups and options."""
     from psyche.client.trainer import LocalTrainer
     from psyche.distro import DisTrO
-    from psyche.distro.simulate import build_distro, config_from
+    from psyche.testing.distro_sim import build_distro, config_from
     from psyche.train.loop import build_optimizer
     from psyche.train.model import build_model
 
     def described(opt):
-        return [(g["kind"], g["lr_scale"], g["compression_decay"], g["topk"], g["matrix_update"], len(g["params"]))
-                for g in opt.param_groups]
+        return [(g["kind"], g["lr"], g["lr_scale"], g["compression_decay"], g["topk"], g["one_bit"], g["chunk"],
+                 g["weight_decay"], g["matrix_update"], len(g["params"])) for g in opt.param_groups] + [opt.warmup_steps]
 
     t = LocalTrainer(cfg)
     t.init_model()
-    reference = described(DisTrO.for_model(build_model(cfg.model), cfg.lr.peak_lr))
+    reference = described(DisTrO.from_config(build_model(cfg.model), cfg.optimizer, cfg.lr))
+    assert reference[-1] == cfg.lr.warmup_steps > 0, "the momentum warmup spans the LR warmup"
     assert described(t.optimizer) == reference
-    assert described(build_optimizer(build_model(cfg.model), cfg.optimizer, kind="distro", lr=cfg.lr.peak_lr)) == reference
-    assert described(build_distro(config_from(), build_model(cfg.model))) == reference
+    assert described(build_optimizer(build_model(cfg.model), cfg.optimizer, cfg.lr, kind="distro")) == reference
+    # The simulation, given the same LR and warmup, builds the same optimizer from its defaults.
+    sim = config_from(distro_lr=cfg.lr.peak_lr, warmup_steps=cfg.lr.warmup_steps,
+                      **{k: v for k, v in cfg.optimizer.distro_options().items() if k != "weight_decay"})
+    assert described(build_distro(sim, build_model(cfg.model))) == reference
     # A config that sets an option passes it through, and only it.
     custom = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"matrix_lr_scale": 0.5})})
     t2 = LocalTrainer(custom)
     t2.init_model()
     scales = {g["kind"]: g["lr_scale"] for g in t2.optimizer.param_groups}
     assert scales["matrix"] == 0.5 and scales["embedding"] == DisTrO.DEFAULT_KIND_SCALES["embedding"]
+    # Without the momentum warmup, DisTrO keeps β from the first step.
+    off = cfg.optimizer.model_copy(update={"momentum_warmup": False})
+    assert DisTrO.from_config(build_model(cfg.model), off, cfg.lr).warmup_steps == 0
+
+
+def test_the_momentum_warmup_follows_the_runs_step_not_a_local_count(cfg):
+    """A node that joins at step 3 generates as one that trained steps 1 and 2: two steps done."""
+    from psyche.client.trainer import LocalTrainer
+
+    t = LocalTrainer(cfg)
+    t.init_model()
+    assert t.optimizer is not None
+    seen: list[dict] = []
+    generate = t.optimizer.generate
+    t.optimizer.generate = lambda **kw: seen.append(kw) or generate(**kw)  # type: ignore[method-assign]
+    t.train(3, 0, 4)
+    assert seen == [{"steps_done": 2}]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psyche.distro import DCTCodec, DisTrO, Overlap, decode_payload, encode_payload
-from psyche.distro.optimizer import orthogonalize, param_groups, param_kind, warmup_decay
+from psyche.distro.optimizer import momentum_warmup_factor, orthogonalize, param_groups, param_kind, warmup_decay
 
 
 @pytest.fixture(autouse=True)
@@ -131,18 +131,33 @@ def test_warmup_decay_rises_to_the_configured_decay(decay, f):
     assert warmup_decay(decay, min(1.0, f + 0.1)) >= d - 1e-12
 
 
-def test_generate_with_warmup_factor_forgets_faster():
+def test_generate_during_warmup_forgets_faster():
     """During warmup the momentum keeps less of the past: δ = β·(0.9 + 0.1·f^0.1)·δ + lr·g."""
     p = torch.nn.Parameter(torch.zeros(8))
-    opt = DisTrO([p], lr=1.0, compression_decay=1.0, chunk=8, topk=8, one_bit=False)
+    opt = DisTrO([p], lr=1.0, compression_decay=1.0, chunk=8, topk=8, one_bit=False, warmup_steps=4)
     p.grad = torch.ones(8)
     opt.generate()  # topk = the whole tile: everything is sent, δ = 0 again
-    opt.state[p]["delta"].fill_(1.0)
     p.grad = torch.zeros(8)
-    sent = opt.generate(warmup_factor=0.0)
-    torch.testing.assert_close(DCTCodec(8).decode(sent, (8,)), torch.full((8,), 0.9))
-    with pytest.raises(ValueError, match="warmup_factor"):
-        opt.generate(warmup_factor=1.5)
+    for steps_done, kept in [(0, 0.9), (4, 1.0), (1, 0.9 + 0.1 * 0.25 ** 0.1)]:
+        opt.state[p]["delta"].fill_(1.0)
+        sent = opt.generate(steps_done=steps_done)
+        torch.testing.assert_close(DCTCodec(8).decode(sent, (8,)), torch.full((8,), kept))
+    with pytest.raises(ValueError, match="steps_done"):
+        opt.generate(steps_done=-1)
+
+
+def test_momentum_warmup_curve():
+    """The one momentum-warmup rule, pinned: step k (from 1) generates after k - 1 steps, so the
+    factor is (k-1)/w, 0 at step 1 and 1 from step w+1, the first step at the peak LR."""
+    assert [momentum_warmup_factor(k - 1, 4) for k in range(1, 8)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [momentum_warmup_factor(k - 1, 0) for k in range(1, 3)] == [1.0, 1.0]  # no warmup: β throughout
+    from psyche.config import LRScheduleConfig
+    from psyche.train.schedule import lr_at
+
+    lr_cfg = LRScheduleConfig(kind="constant", peak_lr=1.0, warmup_steps=4)
+    first_at_peak = next(k for k in range(1, 10) if lr_at(k - 1, lr_cfg, 10) == lr_cfg.peak_lr)
+    first_at_beta = next(k for k in range(1, 10) if momentum_warmup_factor(k - 1, lr_cfg.warmup_steps) == 1.0)
+    assert first_at_peak == first_at_beta == 5, "the momentum warmup ends where the LR warmup does"
 
 
 def test_overlap_applies_previous_step():
@@ -318,19 +333,21 @@ def test_named_parameters_get_the_per_kind_defaults():
 
 
 def test_warmup_steps_shorten_the_momentum_by_the_optimizers_own_count():
-    """Without a warmup_factor, generate k of warmup_steps w uses f = k/w; the count survives state_dict."""
-    def run(warmup_steps, factors=None):
+    """Without steps_done, generate call k (from 0) counts as k steps done; the count survives state_dict."""
+    def run(warmup_steps, steps_done=None):
         p = torch.nn.Parameter(torch.zeros(8))
         opt = DisTrO([p], lr=1.0, compression_decay=0.5, chunk=8, topk=1, one_bit=False, warmup_steps=warmup_steps)
         for i in range(4):
             p.grad = torch.arange(8.0) + i
-            opt.generate() if factors is None else opt.generate(warmup_factor=factors[i])
+            opt.generate() if steps_done is None else opt.generate(steps_done=steps_done[i])
         return opt, opt.state[p]["delta"].clone()
 
     counted, delta = run(3)
-    _, explicit = run(0, factors=[0.0, 1 / 3, 2 / 3, 1.0])
+    _, explicit = run(3, steps_done=[0, 1, 2, 3])
     assert torch.equal(delta, explicit)
+    _, late = run(3, steps_done=[3, 4, 5, 6])  # a peer joining after the warmup keeps β
     _, plain = run(0)
+    assert torch.equal(late, plain)
     assert not torch.equal(delta, plain)
     p2 = torch.nn.Parameter(torch.zeros(8))
     restored = DisTrO([p2], lr=1.0, compression_decay=0.5, chunk=8, topk=1, one_bit=False, warmup_steps=3)

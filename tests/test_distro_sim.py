@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from psyche.distro.simulate import config_from, run_distro
+from psyche.testing.distro_sim import config_from, run_distro
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_two_peers_learn_and_hold_identical_weights(overlapped):
 
 
 def test_grouped_adamw_scales_each_kind_and_learns():
-    from psyche.distro.simulate import run_adamw
+    from psyche.testing.distro_sim import run_adamw
 
     cfg = config_from(peers=2, steps=8, batch_per_peer=2, seq_len=32, hidden_size=64, intermediate_size=128,
                       layers=1, heads=2, warmup_steps=0, eval_every=4, eval_batches=1, eval_batch_size=8)

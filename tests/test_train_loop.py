@@ -9,7 +9,7 @@ import torch
 
 from psyche.config import parse_config
 from psyche.data import ensure_default_dataset, tokenize_corpus
-from psyche.train import distro_available, load_checkpoint, train
+from psyche.train import load_checkpoint, train
 
 FORTUNES = Path("/usr/share/games/fortunes")
 
@@ -39,8 +39,6 @@ def fortunes():
 
 @pytest.mark.parametrize("kind", ["adamw", "distro"])
 def test_training_on_fortunes_lowers_the_loss(tmp_path, fortunes, kind):
-    if kind == "distro" and not distro_available():
-        pytest.skip("psyche.distro is not in this tree")
     cfg = tiny_config(vocab_size=4096, steps=20, kind=kind)
     r = train(cfg, out_dir=tmp_path, optimizer=kind, data_location=fortunes, eval_every=10, progress=False)
     assert r.steps == 20 and r.skipped_steps == 0 and r.tokens == 20 * 8 * 64

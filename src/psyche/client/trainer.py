@@ -26,10 +26,12 @@ from psyche.config import RunConfig
 from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained
-from psyche.train.schedule import lr_at, warmup_fraction
+from psyche.train.schedule import lr_at
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from psyche.p2p.model import FetchedModel
     from psyche.p2p.torch_io import StateDictSink
 
@@ -56,16 +58,16 @@ class LocalTrainer:
 
     def __init__(self, cfg: RunConfig, *, device: str = "cpu", data_location: str | None = None,
                  eval_batches: int = 2, eval_batch_size: int = 8):
-        from psyche.train.loop import _tokenizer_of, prepare_data
+        from psyche.train.loop import prepare_data, tokenizer_path_for
 
         self.cfg = cfg
         self.device = torch.device(device)
         self.amp = default_autocast_dtype(self.device)
         self.data = prepare_data(cfg, location=data_location, progress=False)
-        self.tokenizer_path = _tokenizer_of(self.data)
+        self.tokenizer_path = tokenizer_path_for(self.data)
         self.eval_batches = eval_batches
         self.eval_batch_size = eval_batch_size
-        self.model: torch.nn.Module | None = None
+        self.model: PreTrainedModel | None = None
         self.optimizer: DisTrO | None = None
         self.shapes: list[tuple[int, ...]] = []
         # Payloads parsed when verified, kept for the apply a step later: parsing (the
@@ -109,12 +111,11 @@ class LocalTrainer:
             self._install(model)
         return fetched
 
-    def _install(self, model: torch.nn.Module) -> None:
-        model.to(self.device)
+    def _install(self, model: PreTrainedModel) -> None:
+        model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapper of .to drops the bound self in its types
         self.model = model
-        # Every peer builds it the same way (results travel in parameter-group order);
-        # the momentum warmup follows the run's step (see warmup_factor), not a local count.
-        self.optimizer = DisTrO.for_model(model, self.cfg.lr.peak_lr, **self.cfg.optimizer.distro_options())
+        # Every peer builds it the same way (results travel in parameter-group order).
+        self.optimizer = DisTrO.from_config(model, self.cfg.optimizer, self.cfg.lr)
         self.shapes = self.optimizer.parameter_shapes()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -138,12 +139,6 @@ class LocalTrainer:
             if start <= step < end:
                 lr *= (step - start + 1) / (end - start)
         return lr
-
-    def warmup_factor(self, step: int) -> float:
-        """Fraction of the LR warmup done at coordinator step ``step`` (1 after it, or when off)."""
-        if not self.cfg.optimizer.momentum_warmup:
-            return 1.0
-        return warmup_fraction(step - 1, self.cfg.lr)
 
     def _set_lr(self, step: int) -> None:
         assert self.optimizer is not None
@@ -171,7 +166,9 @@ class LocalTrainer:
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
         with self.timer.phase("compress"):
-            payload = encode_payload(self.optimizer.generate(warmup_factor=self.warmup_factor(step)))
+            # The momentum warmup follows the run's step, not a local count: this node may
+            # have joined late.
+            payload = encode_payload(self.optimizer.generate(steps_done=step - 1))
         self.model.zero_grad(set_to_none=True)
         return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite, fwd_bwd)
 

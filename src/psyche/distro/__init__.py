@@ -4,8 +4,11 @@
 - :mod:`psyche.distro.indexcode` — kept positions packed in ceil(log2 C(n, k)) bits per tile.
 - :mod:`psyche.distro.codec` — :class:`DCTCodec` and the :class:`SparseResult` wire form.
 - :mod:`psyche.distro.payload` — one peer's results for one step as one blob.
-- :mod:`psyche.distro.optimizer` — :class:`DisTrO` (``generate`` / ``apply``) and :class:`Overlap`.
-- :mod:`psyche.distro.simulate` — W peers in one process vs AdamW (``psyche bench distro``).
+- :mod:`psyche.distro.optimizer` — :class:`DisTrO` (``generate`` / ``apply``; built from a run's
+  config by :meth:`DisTrO.from_config`), the momentum warmup, and :class:`Overlap`.
+
+W peers in one process against AdamW (``psyche bench distro``) is a harness:
+:mod:`psyche.testing.distro_sim`.
 """
 
 from psyche.distro.codec import DCTCodec, SparseResult

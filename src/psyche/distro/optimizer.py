@@ -63,18 +63,22 @@ Two knobs beyond the DeMo core:
 - the momentum warmup: while a fraction ``f < 1`` of the LR warmup is done, the
   momentum decay is ``β·(0.9 + 0.1·f^0.1)``, as Psyche does, so the momentum
   forgets the large, fast-changing gradients of the first steps sooner. ``f`` is
-  ``generate(warmup_factor=f)`` when given (a network passes the run's step), else
-  the optimizer's own count of steps over ``warmup_steps``.
+  :func:`momentum_warmup_factor` of the steps done before this one (a network's
+  trainer passes them as ``generate(steps_done=k - 1)`` for its step ``k``; alone,
+  the optimizer counts its own ``generate`` calls) over ``warmup_steps``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from psyche.distro.codec import DCTCodec, SparseResult
+
+if TYPE_CHECKING:
+    from psyche.config import LRScheduleConfig, OptimizerConfig
 
 MatrixUpdate = Literal["orthogonal", "sign"]
 """How ``apply`` turns a weight matrix's aggregate into a step (see the module docstring)."""
@@ -137,12 +141,12 @@ class DisTrO(torch.optim.Optimizer):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if matrix_update not in ("orthogonal", "sign"):
             raise ValueError(f"matrix_update must be 'orthogonal' or 'sign', got {matrix_update!r}")
-        params = list(params)
-        named = bool(params) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in params)
+        items: list[Any] = list(params)  # read once: params may be a generator
+        named = bool(items) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items)
         scales = {"embedding": embedding_lr_scale, "matrix": matrix_lr_scale, "vector": vector_lr_scale}
         if named:
             kinds = {k: (self.DEFAULT_KIND_SCALES[k] if v is None else v) for k, v in scales.items()}
-            params = param_groups(params, **{f"{k}_lr_scale": v for k, v in kinds.items()})
+            items = param_groups(items, **{f"{k}_lr_scale": v for k, v in kinds.items()})
         elif any(v is not None for v in scales.values()):
             raise ValueError("embedding/matrix/vector_lr_scale need named parameters "
                              "(pass model.named_parameters(), or use DisTrO.for_model)")
@@ -150,7 +154,7 @@ class DisTrO(torch.optim.Optimizer):
             lr=lr, compression_decay=compression_decay, chunk=chunk, topk=topk,
             one_bit=one_bit, weight_decay=weight_decay, lr_scale=1.0, matrix_update=matrix_update,
         )
-        super().__init__(params, defaults)
+        super().__init__(items, defaults)
         for i, group in enumerate(self.param_groups):
             if not group["lr_scale"] >= 0:
                 raise ValueError(f"param group {i}: lr_scale must be >= 0, got {group['lr_scale']}")
@@ -168,6 +172,18 @@ class DisTrO(torch.optim.Optimizer):
         """
         return cls(model.named_parameters(), cls.DEFAULT_LR if lr is None else lr, **options)
 
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, opt_cfg: "OptimizerConfig", lr_cfg: "LRScheduleConfig") -> "DisTrO":
+        """The DisTrO a run's config describes: the one builder the client, ``psyche train``
+        and the simulated network share, so every peer groups and tunes identically.
+
+        :meth:`for_model` with the options ``opt_cfg`` sets (unset ones keep the defaults),
+        LR ``lr_cfg.peak_lr`` (the caller sets each step's LR in ``param_groups``), and the
+        momentum warmup over the LR's ``warmup_steps`` unless ``opt_cfg.momentum_warmup`` is off.
+        """
+        warmup_steps = lr_cfg.warmup_steps if opt_cfg.momentum_warmup else 0
+        return cls.for_model(model, lr_cfg.peak_lr, warmup_steps=warmup_steps, **opt_cfg.distro_options())
+
     def _codec(self, chunk: int) -> DCTCodec:
         if chunk not in self._codecs:
             self._codecs[chunk] = DCTCodec(chunk)
@@ -181,25 +197,26 @@ class DisTrO(torch.optim.Optimizer):
         return [tuple(p.shape) for _, p in self._params()]
 
     @torch.no_grad()
-    def generate(self, *, warmup_factor: float | None = None) -> list[SparseResult]:
+    def generate(self, *, steps_done: int | None = None) -> list[SparseResult]:
         """This peer's results for all parameters, in parameter order; updates the momentum.
 
         A parameter without a gradient counts as a zero gradient (its momentum
         still decays and is still sent), so every peer returns the same number
-        of results. The weights are not touched. ``warmup_factor`` in ``[0, 1]``
-        (the fraction of the LR warmup done; 1 after it) shortens the momentum's
-        memory during warmup (:func:`warmup_decay`); 1 leaves β as configured. When
-        it is not given, it is this optimizer's own count of ``generate`` calls over
-        ``warmup_steps`` (1 when ``warmup_steps`` is 0): a network's trainer passes
-        it from the run's step instead, since a peer may join late.
+        of results. The weights are not touched. ``steps_done``: the optimizer steps
+        of the run completed before this one (``k - 1`` for the run's step ``k``);
+        while they are fewer than ``warmup_steps`` the momentum keeps less of its past
+        (:func:`momentum_warmup_factor`, :func:`warmup_decay`). When it is not given,
+        it is this optimizer's own count of ``generate`` calls: a network's trainer
+        passes the run's step instead, since a peer may join late or skip a step.
         """
         generated = self.param_groups[0].get("generated", 0) if self.param_groups else 0
-        if warmup_factor is None:
-            warmup_factor = min(1.0, generated / self.warmup_steps) if self.warmup_steps else 1.0
+        if steps_done is None:
+            steps_done = generated
         for group in self.param_groups:
             group["generated"] = generated + 1
-        if not 0.0 <= warmup_factor <= 1.0:
-            raise ValueError(f"warmup_factor must be in [0, 1], got {warmup_factor}")
+        if steps_done < 0:
+            raise ValueError(f"steps_done must be >= 0, got {steps_done}")
+        warmup_factor = momentum_warmup_factor(steps_done, self.warmup_steps)
         out: list[SparseResult] = []
         for group, p in self._params():
             state = self.state[p]
@@ -244,7 +261,7 @@ class DisTrO(torch.optim.Optimizer):
             p.add_(update.to(p.dtype), alpha=-lr)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         """One peer alone: ``apply([generate()])``. Returns the closure's loss if given."""
         loss = None
         if closure is not None:
@@ -273,6 +290,30 @@ def orthogonalize(m: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if tall:
         x = x.T
     return x / x.pow(2).mean().sqrt().clamp_min(1e-12)
+
+
+def momentum_warmup_factor(steps_done: int, warmup_steps: int) -> float:
+    """The fraction of the LR warmup done when ``steps_done`` optimizer steps are complete:
+    ``steps_done / warmup_steps``, capped at 1 (1 when ``warmup_steps`` is 0).
+
+    This is the one momentum-warmup rule: :meth:`DisTrO.generate` applies it for the
+    client, ``psyche train`` and the simulated network alike. Steps are numbered from 1
+    and the LR of step ``k`` is ``lr_at(k - 1)`` (:mod:`psyche.train.schedule`), whose
+    linear warmup covers steps ``1 … warmup_steps``; step ``k`` generates with
+    ``steps_done = k - 1``, i.e. after ``k - 1`` of those ``warmup_steps`` steps. So
+    the factor is 0 at step 1, rises by ``1/warmup_steps`` a step, and reaches 1 at
+    step ``warmup_steps + 1``, the first step at the peak LR, where the LR ramp ends
+    too. (It is not the LR's own ramp position ``k / (warmup_steps + 1)``: that counts
+    the step being trained as done.)
+
+    >>> [momentum_warmup_factor(s, 4) for s in range(6)]
+    [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    >>> momentum_warmup_factor(0, 0)
+    1.0
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, steps_done / warmup_steps)
 
 
 def warmup_decay(decay: float, warmup_factor: float) -> float:

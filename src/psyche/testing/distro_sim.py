@@ -12,6 +12,10 @@ same LR schedule shape and its learning rate swept over ``adamw_lrs``; the best
 final validation loss is the one compared.
 
 Peer ``w`` at step ``s`` trains sample indices ``(s·W + w)·B … (s·W + w + 1)·B − 1``.
+Steps are 0-based here: step ``s`` is the run's step ``s + 1``.
+
+A harness (``psyche bench distro``, ``bench/convergence*.py``, the tests), not product
+code: the DisTrO it drives is built by :meth:`DisTrO.from_config`, as a client's is.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from typing import Any
 
 import torch
 
-from psyche.distro.optimizer import DisTrO, Overlap, param_groups
-from psyche.distro.payload import decode_payload, encode_payload
+from psyche.distro import DisTrO, Overlap, decode_payload, encode_payload
+from psyche.distro.optimizer import param_groups
 
 OnEval = Callable[[str, int, float], None]
 
@@ -53,15 +57,16 @@ class SimConfig:
     layers: int = 2
     heads: int = 4
     tie_embeddings: bool = True
-    # DisTrO: built by DisTrO.for_model, so its defaults are what every run uses
+    # DisTrO: built by DisTrO.from_config, as every client builds it
     distro_lr: float | None = None
     """Peak LR of DisTrO (the step of a tensor with LR scale 1); None: ``DisTrO.DEFAULT_LR``."""
     distro_options: tuple[tuple[str, Any], ...] = ()
-    """Options passed to :meth:`DisTrO.for_model` over its defaults, as ``(name, value)`` pairs
-    (``config_from`` routes ``topk=...``, ``compression_decay=...`` and the like here)."""
+    """Fields of the run's ``[optimizer]`` section (:class:`psyche.config.OptimizerConfig`, checked
+    by its rules) set over DisTrO's defaults, as ``(name, value)`` pairs (``config_from`` routes
+    ``topk=...``, ``compression_decay=...`` and the like here)."""
     overlapped: bool = False
     momentum_warmup: bool = True
-    """Shorten DisTrO's momentum memory during the LR warmup (:func:`psyche.distro.optimizer.warmup_decay`)."""
+    """Shorten DisTrO's momentum memory during the LR warmup (:func:`psyche.distro.optimizer.momentum_warmup_factor`)."""
     weight_decay: float = 0.0
     """Decoupled weight decay, for DisTrO and AdamW alike."""
     # schedule, shared by both optimizers
@@ -166,11 +171,17 @@ def _adamw_groups(cfg: SimConfig, model: torch.nn.Module) -> list[dict]:
     return param_groups(model.named_parameters(), embedding_lr_scale=emb, matrix_lr_scale=mat, vector_lr_scale=vec)
 
 
+def _optimizer_cfg(cfg: SimConfig):
+    from psyche.config import OptimizerConfig
+
+    return OptimizerConfig(kind="distro", weight_decay=cfg.weight_decay, momentum_warmup=cfg.momentum_warmup,
+                           **dict(cfg.distro_options))
+
+
 def build_distro(cfg: SimConfig, model: torch.nn.Module) -> DisTrO:
-    """The DisTrO of one simulated peer: :meth:`DisTrO.for_model` with the run's options."""
-    warmup = cfg.warmup_steps if cfg.momentum_warmup else 0
-    return DisTrO.for_model(model, cfg.lr_of_distro, weight_decay=cfg.weight_decay, warmup_steps=warmup,
-                            **dict(cfg.distro_options))
+    """The DisTrO of one simulated peer, built as a client builds its own
+    (:meth:`DisTrO.from_config`) from the optimizer and LR sections this simulation stands for."""
+    return DisTrO.from_config(model, _optimizer_cfg(cfg), _lr_cfg(cfg, cfg.lr_of_distro))
 
 
 def _should_eval(cfg: SimConfig, step: int) -> bool:
@@ -189,7 +200,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
 
     train, val, vocab = _data(cfg)
     mcfg = _model_cfg(cfg, vocab)
-    models = [build_model(mcfg) for _ in range(cfg.peers)]  # same seed: identical copies
+    models: list[torch.nn.Module] = [build_model(mcfg) for _ in range(cfg.peers)]  # same seed: identical copies
     opts = [build_distro(cfg, m) for m in models]
     shapes = opts[0].parameter_shapes()
     lr_cfg = _lr_cfg(cfg, cfg.lr_of_distro)
@@ -207,7 +218,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
             step_loss += stats.loss / cfg.peers
             for group in opt.param_groups:
                 group["lr"] = lr
-            blobs.append(encode_payload(opt.generate()))
+            blobs.append(encode_payload(opt.generate(steps_done=step)))  # step is 0-based here
         sent += sum(len(b) for b in blobs)
         losses.append(step_loss)
         to_apply = overlap.exchange(blobs) if overlap is not None else blobs

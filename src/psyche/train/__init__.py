@@ -8,6 +8,7 @@ Public API::
     evaluate(model, provider, *, batches, batch_size, autocast_dtype=None) -> float
     save_checkpoint(model, out_dir, *, tokenizer_path, extra) -> Path
     load_checkpoint(path, *, device="cpu") -> Checkpoint(path, model, state)
+    build_optimizer(model, opt_cfg, lr_cfg, *, kind) -> AdamW | DisTrO
     train(run_cfg, *, out_dir, steps=None, optimizer=None, ...) -> TrainResult
 """
 
@@ -16,7 +17,6 @@ from psyche.train.loop import (
     TrainingError,
     TrainResult,
     build_optimizer,
-    distro_available,
     optimizer_update,
     prepare_data,
     tokenizer_path_for,
@@ -37,7 +37,6 @@ __all__ = [
     "compute_gradients",
     "count_parameters",
     "default_autocast_dtype",
-    "distro_available",
     "evaluate",
     "llama_config",
     "load_checkpoint",

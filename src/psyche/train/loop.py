@@ -14,7 +14,6 @@ reproducible and a resumed run continues with exactly the data it would have see
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -24,15 +23,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from psyche.distro import DisTrO
 from psyche.train.checkpoint import load_checkpoint, save_checkpoint
 from psyche.train.model import build_model, count_parameters
-from psyche.train.schedule import lr_at, warmup_fraction
+from psyche.train.schedule import lr_at
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from psyche.config import OptimizerConfig, RunConfig
+    from psyche.config import LRScheduleConfig, OptimizerConfig, RunConfig
     from psyche.data import RunData
 
 OptimizerKind = Literal["adamw", "distro"]
@@ -61,41 +61,32 @@ class TrainResult:
     parameters: int
 
 
-def distro_available() -> bool:
-    """Whether ``psyche.distro`` (the DisTrO optimizer) is installed in this tree."""
-    try:
-        return importlib.util.find_spec("psyche.distro") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def build_optimizer(model: torch.nn.Module, opt_cfg: "OptimizerConfig", *, kind: OptimizerKind,
-                    lr: float) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.95, weight decay on matrices only) or DisTrO with ``opt_cfg``'s settings."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model: torch.nn.Module, opt_cfg: "OptimizerConfig", lr_cfg: "LRScheduleConfig", *,
+                    kind: OptimizerKind) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95, weight decay on matrices only) or DisTrO as the run's config
+    describes it (:meth:`DisTrO.from_config`, the builder every client uses). Its LR starts at
+    ``lr_cfg.peak_lr``; the loop sets each step's LR before using it."""
     if kind == "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": opt_cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms, biases
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        return torch.optim.AdamW(groups, lr=lr_cfg.peak_lr, betas=(0.9, 0.95), eps=1e-8)
     if kind == "distro":
-        if not distro_available():
-            raise TrainingError("optimizer 'distro' needs the psyche.distro package, which is not in this tree")
-        from psyche.distro import DisTrO
-
-        return DisTrO.for_model(model, lr, **opt_cfg.distro_options())
+        return DisTrO.from_config(model, opt_cfg, lr_cfg)
     raise TrainingError(f"optimizer.kind: unknown optimizer {kind!r} (adamw or distro)")
 
 
-def optimizer_update(optimizer: torch.optim.Optimizer, kind: OptimizerKind, *, warmup_factor: float = 1.0) -> None:
-    """One update from the gradients in ``.grad``. DisTrO runs as a network of one peer:
-    it applies exactly the results it generated (``warmup_factor``: see ``DisTrO.generate``)."""
-    if kind == "adamw":
-        optimizer.step()
+def optimizer_update(optimizer: torch.optim.Optimizer, *, steps_done: int) -> None:
+    """One update from the gradients in ``.grad``, the run's step ``steps_done + 1``. DisTrO
+    runs as a network of one peer: it applies exactly the results it generated, its momentum
+    warmup following the run's step (see :meth:`DisTrO.generate`) rather than its own count,
+    which a skipped step would leave behind."""
+    if isinstance(optimizer, DisTrO):
+        optimizer.apply([optimizer.generate(steps_done=steps_done)])
     else:
-        results = optimizer.generate(warmup_factor=warmup_factor)
-        optimizer.apply([results])
+        optimizer.step()
 
 
 def prepare_data(cfg: "RunConfig", *, location: str | Path | None = None, progress: bool = True) -> "RunData":
@@ -122,9 +113,6 @@ def tokenizer_path_for(data: "RunData") -> Path | None:
     return p if p.is_file() else None
 
 
-_tokenizer_of = tokenizer_path_for  # older name, used by psyche.client.trainer
-
-
 def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, optimizer: OptimizerKind | None = None,
           device: str | None = None, data_location: str | Path | None = None, batch_size: int | None = None,
           eval_every: int | None = None, eval_batches: int = 4, checkpoint_every: int = 0,
@@ -147,8 +135,6 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind: OptimizerKind = optimizer or cfg.optimizer.kind
-    if kind == "distro" and optimizer is None and not distro_available():
-        kind = "adamw"  # the config asks for DisTrO but this tree has none yet
     B = batch_size or cfg.coordinator.global_batch_size_end
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = default_autocast_dtype(dev)
@@ -167,8 +153,8 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     else:
         model = build_model(cfg.model)
     total = steps if steps is not None else cfg.coordinator.total_steps
-    model.to(dev)
-    opt = build_optimizer(model, cfg.optimizer, kind=kind, lr=lr_at(start, cfg.lr, total))
+    model.to(dev)  # type: ignore[arg-type]  # transformers' wrapper of .to drops the bound self in its types
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, kind=kind)
     if "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
     end = total if stop_at is None else max(start, min(stop_at, total))
@@ -214,8 +200,7 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
                                       grad_clip=cfg.optimizer.grad_clip, autocast_dtype=amp)
             # 3) update, unless the loss or gradient is not finite
             if stats.finite:
-                optimizer_update(opt, kind, warmup_factor=warmup_fraction(step - 1, cfg.lr)
-                                 if cfg.optimizer.momentum_warmup else 1.0)
+                optimizer_update(opt, steps_done=step - 1)
                 consecutive_skips = 0
             else:
                 model.zero_grad(set_to_none=True)

@@ -9,6 +9,8 @@
   last ``decay_fraction`` of the steps (warmup-stable-decay).
 
 Steps are 0-based: step ``s`` is the ``s+1``-th optimizer update.
+DisTrO's momentum warmup, which ends with this LR warmup, is
+:func:`psyche.distro.optimizer.momentum_warmup_factor`.
 """
 
 from __future__ import annotations
@@ -64,10 +66,3 @@ def lr_at(step: int, lr_cfg: "LRScheduleConfig", total_steps: int) -> float:
         return final + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - final)
     raise ValueError(f"lr.kind: unknown schedule {lr_cfg.kind!r}")
 
-
-def warmup_fraction(step: int, lr_cfg: "LRScheduleConfig") -> float:
-    """Fraction of the LR warmup done before 0-based ``step``: ``step / warmup_steps``, capped at 1
-    (1 when there is no warmup). DisTrO shortens its momentum memory while this is below 1."""
-    if lr_cfg.warmup_steps <= 0:
-        return 1.0
-    return min(1.0, max(0, step) / lr_cfg.warmup_steps)
