@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from psyche.client.runtime import KeyInUse, wait_notice
-from psyche.coordinator import Join, Resume, WarmupWitness, Witness
+from psyche.coordinator import Join, Pause, Resume, WarmupWitness, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.state import ClientState, RunState
@@ -54,7 +54,7 @@ def test_three_clients_train_a_whole_run_to_identical_weights_and_a_checkpoint(t
                 assert c.task.result() == 0
                 assert c.saw("run finished at step 3")
                 assert c.saw("model initialised from the run's seed")
-            print(*(c.said for c in clients), sep="\n")
+                assert c.saw("3 members joined") and c.saw("warmup: getting the model")
             assert _identical(clients), "every node applied the same results"
             s = swarm.state
             assert s.run_state is RunState.Finished and [ck.step for ck in s.checkpoints] == [3]
@@ -65,5 +65,197 @@ def test_three_clients_train_a_whole_run_to_identical_weights_and_a_checkpoint(t
                 steps = [r["step"] for r in c.ledger.reports]
                 assert sorted(set(steps)) == [1, 2, 3]
                 assert {r["step"] for r in c.ledger.reports if "val_loss" in r} == {1, 3}
+
+    _run(scenario)
+
+
+def _verified(client, step: int, *others) -> bool:
+    return all(o.id in client.runtime.books[step].verified for o in others)
+
+
+def test_a_node_that_missed_a_verified_commitment_resyncs_and_rejoins_the_next_epoch_with_the_model_from_peers(tokens):
+    """A is cut off from everyone in step 1: it never hears B's and C's commitments, which a witness
+    quorum verified. Applying step 1 without them would fork its weights, so it withdraws; in the
+    next epoch it joins again, fetches the model from B and C, and ends bit-identical to them."""
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens, init_min_clients=3, total_steps=4)) as swarm:
+            a, b, c = (swarm.add() for _ in range(3))
+            await swarm.until(swarm.in_state(RunState.RoundTrain, step=1))
+            swarm.net.block(a.id, b.id)
+            swarm.net.block(a.id, c.id)
+            await swarm.until(lambda: _verified(b, 1, c) and _verified(c, 1, b) and a.runtime.steps_trained == 1)
+            swarm.advance(swarm.cfg.coordinator.max_round_train_time)  # A's result never comes: witness now
+            await swarm.until(lambda: a.saw("missed the commitment of"), what="A resyncs")
+            await swarm.until(lambda: swarm.health(a.id) is ClientState.Withdrawn)
+            await swarm.until(lambda: a.saw("this client is Withdrawn in epoch 0; it will rejoin for the next epoch"))
+            swarm.net.unblock(a.id, b.id)
+            swarm.net.unblock(a.id, c.id)
+            swarm.clock.advance(swarm.cfg.coordinator.epoch_time)  # epoch 0 ends with this round
+            await swarm.finish(pace=1.0)
+            assert swarm.state.epoch >= 1
+            assert a.saw("joined run runtime-test (epoch 1)") and a.saw("model fetched from")
+            assert not b.saw("fetching the model"), "B kept its own weights across the epochs"
+            assert all(x.task.result() == 0 for x in (a, b, c))
+            assert _identical([a, b, c])
+
+    _run(scenario)
+
+
+def test_an_agreed_result_that_cannot_be_fetched_makes_the_node_resync(tokens):
+    """A hears of C's result (through B) but can fetch it from nobody: C's link to A is cut and,
+    by the time A applies, so is B's. A quorum verified it, so A must not apply the step without
+    it: it withdraws instead of forking."""
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens, init_min_clients=3)) as swarm:
+            a, b, c = (swarm.add() for _ in range(3))
+            swarm.net.block(a.id, c.id)
+            await swarm.until(lambda: c.id in a.runtime.books[1].commitments and _verified(b, 1, a, c))
+            swarm.net.block(a.id, b.id)
+            await swarm.until(lambda: c.id not in a.runtime.books[1].fetching, what="A's own fetch gives up")
+            swarm.advance(swarm.cfg.coordinator.max_round_train_time)
+            await swarm.until(lambda: a.saw("could not be fetched"), what="A resyncs")
+            assert a.saw(f"step 1: the agreed result of {c.id.hex()[:8]} could not be fetched")
+            await swarm.until(lambda: swarm.health(a.id) is ClientState.Withdrawn)
+            swarm.net.unblock(a.id, b.id)
+            swarm.net.unblock(a.id, c.id)
+            await swarm.finish(pace=1.0)
+            assert _identical([b, c])
+
+    _run(scenario)
+
+
+def test_a_trainer_that_never_publishes_is_accused_and_dropped(tokens):
+    """S joins and plays its coordinator part by hand (warmup and witness reports) but never
+    publishes a result: once the round closes, the runtimes accuse it and it is dropped."""
+    async def scenario():
+        cfg = tiny_config(tokens, init_min_clients=3, total_steps=2)  # every member a witness
+        async with RuntimeSwarm(cfg) as swarm:
+            silent = Identity(b"\x55" * 32)
+            by_hand = swarm.ledger(silent)
+            await by_hand.submit(Join(p2p_address="mem:" + silent.public_key.hex()))
+            a, b = swarm.add(), swarm.add()
+            await swarm.until(swarm.in_state(RunState.Warmup))
+            await by_hand.submit(WarmupWitness())
+            await swarm.until(swarm.in_state(RunState.RoundTrain, step=1))
+            trainers = q.round_trainers(swarm.state, step=1)
+            await by_hand.submit(Witness(step=1, participant_bloom=BloomFilter.exact_for([], trainers).to_bytes(),
+                                         broadcast_bloom=BloomFilter.exact_for([], []).to_bytes(),
+                                         broadcast_merkle=bytes(32), loss=0.0, tokens_per_sec=0.0, bandwidth_bytes=0))
+            await swarm.until(lambda: _verified(a, 1, b) and _verified(b, 1, a))
+            swarm.advance(cfg.coordinator.max_round_train_time)  # S's result never comes
+            await swarm.until(lambda: swarm.health(silent.public_key) is ClientState.Dropped, what="S dropped")
+            accusation = f"step 1: accused ['{silent.public_key.hex()[:8]}'] of missing results"
+            assert a.saw(accusation) or b.saw(accusation)
+            await swarm.finish(pace=1.0)
+            assert _identical([a, b])
+
+    _run(scenario)
+
+
+def test_a_key_held_by_a_live_process_keeps_a_second_one_out(tokens):
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens)) as swarm:
+            probed = []
+
+            async def alive(address: str) -> bool:
+                probed.append(address)
+                return True
+
+            twin = swarm.add(start=False, key_probe=alive)
+            await twin.ledger.submit(Join(p2p_address="mem:elsewhere"))  # the first process's registration
+            swarm.start(twin)
+            await swarm.until(twin.task.done, what="the second process stops")
+            err = twin.task.exception()
+            assert isinstance(err, KeyInUse) and not err.taken_over and err.address == "mem:elsewhere"
+            assert probed == ["mem:elsewhere"]
+            assert q.address_of(swarm.state, twin.id) == "mem:elsewhere", "the live process keeps its key"
+
+    _run(scenario)
+
+
+def test_a_restart_takes_over_the_key_of_a_process_that_died_and_a_later_thief_stops_it(tokens):
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens)) as swarm:
+            async def dead(address: str) -> bool:
+                return False
+
+            me = swarm.add(start=False, key_probe=dead)
+            await me.ledger.submit(Join(p2p_address="mem:died"))
+            swarm.start(me)
+            await swarm.until(lambda: q.address_of(swarm.state, me.id) == me.node.address)
+            assert me.saw("re-registered this key at this process's P2P address")
+            # Another process registers the same key while this one runs: two nodes would sign as one.
+            await swarm.ledger(me.identity).submit(Join(p2p_address="mem:thief"))
+            await swarm.until(me.task.done, what="the runtime stops")
+            err = me.task.exception()
+            assert isinstance(err, KeyInUse) and err.taken_over and err.address == "mem:thief"
+
+    _run(scenario)
+
+
+def test_metrics_reports_are_kept_while_the_host_is_down_and_sent_in_order_once_it_is_back(tokens):
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens, total_steps=2)) as swarm:
+            a = swarm.add(ledger=OutageLedger)
+            b = swarm.add()
+            await swarm.until(lambda: a.runtime.warmup_reported == 0)
+            a.ledger.down = True
+            await swarm.until(lambda: a.runtime.steps_trained == 1 and len(a.runtime._outbox) >= 1)
+            assert a.ledger.inner.reports == [], "nothing reached the host"
+            a.ledger.down = False
+            await swarm.until(lambda: not a.runtime._outbox and a.ledger.inner.reports, what="outbox flushed")
+            await swarm.finish()
+            steps = [r["step"] for r in a.ledger.inner.reports]
+            assert steps == sorted(steps) and set(steps) == {1, 2}, "every step reported, oldest first"
+            assert a.task.result() == b.task.result() == 0
+
+    _run(scenario)
+
+
+def test_each_wait_is_told_once_and_a_late_joiner_waits_for_the_next_epoch(tokens):
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens, total_steps=2)) as swarm:
+            await swarm.ledger(swarm.authority).submit(Pause())
+            a = swarm.add()
+            await swarm.until(lambda: a.saw("the run is paused after step 0"))
+            await swarm.ledger(swarm.authority).submit(Resume())
+            await swarm.until(lambda: a.saw("waiting for members: 1 of 2 needed to start (init_min_clients = 2)"))
+            b = swarm.add()
+            await swarm.until(swarm.in_state(RunState.RoundTrain, step=1))
+            late = swarm.add()
+            await swarm.until(lambda: late.id in swarm.state.pending)
+            await swarm.until(lambda: late.saw("this node joins epoch 1"))
+            assert late.saw("waiting for epoch 0 to end (0 of 2 steps done): this node joins epoch 1") \
+                or late.saw("waiting for epoch 0 to end (1 of 2 steps done): this node joins epoch 1")
+            await swarm.finish()
+            for c in (a, b, late):
+                notices = [line for line in c.said if line.startswith(("waiting", "the run is"))]
+                assert len(notices) == len(set(notices)), f"a wait told twice: {notices}"
+            assert _identical([a, b])
+
+    _run(scenario)
+
+
+def test_wait_notice_is_none_for_a_node_that_waits_for_nothing(tokens):
+    swarm_cfg = tiny_config(tokens)
+    from psyche.coordinator import Coordinator
+
+    s = Coordinator.new("r", swarm_cfg, authority=bytes(32), now=0).state
+    assert wait_notice(s, b"\x01" * 32) is None, "not joined: nothing to wait for"
+    s.pending.append(b"\x01" * 32)
+    assert wait_notice(s, b"\x01" * 32).startswith("waiting for members: 1 of 2")
+
+
+def test_stop_withdraws_a_member_from_the_run(tokens):
+    async def scenario():
+        async with RuntimeSwarm(tiny_config(tokens, init_min_clients=3, total_steps=3)) as swarm:
+            a, b, c = (swarm.add() for _ in range(3))
+            await swarm.until(lambda: a.runtime.steps_trained == 1)
+            a.runtime.stop()
+            await swarm.until(a.task.done, what="A stops")
+            assert a.task.cancelled() and a.saw("withdrew from the run")
+            assert swarm.health(a.id) is ClientState.Withdrawn
+            await swarm.finish(pace=1.0)
+            assert _identical([b, c])
 
     _run(scenario)

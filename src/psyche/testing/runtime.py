@@ -88,24 +88,14 @@ class ManualClock:
 
 
 class OutageLedger(Ledger):
-    """A real ledger whose host can be made unreachable: while :attr:`down`, ``submit``,
-    ``report`` and ``state`` raise :class:`LedgerUnavailable` and the watch holds back
-    news (as a server that restarts), passing on the latest state once it is back."""
+    """A real ledger whose host can stop taking requests: while :attr:`down`, ``submit``,
+    ``report`` and ``state`` raise :class:`LedgerUnavailable` (as a server that restarts);
+    the state feed keeps coming, so the client goes on with the run meanwhile."""
 
     def __init__(self, inner: Ledger) -> None:
         self.inner = inner
         self.run_id = inner.run_id
         self.down = False
-        self._back = asyncio.Event()
-        self._back.set()
-
-    def set_down(self, down: bool) -> None:
-        """Make the host unreachable (True) or reachable again (False)."""
-        self.down = down
-        if down:
-            self._back.clear()
-        else:
-            self._back.set()
 
     def _check(self) -> None:
         if self.down:
@@ -125,9 +115,6 @@ class OutageLedger(Ledger):
 
     async def watch(self) -> AsyncIterator[Coordinator]:
         async for coord in self.inner.watch():
-            if self.down:
-                await self._back.wait()
-                coord = await self.inner.state()  # the news missed meanwhile, at once
             yield coord
 
 
@@ -253,17 +240,20 @@ class RuntimeSwarm:
         m = q.member(self.state, client_id)
         return m.state if m is not None else None
 
-    async def finish(self, *, timeout: float = 10.0) -> None:
-        """Drive the run to Finished: tick through rounds, let each cooldown's time pass once its
-        checkpoints are in (when clients keep checkpoints), and wait for every runtime to end."""
+    async def finish(self, *, timeout: float = 10.0, pace: float = 0.0) -> None:
+        """Drive the run to Finished and wait for every runtime to end: tick through the rounds
+        (moving the clock ``pace`` seconds at each look), and let each cooldown's time pass once
+        every healthy member has applied the epoch's last step (and saved its checkpoint, when
+        clients keep checkpoints): a cooldown cut short would leave them to start the next
+        epoch without it."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while self.state.run_state is not RunState.Finished:
             s = self.state
-            if s.run_state is RunState.Cooldown and (self.checkpoint_root is None or all(
-                    i in s.checkpointed for i in s.checkpointers if s.clients[i].state is ClientState.Healthy)):
+            if s.run_state is RunState.Cooldown and self._cooled_down(s):
                 self.advance(self.cfg.coordinator.cooldown_time)
             else:
+                self.clock.advance(pace)
                 self.tick()
             if loop.time() > end:
                 raise AssertionError(f"the run did not finish in {timeout}s (at {s.run_state.value}, step {s.step})")
@@ -271,6 +261,14 @@ class RuntimeSwarm:
         tasks = [c.task for c in self.clients if c.task is not None]
         done, _ = await asyncio.wait(tasks, timeout=max(1.0, end - loop.time()))
         assert len(done) == len(tasks), "a runtime did not end after the run finished"
+
+    def _cooled_down(self, s: CoordinatorState) -> bool:
+        healthy = {c.id for c in s.clients if c.state is ClientState.Healthy}
+        applied = all(c.runtime.checkpointed_epoch == s.epoch for c in self.clients
+                      if c.id in healthy and c.task is not None and not c.task.done())
+        saved = self.checkpoint_root is None or all(
+            i in s.checkpointed for i in s.checkpointers if s.clients[i].state is ClientState.Healthy)
+        return applied and saved
 
     async def close(self) -> None:
         for c in self.clients:
