@@ -288,7 +288,7 @@ def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority)
     """Tokens/s of every step, the last one included, is its tokens over its own round's time."""
     import sqlite3
 
-    from psyche.coordinator.sim import Swarm
+    from psyche.testing.coordinator_swarm import Swarm
     from psyche.coordinator.state import RunState
     from psyche.ledger.host import RunHost
     from psyche.ledger.status import history_rows, run_status
@@ -334,3 +334,30 @@ def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority)
                    "PRIMARY KEY (run_id, step))")
         db.execute("INSERT INTO step_times VALUES ('r', 1, 5.0)")
     assert Store(old).step_times("r") == {1: (5.0, None)}
+
+
+def test_openapi_documents_the_status_api_and_its_refusals(tmp_path, authority):
+    """/docs shows what each endpoint returns: the status documents and the error body are schemas."""
+    server = make_server(tmp_path / "run.sqlite", authority)
+    with TestClient(create_app(server)) as client:
+        spec = client.get("/openapi.json").json()
+        unknown = client.get("/api/runs/nope")
+    schemas = spec["components"]["schemas"]
+    assert {"RunSummary", "RunStatus", "HistoryRow", "ClientRow", "RoundOutcome", "ErrorBody", "Applied"} <= set(schemas)
+
+    def returns(path: str, method: str = "get", code: str = "200") -> dict:
+        return spec["paths"][path][method]["responses"][code]["content"]["application/json"]["schema"]
+
+    runs = returns("/api/runs")
+    assert runs["type"] == "array" and runs["items"] == {"$ref": "#/components/schemas/RunSummary"}
+    assert returns("/api/runs/{run_id}") == {"$ref": "#/components/schemas/RunStatus"}
+    assert returns("/api/runs/{run_id}", code="404") == {"$ref": "#/components/schemas/ErrorBody"}
+    for code in ("400", "404", "409"):
+        assert returns("/api/runs/{run_id}/instructions", "post", code) == {"$ref": "#/components/schemas/ErrorBody"}
+    status = schemas["RunStatus"]["properties"]
+    assert set(status) >= {"clients", "history", "checkpoints", "config", "seq", "digest", "phase_deadline", "rounds"}
+    assert status["history"]["items"] == {"$ref": "#/components/schemas/HistoryRow"}
+    assert "forward/backward" in schemas["ClientRow"]["properties"]["utilization"]["description"]
+    # An unknown run is a 404 whose body is the same ErrorBody every refusal has.
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "UnknownRun", "message": "no run 'nope' here; GET /api/runs lists them"}

@@ -90,8 +90,8 @@ def status_delta(prev: dict, new: dict) -> dict:
             continue
         fields = ROW_LISTS.get(k)
         old_rows = _keyed(prev.get(k), fields) if fields and k in prev else None
-        new_rows = _keyed(v, fields) if old_rows is not None else None
-        if new_rows is None:
+        new_rows = _keyed(v, fields) if fields and old_rows is not None else None
+        if not fields or old_rows is None or new_rows is None:
             changed[k] = v
             continue
         # Rows kept between builds are the same objects: `is` settles most of them cheaply.

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from psyche.dashboard.feed import Feed, cancel_tasks
-from psyche.ledger.status import history_rows, run_status, run_summary
+from psyche.ledger.status import HistoryRow, RoundOutcome, RunSummary, history_rows, run_status, run_summary
 
 if TYPE_CHECKING:
     from psyche.ledger.server import CoordinatorServer
@@ -34,7 +34,7 @@ class _HistoryCache:
     """A run's older history rows (steps below ``cutoff``), kept between builds."""
 
     def __init__(self) -> None:
-        self.rows: list[dict] = []
+        self.rows: list[HistoryRow] = []
         self.cutoff = 0
         self.full_at = float("-inf")
 
@@ -48,7 +48,7 @@ class LocalHub:
         self._runs_feed: Feed | None = None
         self._run_feeds: dict[str, Feed] = {}
         self._dirty: dict[str | None, asyncio.Event] = {}  # None: the runs list
-        self._outcomes: dict[str, dict[tuple[int, int], dict]] = {}
+        self._outcomes: dict[str, dict[tuple[int, int], RoundOutcome]] = {}
         self._history: dict[str, _HistoryCache] = {}
         self._tasks: list[asyncio.Task] = []
         self.builds = 0
@@ -69,7 +69,7 @@ class LocalHub:
         feed = self._run_feeds.get(run_id)
         if feed is None:
             host = self.server.hosts[run_id]
-            host.listeners.append(lambda _coord, rid=run_id: self.mark(rid))
+            host.listeners.append(lambda _coord: self.mark(run_id))
             feed = self._run_feeds[run_id] = self._start(run_id, deltas=True)
         return feed
 
@@ -86,25 +86,27 @@ class LocalHub:
 
     # -- building --------------------------------------------------------------
 
-    def build_runs(self) -> list[dict]:
+    def build_runs(self) -> list[RunSummary]:
         """The runs list now."""
         self.builds += 1
         return [run_summary(h.coordinator, self.server.configs[rid]) for rid, h in self.server.hosts.items()]
 
-    def build_run(self, run_id: str) -> dict:
-        """One run's status now, with the witness outcomes of every round seen since startup."""
+    def build_run(self, run_id: str) -> dict[str, Any]:
+        """One run's status now, with the witness outcomes of every round seen since startup
+        (``witness_outcomes``, instead of the status's ``rounds``: the coordinator keeps only the last few)."""
         self.builds += 1
         host = self.server.hosts[run_id]
-        doc = run_status(host, self.server.configs[run_id], self.server.store, history=self._history_rows(run_id))
+        status = run_status(host, self.server.configs[run_id], self.server.store, history=self._history_rows(run_id))
         seen = self._outcomes.setdefault(run_id, {})
-        for r in doc.pop("rounds", []):
+        for r in status["rounds"]:
             seen[(r["epoch"], r["step"])] = r
+        doc: dict[str, Any] = {k: v for k, v in status.items() if k != "rounds"}
         for key in sorted(seen)[:-MAX_OUTCOMES]:
             del seen[key]
         doc["witness_outcomes"] = [seen[k] for k in sorted(seen)]
         return doc
 
-    def _history_rows(self, run_id: str) -> list[dict]:
+    def _history_rows(self, run_id: str) -> list[HistoryRow]:
         """The run's history, re-reading only the reports of recent steps (a long run has many)."""
         coord, cfg, store = self.server.hosts[run_id].coordinator, self.server.configs[run_id], self.server.store
         cache = self._history.setdefault(run_id, _HistoryCache())

@@ -14,6 +14,12 @@ Endpoints (JSON unless noted):
 The server ticks the coordinator on its own clock. Every applied instruction is
 written to SQLite with the state it produced in one transaction, so a server
 restarted with the same ``--db`` continues the run where it was.
+
+In FastAPI's idiom: the routes get the run's host from a dependency
+(:func:`run_host`, a 404 for an unknown run), raise what they refuse
+(:class:`RequestRefused`, or the coordinator's own error) and return typed
+documents (:mod:`psyche.ledger.status`); :func:`create_app` maps every refusal to
+its status and an :class:`ErrorBody` in one place. ``/docs`` shows it all.
 """
 
 from __future__ import annotations
@@ -24,17 +30,22 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Annotated, Any, ClassVar
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
 
 from psyche.config import RunConfig, parse_config
-from psyche.coordinator import Coordinator, decode_instruction
+from psyche.coordinator import Coordinator, CoordinatorError, decode_instruction
 from psyche.coordinator import queries as q
-from psyche.ledger.envelope import open_request
+from psyche.ledger.envelope import RequestKind, SignedRequest, open_request
 from psyche.ledger.host import RunHost
-from psyche.ledger.status import run_events, run_status, run_summary
+from psyche.ledger.prometheus import render_metrics
+from psyche.ledger.status import RunStatus, RunSummary, run_events, run_status, run_summary
 from psyche.ledger.store import Store
 from psyche.wsutil import until_closed
 
@@ -105,15 +116,250 @@ class CoordinatorServer:
             await asyncio.sleep(self.tick_interval)
 
 
-def _error(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": error, "message": message}, status_code=status)
+# --- refusals: one exception per kind, mapped to a response in one place (create_app) --------
 
 
-def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
-    """The FastAPI application serving ``server``'s runs."""
+class ErrorBody(BaseModel):
+    """The JSON body of every refusal; clients (:class:`psyche.ledger.remote.ServerLedger`) read both fields."""
+
+    error: str = Field(description="The refusal's name: a coordinator error (NotAMember, ...), BadRequest, "
+                                   "StaleNonce or UnknownRun.")
+    message: str = Field(description="What was wrong, for a person.")
+
+
+class RequestRefused(Exception):
+    """A request the server refuses before any coordinator sees it, counted in
+    ``psyche_requests_rejected{reason}``. Subclasses set the status and the error name.
+
+    ``RequestRefused``
+     ├── ``MalformedRequest``      400 BadRequest: bad envelope, bad signature, undecodable body
+     ├── ``ReportFromNonMember``   403 NotAMember: metrics from someone not training in the run
+     └── ``StaleNonce``            409 StaleNonce: a nonce not above the signer's last one (a replay)
+
+    What the coordinator itself refuses is a :class:`~psyche.coordinator.CoordinatorError`:
+    409, named by its class.
+    """
+
+    status_code: ClassVar[int]
+    error: ClassVar[str]
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        """The label it is counted under in ``CoordinatorServer.rejected``."""
+        self.message = message
+
+
+class MalformedRequest(RequestRefused):
+    """The request does not decode or verify: we cannot even tell what was asked."""
+
+    status_code = 400
+    error = "BadRequest"
+
+
+class ReportFromNonMember(RequestRefused):
+    """Only members of the run may report metrics."""
+
+    status_code = 403
+    error = "NotAMember"
+
+
+class StaleNonce(RequestRefused):
+    """The signer used this nonce or a higher one before: a replayed request."""
+
+    status_code = 409
+    error = "StaleNonce"
+
+
+# --- the status API's other bodies ------------------------------------------------------------
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    ok: bool
+    runs: int = Field(description="Runs this server hosts.")
+
+
+class Applied(BaseModel):
+    """An instruction the coordinator accepted (``POST .../instructions``)."""
+
+    ok: bool
+    seq: int = Field(description="Instructions applied to the run so far, this one included.")
+    step: int = Field(description="The coordinator's step after it (and the tick it may have completed).")
+
+
+class Accepted(BaseModel):
+    """A metrics report the server stored (``POST .../reports``)."""
+
+    ok: bool
+
+
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed: bad envelope, bad signature or undecodable body."},
+    404: {"model": ErrorBody, "description": "This server hosts no such run."},
+    409: {"model": ErrorBody, "description": "Refused by the coordinator (named by its error), or a replayed nonce."},
+}
+"""The refusals of a signed request, as ``/openapi.json`` documents them."""
+
+
+# --- dependencies -----------------------------------------------------------------------------
+
+
+def coordinator_server(request: Request) -> CoordinatorServer:
+    """The server whose runs the app serves (``app.state.server``); tests may override it."""
+    return request.app.state.server
+
+
+Server = Annotated[CoordinatorServer, Depends(coordinator_server)]
+
+
+def run_host(run_id: str, server: Server) -> RunHost:
+    """The host of run ``run_id``, or a 404 naming the run and where the runs are listed."""
+    host = server.hosts.get(run_id)
+    if host is None:
+        message = f"no run {run_id!r} here; GET /api/runs lists them"
+        raise HTTPException(404, detail=ErrorBody(error="UnknownRun", message=message).model_dump())
+    return host
+
+
+Host = Annotated[RunHost, Depends(run_host)]
+
+
+async def signed_request(request: Request, run_id: str, kind: RequestKind, *, reason: str) -> SignedRequest:
+    """The request's envelope, verified: for this run, of this kind, signed by its signer.
+    ``reason``: what a malformed one is counted as."""
+    try:
+        return open_request(await request.body(), run_id=run_id, kind=kind)
+    except ValueError as exc:
+        raise MalformedRequest(reason, str(exc)) from None
+
+
+def require_fresh_nonce(server: CoordinatorServer, run_id: str, req: SignedRequest) -> None:
+    """Refuse a request whose nonce is not above its signer's last one (a replay)."""
+    if req.nonce <= server.store.last_nonce(run_id, req.signer):
+        raise StaleNonce("stale_nonce", "nonce not above the signer's last one (a replayed request?)")
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz(server: Server) -> Health:
+    """Whether the server is up, and how many runs it hosts."""
+    return Health(ok=True, runs=len(server.hosts))
+
+
+@router.get("/api/runs")
+async def list_runs(server: Server) -> list[RunSummary]:
+    """Every run this server hosts, summed up."""
+    return [run_summary(h.coordinator, server.configs[rid]) for rid, h in server.hosts.items()]
+
+
+@router.get("/api/runs/{run_id}", responses={404: REFUSALS[404]})
+async def get_run(run_id: str, host: Host, server: Server) -> RunStatus:
+    """A run's full status: its state, members, history, checkpoints and config."""
+    return run_status(host, server.configs[run_id], server.store)
+
+
+@router.get("/api/runs/{run_id}/state", response_class=Response,
+            responses={200: {"content": {"application/msgpack": {}},
+                             "description": "The coordinator state (``Coordinator.from_bytes``); "
+                                            "header x-psyche-seq: instructions applied."},
+                       404: REFUSALS[404]})
+async def get_state(host: Host) -> Response:
+    """The coordinator state as msgpack bytes, for clients."""
+    return Response(host.coordinator.to_bytes(), media_type="application/msgpack",
+                    headers={"x-psyche-seq": str(host.seq)})
+
+
+@router.websocket("/api/runs/{run_id}/ws")
+async def state_feed(ws: WebSocket, run_id: str) -> None:
+    """The coordinator state (msgpack bytes), pushed on every change; closed with 4404 for an unknown run."""
+    server: CoordinatorServer = ws.app.state.server
+    host = server.hosts.get(run_id)
+    if host is None:
+        await ws.close(code=4404)
+        return
+    await ws.accept()
+    closed = asyncio.ensure_future(until_closed(ws))
+    try:
+        seq = -1
+        while not closed.done():
+            if host.seq != seq:
+                seq = host.seq
+                await ws.send_bytes(host.coordinator.to_bytes())
+            changed = asyncio.ensure_future(host.wait_changed(timeout=10))
+            await asyncio.wait({changed, closed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+    except (WebSocketDisconnect, RuntimeError, ConnectionError):
+        return
+    finally:
+        closed.cancel()
+
+
+@router.post("/api/runs/{run_id}/instructions", responses=REFUSALS,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/msgpack": {}},
+                                            "description": "A SignedRequest (psyche.ledger.envelope) of kind "
+                                                           "instruction, its body an encoded instruction."}})
+async def post_instruction(run_id: str, request: Request, host: Host, server: Server) -> Applied:
+    """Apply one signed instruction to the run's coordinator."""
+    req = await signed_request(request, run_id, "instruction", reason="bad_request")
+    try:
+        instruction = decode_instruction(req.body)
+    except ValueError as exc:
+        raise MalformedRequest("bad_request", str(exc)) from None
+    require_fresh_nonce(server, run_id, req)
+    if (err := host.apply(instruction, req.signer, nonce=req.nonce)) is not None:
+        raise err
+    server.log_changes(host, origin=f"{request.client.host}:{request.client.port}" if request.client else None)
+    # A phase this instruction completed (say the last witness report) moves on now,
+    # not at the next clock tick: every trainer would idle until then.
+    server.tick(host)
+    return Applied(ok=True, seq=host.seq, step=host.coordinator.state.step)
+
+
+@router.post("/api/runs/{run_id}/reports", responses={**REFUSALS, 403: {"model": ErrorBody, "description": "Not a member."}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/msgpack": {}},
+                                            "description": "A SignedRequest of kind report, its body a JSON object "
+                                                           "with an integer step and the metrics of REPORT_FIELDS."}})
+async def post_report(run_id: str, request: Request, host: Host, server: Server) -> Accepted:
+    """Store a member's signed metrics for a step."""
+    req = await signed_request(request, run_id, "report", reason="bad_report")
+    try:
+        report = json.loads(req.body)
+    except ValueError as exc:
+        raise MalformedRequest("bad_report", str(exc)) from None
+    if not isinstance(report, dict) or not isinstance(report.get("step"), int):
+        raise MalformedRequest("bad_report", "a report is a JSON object with an integer 'step'")
+    if q.member(host.coordinator.state, req.signer) is None:
+        raise ReportFromNonMember("non_member_report", "only members of the run may report metrics")
+    require_fresh_nonce(server, run_id, req)
+    server.store.add_report(run_id, req.signer, report["step"], _clean_report(report), req.nonce)
+    return Accepted(ok=True)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(server: Server) -> Response:
+    """The runs in Prometheus text format."""
+    body, content_type = render_metrics(server.hosts, server.rejected)
+    return Response(body, media_type=content_type)
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def _refusal(status_code: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=error, message=message).model_dump(), status_code=status_code)
+
+
+def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], None] | None = None) -> FastAPI:
+    """The FastAPI application serving ``server``'s runs (``extra_routes(app)`` may add more, e.g. the dashboard)."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clock = asyncio.create_task(server.run_clocks())
         try:
             yield
@@ -122,114 +368,22 @@ def create_app(server: CoordinatorServer, *, extra_routes=None) -> FastAPI:
 
     app = FastAPI(title="Psyche coordinator", lifespan=lifespan)
     app.state.server = server
+    app.include_router(router)
 
-    def host_or_404(run_id: str) -> RunHost | JSONResponse:
-        host = server.hosts.get(run_id)
-        if host is None:
-            return _error(404, "UnknownRun", f"no run {run_id!r} here; GET /api/runs lists them")
-        return host
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        server.rejected[exc.reason] += 1
+        return _refusal(exc.status_code, exc.error, exc.message)
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"ok": True, "runs": len(server.hosts)}
+    @app.exception_handler(CoordinatorError)
+    async def coordinator_refused(request: Request, exc: CoordinatorError) -> JSONResponse:
+        return _refusal(409, type(exc).__name__, str(exc))
 
-    @app.get("/api/runs")
-    async def list_runs() -> list[dict]:
-        return [run_summary(h.coordinator, server.configs[rid]) for rid, h in server.hosts.items()]
-
-    @app.get("/api/runs/{run_id}")
-    async def get_run(run_id: str):
-        host = host_or_404(run_id)
-        if isinstance(host, JSONResponse):
-            return host
-        return run_status(host, server.configs[run_id], server.store)
-
-    @app.get("/api/runs/{run_id}/state")
-    async def get_state(run_id: str):
-        host = host_or_404(run_id)
-        if isinstance(host, JSONResponse):
-            return host
-        return Response(host.coordinator.to_bytes(), media_type="application/msgpack",
-                        headers={"x-psyche-seq": str(host.seq)})
-
-    @app.websocket("/api/runs/{run_id}/ws")
-    async def state_feed(ws: WebSocket, run_id: str):
-        host = server.hosts.get(run_id)
-        if host is None:
-            await ws.close(code=4404)
-            return
-        await ws.accept()
-        closed = asyncio.ensure_future(until_closed(ws))
-        try:
-            seq = -1
-            while not closed.done():
-                if host.seq != seq:
-                    seq = host.seq
-                    await ws.send_bytes(host.coordinator.to_bytes())
-                changed = asyncio.ensure_future(host.wait_changed(timeout=10))
-                await asyncio.wait({changed, closed}, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-        except (WebSocketDisconnect, RuntimeError, ConnectionError):
-            return
-        finally:
-            closed.cancel()
-
-    def stale_nonce(run_id: str, req) -> JSONResponse | None:
-        """The refusal of a request whose nonce is not above its signer's last one (a replay)."""
-        if req.nonce > server.store.last_nonce(run_id, req.signer):
-            return None
-        server.rejected["stale_nonce"] += 1
-        return _error(409, "StaleNonce", "nonce not above the signer's last one (a replayed request?)")
-
-    @app.post("/api/runs/{run_id}/instructions")
-    async def post_instruction(run_id: str, request: Request):
-        host = host_or_404(run_id)
-        if isinstance(host, JSONResponse):
-            return host
-        try:
-            req = open_request(await request.body(), run_id=run_id, kind="instruction")
-            instruction = decode_instruction(req.body)
-        except ValueError as exc:
-            server.rejected["bad_request"] += 1
-            return _error(400, "BadRequest", str(exc))
-        if (stale := stale_nonce(run_id, req)) is not None:
-            return stale
-        err = host.apply(instruction, req.signer, nonce=req.nonce)
-        if err is not None:
-            return _error(409, type(err).__name__, str(err))
-        server.log_changes(host, origin=f"{request.client.host}:{request.client.port}" if request.client else None)
-        # A phase this instruction completed (say the last witness report) moves on now,
-        # not at the next clock tick: every trainer would idle until then.
-        server.tick(host)
-        return {"ok": True, "seq": host.seq, "step": host.coordinator.state.step}
-
-    @app.post("/api/runs/{run_id}/reports")
-    async def post_report(run_id: str, request: Request):
-        host = host_or_404(run_id)
-        if isinstance(host, JSONResponse):
-            return host
-        try:
-            req = open_request(await request.body(), run_id=run_id, kind="report")
-            report = json.loads(req.body)
-            if not isinstance(report, dict) or not isinstance(report.get("step"), int):
-                raise ValueError("a report is a JSON object with an integer 'step'")
-        except ValueError as exc:
-            server.rejected["bad_report"] += 1
-            return _error(400, "BadRequest", str(exc))
-        if q.member(host.coordinator.state, req.signer) is None:
-            server.rejected["non_member_report"] += 1
-            return _error(403, "NotAMember", "only members of the run may report metrics")
-        if (stale := stale_nonce(run_id, req)) is not None:
-            return stale
-        server.store.add_report(run_id, req.signer, report["step"], _clean_report(report), req.nonce)
-        return {"ok": True}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        from psyche.ledger.prometheus import render_metrics
-
-        body, content_type = render_metrics(server)
-        return Response(body, media_type=content_type)
+    @app.exception_handler(HTTPException)
+    async def unknown_run(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404 and isinstance(exc.detail, dict):  # from run_host: already an ErrorBody
+            return JSONResponse(exc.detail, status_code=404)
+        return await http_exception_handler(request, exc)
 
     if extra_routes is not None:
         extra_routes(app)

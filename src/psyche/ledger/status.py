@@ -2,13 +2,22 @@
 
 Built from the coordinator state (the truth everyone agrees on) plus what the
 server alone knows: when each step started, and the metrics clients reported.
+
+The documents are plain dicts typed as :class:`RunSummary` and :class:`RunStatus`
+(TypedDicts): the server declares them as its response models, so ``/docs`` and
+``/openapi.json`` describe every field, and the dashboard builds on the same dicts
+in-process. A number that comes from a client's report keeps the type the client
+sent (:data:`Number`); what the server computes is typed exactly.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict  # pydantic reads field types from it on Python < 3.12
 
 from psyche.coordinator import queries as q
 from psyche.coordinator.state import ClientState, CoordinatorState, RunState
@@ -18,6 +27,185 @@ if TYPE_CHECKING:
     from psyche.coordinator import Coordinator
     from psyche.ledger.host import RunHost
     from psyche.ledger.store import Store
+
+Number = int | float
+"""A metric as a client reported it (an int stays an int in the JSON)."""
+
+_documented = with_config(ConfigDict(use_attribute_docstrings=True))
+
+
+@_documented
+class RunSummary(TypedDict):
+    """One run of ``GET /api/runs``."""
+
+    run_id: str
+    name: str
+    description: str
+    state: str
+    """The run state: Uninitialized, WaitingForMembers, Warmup, RoundTrain, RoundWitness, Cooldown, Finished or Paused."""
+    epoch: int
+    step: int
+    """The coordinator's step: that of the current or next round (total_steps once Finished)."""
+    steps_completed: int
+    """Optimizer steps done: what the dashboard shows."""
+    total_steps: int
+    clients: int
+    """Members of the current epoch still Healthy: the nodes training."""
+    waiting: int
+    """Clients that joined and wait for the next epoch to start (their ids: the full status's ``pending``)."""
+    init_min_clients: int
+    """Members needed to start the first epoch."""
+    tokens_trained: int
+    tokens_per_sec: float | None
+    """Of the last finished round, as its witnesses reported it."""
+
+
+@_documented
+class HistoryRow(TypedDict):
+    """One finished step: what its trainers reported, summed or averaged."""
+
+    step: int
+    loss: float | None
+    """Training loss, weighted by each trainer's tokens."""
+    val_loss: float | None
+    tokens: Number
+    tokens_per_sec: Number | None
+    """The whole network's: the step's tokens over its round's wall time (training, exchange, witnessing)."""
+    bytes_per_step: Number
+    """Compressed results published for the step."""
+    bytes_sent: Number
+    """P2P traffic of the step."""
+    clients: int
+    """Trainers that reported the step."""
+    compression_ratio: float | None
+    """Bytes an fp32 all-reduce would send over the results' bytes."""
+
+
+@_documented
+class ClientRow(TypedDict):
+    """A member of the current epoch."""
+
+    id: str
+    """Its ed25519 public key, hex."""
+    state: str
+    """Healthy, Dropped, Withdrawn or Ejected."""
+    points: int
+    role: Literal["witness", "trainer"] | None
+    """Its role in the current round."""
+    bytes_sent: Number | None
+    """P2P total, from its last report."""
+    bytes_received: Number | None
+    upload_limit: Number | None
+    """The node's upload cap in bytes/s (null if none)."""
+    download_limit: Number | None
+    last_seen: float | None
+    """Server time of its last report."""
+    utilization: float | None
+    """The share of its last finished round spent in forward/backward."""
+
+
+@_documented
+class RoundInfo(TypedDict):
+    """The current round."""
+
+    height: int
+    step: int
+    data_index: int
+    """The first sample index of the round's batch."""
+    batch_size: int
+    witnesses: int
+
+
+class AccountRow(TypedDict):
+    """A client that ever joined, with its reward points."""
+
+    id: str
+    points: int
+
+
+class WitnessRound(TypedDict):
+    """A finished round as its witnesses reported it (the coordinator's round stats)."""
+
+    epoch: int
+    step: int
+    trainers: int
+    witnesses: int
+    reports: int
+    loss: float | None
+    tokens_per_sec: float | None
+    bandwidth_bytes: int | None
+
+
+@_documented
+class CheckpointRow(TypedDict):
+    """A checkpoint a client published at a cooldown."""
+
+    epoch: int
+    step: int
+    location: str
+    sha256: str
+    client: str
+    """The id of the client that wrote it."""
+
+
+@_documented
+class RoundOutcome(TypedDict):
+    """A stored round of this epoch: who trained, who witnessed, whom a witness quorum saw."""
+
+    epoch: int
+    step: int
+    height: int
+    trainers: list[str]
+    witnesses: list[str]
+    reports: int
+    """Witness reports received."""
+    quorum: int
+    """Witness reports needed to accept a trainer's result."""
+    seen: list[str]
+    """Trainers a witness quorum saw so far (final once ``closed``)."""
+    closed: bool
+
+
+@_documented
+class RunStatus(TypedDict):
+    """``GET /api/runs/{run_id}``: the fields of :class:`RunSummary` (``clients`` listed
+    instead of counted) and the run's members, history, checkpoints and config."""
+
+    run_id: str
+    name: str
+    description: str
+    state: str
+    epoch: int
+    step: int
+    steps_completed: int
+    total_steps: int
+    clients: list[ClientRow]
+    waiting: int
+    init_min_clients: int
+    tokens_trained: int
+    tokens_per_sec: float | None
+    phase_time_left: int | None
+    """Seconds left in the current phase (null where the phase has no deadline)."""
+    round: RoundInfo | None
+    pending: list[str]
+    """Ids of the ``waiting`` clients, in join order."""
+    accounts: list[AccountRow]
+    witness_rounds: list[WitnessRound]
+    checkpoints: list[CheckpointRow]
+    history: list[HistoryRow]
+    fp32_bytes_per_step: int
+    """Bytes one peer would send per step in an fp32 all-reduce of the model's gradients."""
+    config: dict[str, Any]
+    """The run config (see ``psyche.config.RunConfig``)."""
+    seq: int
+    """Instructions applied so far."""
+    digest: str
+    """Hex digest of the coordinator state: equal on every replica."""
+    phase_deadline: int | None
+    """When the phase ends, on the server clock (unix seconds)."""
+    server_time: float
+    """The server clock when this was built: a page counts ``phase_deadline`` down on its own."""
+    rounds: list[RoundOutcome]
 
 
 def client_id(raw: bytes) -> str:
@@ -35,14 +223,8 @@ def fp32_bytes_per_step(cfg: RunConfig) -> int:
     return 4 * params
 
 
-def run_summary(coord: Coordinator, cfg: RunConfig) -> dict:
-    """One line of the runs list.
-
-    ``clients``: members of the current epoch still Healthy (the ones training);
-    ``waiting``: clients that joined and wait for the next epoch to start (ids in
-    the full status's ``pending``); ``init_min_clients``: members needed to start
-    the first epoch.
-    """
+def run_summary(coord: Coordinator, cfg: RunConfig) -> RunSummary:
+    """One line of the runs list (its fields: :class:`RunSummary`)."""
     s = coord.state
     healthy = len(q.healthy_clients(s))
     last = s.stats[-1] if s.stats else None
@@ -70,7 +252,7 @@ def round_seconds(spans: dict[int, tuple[float, float | None]], step: int) -> fl
     return ended - started if started is not None and ended is not None and ended > started else None
 
 
-def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, since_step: int = 0) -> list[dict]:
+def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, since_step: int = 0) -> list[HistoryRow]:
     """Per finished step from ``since_step`` on: loss, val_loss, tokens/s, bytes per step, clients.
 
     A caller that keeps older rows asks only for the recent ones (the dashboard
@@ -83,7 +265,7 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
     by_step: dict[int, list[dict]] = defaultdict(list)
     for _, step, report, _ in store.reports(run_id, since_step=since_step):
         by_step[step].append(report)
-    out = []
+    out: list[HistoryRow] = []
     last_step = coord.state.step - 1 if coord.state.run_state is not RunState.Finished else coord.state.settings.total_steps
     for step in sorted(by_step):
         if step > last_step:
@@ -116,8 +298,8 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
 
 
 def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float | None = None,
-               history: list[dict] | None = None) -> dict:
-    """The full status of a run (documented in the README under "Status API").
+               history: list[HistoryRow] | None = None) -> RunStatus:
+    """The full status of a run (its fields: :class:`RunStatus`).
 
     ``history``, if given, is used instead of reading every report again."""
     coord = host.coordinator
@@ -138,7 +320,7 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             if "forward_backward_seconds" in report and seconds:
                 # The share of the client's last finished round it spent in forward/backward.
                 busy[signer] = report["forward_backward_seconds"] / seconds
-    clients = []
+    clients: list[ClientRow] = []
     for c in s.clients:
         rep = last_reports.get(c.id, {})
         clients.append({
@@ -155,12 +337,24 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         })
     if history is None:
         history = history_rows(coord, store, cfg)
+    summary = run_summary(coord, cfg)
     return {
-        **run_summary(coord, cfg),
+        "run_id": summary["run_id"],
+        "name": summary["name"],
+        "description": summary["description"],
+        "state": summary["state"],
+        "epoch": summary["epoch"],
+        "step": summary["step"],
+        "steps_completed": summary["steps_completed"],
+        "total_steps": summary["total_steps"],
+        "clients": clients,
+        "waiting": summary["waiting"],
+        "init_min_clients": summary["init_min_clients"],
+        "tokens_trained": summary["tokens_trained"],
+        "tokens_per_sec": summary["tokens_per_sec"],
         "phase_time_left": q.time_left(s, now_i),
         "round": {"height": cur.height, "step": cur.step, "data_index": cur.data_index,
                   "batch_size": cur.batch_size, "witnesses": cur.witnesses} if cur else None,
-        "clients": clients,
         "pending": [client_id(p) for p in s.pending],
         "accounts": [{"id": client_id(a.id), "points": a.points} for a in s.accounts],
         "witness_rounds": [
@@ -184,10 +378,10 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
     }
 
 
-def round_outcomes(s: CoordinatorState) -> list[dict]:
+def round_outcomes(s: CoordinatorState) -> list[RoundOutcome]:
     """Per stored round of this epoch (oldest first): its trainers and witnesses, and which
     trainers a witness quorum saw so far (final once ``closed``)."""
-    out = []
+    out: list[RoundOutcome] = []
     for r in s.rounds:
         batches = {b.client for b in q.round_batches(s, r.step)}
         out.append({
