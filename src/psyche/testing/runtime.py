@@ -51,11 +51,12 @@ def write_token_folder(path: Path, *, tokens: int = 20_000, vocab: int = TINY_VO
     return path
 
 
-def tiny_config(data: Path, *, name: str = "runtime-test", **coordinator: Any) -> RunConfig:
+def tiny_config(data: Path, *, name: str = "runtime-test", overlapped: bool = True, **coordinator: Any) -> RunConfig:
     """A run of a ~4,700-parameter LLaMA (one layer, hidden 16, seq_len 8) on ``data``.
 
     Two clients by default, every member a witness, one checkpointer; deadlines are
-    long, since the test's clock moves only when it says so. ``coordinator`` overrides.
+    long, since the test's clock moves only when it says so. ``coordinator`` overrides;
+    ``overlapped``: DisTrO's one-step-late apply (the default) or apply before training.
     """
     c: dict[str, Any] = dict(warmup_time=10, cooldown_time=5, max_round_train_time=10, round_witness_time=2,
                              epoch_time=600, total_steps=3, init_min_clients=2, min_clients=2, witness_nodes=0,
@@ -69,7 +70,7 @@ def tiny_config(data: Path, *, name: str = "runtime-test", **coordinator: Any) -
                   "num_attention_heads": 2, "num_key_value_heads": 2, "seq_len": 8},
         "data": {"location": str(data)},
         "lr": {"kind": "constant", "peak_lr": 1e-2, "warmup_steps": 0, "final_lr": 1e-2},
-        "optimizer": {"micro_batch_size": 2, "chunk": 8, "topk": 2},
+        "optimizer": {"micro_batch_size": 2, "chunk": 8, "topk": 2, "overlapped": overlapped},
     }, "tiny runtime config")
 
 
@@ -214,11 +215,13 @@ class RuntimeSwarm:
                     what: str = "") -> None:
         """Tick and yield to the runtimes until ``condition()`` holds; AssertionError after ``timeout``
         seconds of real time (or at once if a runtime ended with an error). ``pace``: seconds the
-        clock moves at each look (0: time stands still)."""
+        clock moves at each look where the runtimes have done all they can (:meth:`settled`);
+        0: time stands still."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while True:
-            self.clock.advance(pace)
+            if pace and self.settled():
+                self.clock.advance(pace)
             self.tick()
             if condition():
                 return
@@ -231,6 +234,44 @@ class RuntimeSwarm:
                                      f"(run is {self.state.run_state.value} at step {self.state.step})")
             await asyncio.sleep(0.005)
 
+    def settled(self) -> bool:
+        """Whether every running healthy member has done all it can in the current phase, so that
+        only a deadline can move the run on. Letting time pass earlier would drop or accuse a
+        member only because this machine was slow. Per phase: Warmup, every member has the model;
+        a round, every member trained its batch and holds the result of every other member it can
+        reach (or gave up on it), and in RoundWitness every witness reported; Cooldown, every
+        member applied the epoch's last step, and the checkpoints are in (when kept)."""
+        s = self.state
+        healthy = {c.id for c in s.clients if c.state is ClientState.Healthy}
+        running = [c for c in self.clients if c.id in healthy and c.task is not None and not c.task.done()]
+        if any(c.runtime._background for c in running):
+            return False  # downloads or witness reports in flight
+        rnd = q.current_round(s)
+        match s.run_state:
+            case RunState.Warmup:
+                return all(c.runtime.model_epoch == s.epoch for c in running)
+            case RunState.RoundTrain | RunState.RoundWitness if rnd is not None:
+                step = rnd.step
+                trainers = [c for c in running if q.assignment_for(s, c.id, step=step) is not None]
+                for x in running:
+                    if x in trainers and step not in x.runtime.trained:
+                        return False
+                    book = x.runtime.books.get(step)
+                    done = set(book.verified) | book.bad if book is not None else set()
+                    if any(y.id not in done and frozenset((x.id, y.id)) not in self.net.blocked
+                           for y in trainers if y is not x):
+                        return False
+                    if s.run_state is RunState.RoundWitness and q.is_witness(s, x.id, step=step) \
+                            and step not in x.runtime.witnessed:
+                        return False
+                return True
+            case RunState.Cooldown:
+                applied = all(c.runtime.checkpointed_epoch == s.epoch for c in running)
+                saved = self.checkpoint_root is None or all(
+                    i in s.checkpointed for i in s.checkpointers if s.clients[i].state is ClientState.Healthy)
+                return applied and saved
+        return True
+
     def in_state(self, run_state: RunState, *, step: int | None = None) -> Callable[[], bool]:
         """A condition: the run is in ``run_state`` (at ``step``, if given)."""
         return lambda: self.state.run_state is run_state and (step is None or self.state.step == step)
@@ -240,35 +281,13 @@ class RuntimeSwarm:
         m = q.member(self.state, client_id)
         return m.state if m is not None else None
 
-    async def finish(self, *, timeout: float = 10.0, pace: float = 0.0) -> None:
-        """Drive the run to Finished and wait for every runtime to end: tick through the rounds
-        (moving the clock ``pace`` seconds at each look), and let each cooldown's time pass once
-        every healthy member has applied the epoch's last step (and saved its checkpoint, when
-        clients keep checkpoints): a cooldown cut short would leave them to start the next
-        epoch without it."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while self.state.run_state is not RunState.Finished:
-            s = self.state
-            if s.run_state is RunState.Cooldown and self._cooled_down(s):
-                self.advance(self.cfg.coordinator.cooldown_time)
-            else:
-                self.clock.advance(pace)
-                self.tick()
-            if loop.time() > end:
-                raise AssertionError(f"the run did not finish in {timeout}s (at {s.run_state.value}, step {s.step})")
-            await asyncio.sleep(0.005)
+    async def finish(self, *, timeout: float = 10.0, pace: float = 1.0) -> None:
+        """Drive the run to Finished, letting ``pace`` seconds pass at each look where the runtimes
+        are :meth:`settled`, and wait for every runtime to end."""
+        await self.until(self.in_state(RunState.Finished), timeout=timeout, pace=pace, what="the run finishes")
         tasks = [c.task for c in self.clients if c.task is not None]
-        done, _ = await asyncio.wait(tasks, timeout=max(1.0, end - loop.time()))
+        done, _ = await asyncio.wait(tasks, timeout=timeout)
         assert len(done) == len(tasks), "a runtime did not end after the run finished"
-
-    def _cooled_down(self, s: CoordinatorState) -> bool:
-        healthy = {c.id for c in s.clients if c.state is ClientState.Healthy}
-        applied = all(c.runtime.checkpointed_epoch == s.epoch for c in self.clients
-                      if c.id in healthy and c.task is not None and not c.task.done())
-        saved = self.checkpoint_root is None or all(
-            i in s.checkpointed for i in s.checkpointers if s.clients[i].state is ClientState.Healthy)
-        return applied and saved
 
     async def close(self) -> None:
         for c in self.clients:
