@@ -12,30 +12,16 @@ import asyncio
 import pytest
 
 from psyche.client.runtime import ClientRuntime
-from psyche.coordinator import Join
-from psyche.ledger.embedded import EmbeddedLedger
-from psyche.ledger.server import CoordinatorServer
-from psyche.ledger.store import Store
-from psyche.identity import Identity
-from psyche.p2p import MemoryNetwork, P2PNode
-from tests.test_server import CFG
+from psyche.testing.runtime import RuntimeSwarm, tiny_config, write_token_folder
 
 
-async def _idle_runtime(tmp_path) -> tuple[ClientRuntime, asyncio.Task]:
+async def _idle_runtime(swarm: RuntimeSwarm) -> tuple[ClientRuntime, asyncio.Task]:
     """A real runtime following a run that waits for members: its loop only waits for news."""
-    authority, me = Identity.generate(), Identity.generate()
-    host = CoordinatorServer(Store(tmp_path / "run.sqlite"), host_key=authority.public_key).create_run(
-        CFG, authority.public_key)
-    assert host.apply(Join(p2p_address="mem:x"), me.public_key) is None  # one of two: no start
-    node = P2PNode(me, CFG.run_id, MemoryNetwork().transport(me.public_key))
-    runtime = ClientRuntime(EmbeddedLedger(host, me), node, trainer=None, identity=me)
-    task = asyncio.create_task(runtime.run())
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if runtime.coord is not None:
-            break
+    client = swarm.add()  # one of two: no start
+    await swarm.until(lambda: client.id in swarm.state.pending and client.runtime._notice is not None)
     await asyncio.sleep(0.05)  # inside the wait for the next wake-up
-    return runtime, task
+    assert client.task is not None
+    return client.runtime, client.task
 
 
 async def _ends_cancelled(task: asyncio.Task) -> None:
@@ -47,20 +33,20 @@ async def _ends_cancelled(task: asyncio.Task) -> None:
 
 def test_a_cancel_that_lands_as_the_runtime_wakes_still_stops_it(tmp_path):
     async def scenario():
-        runtime, task = await _idle_runtime(tmp_path)
-        runtime._wake.set()  # news arrived in the same loop turn as the signal
-        task.cancel()
-        await _ends_cancelled(task)
-        await runtime.node.close()
+        async with RuntimeSwarm(tiny_config(write_token_folder(tmp_path / "tokens"))) as swarm:
+            runtime, task = await _idle_runtime(swarm)
+            runtime._wake.set()  # news arrived in the same loop turn as the signal
+            task.cancel()
+            await _ends_cancelled(task)
 
     asyncio.run(scenario())
 
 
 def test_stop_ends_the_runtime_even_without_a_cancel(tmp_path):
     async def scenario():
-        runtime, task = await _idle_runtime(tmp_path)
-        runtime.stop()
-        await _ends_cancelled(task)
-        await runtime.node.close()
+        async with RuntimeSwarm(tiny_config(write_token_folder(tmp_path / "tokens"))) as swarm:
+            runtime, task = await _idle_runtime(swarm)
+            runtime.stop()
+            await _ends_cancelled(task)
 
     asyncio.run(scenario())
