@@ -1,5 +1,7 @@
 """Commands that refuse what they were asked say why in one line and leave nothing behind."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -125,10 +127,13 @@ def test_every_command_says_a_config_problem_the_same_way(tmp_path):
                  ["train", "--config", str(bad), "--out", str(tmp_path / "run")],
                  ["server", "--config", str(bad), "--db", str(tmp_path / "run.sqlite"), "--key", str(key), "--port", "0"],
                  ["demo", "--config", str(bad), "--out", str(tmp_path / "demo")],
-                 ["client", "--solana", "http://127.0.0.1:9", "--run-id", "b", "--config", str(bad), "--key", str(key)],
                  ["solana", "create-run", "--config", str(bad), "--rpc", "http://127.0.0.1:9", "--keypair", str(key)]):
         res = runner.invoke(app, args)
         assert res.exit_code == 1 and res.output.splitlines() == expected, (args, res.output)
+    # In a process of its own: a client imports transformers in a thread from its start.
+    client = subprocess.run([sys.executable, "-m", "psyche.cli", "client", "--solana", "http://127.0.0.1:9", "--run-id", "b",
+                             "--config", str(bad), "--key", str(key)], capture_output=True, text=True, timeout=120)
+    assert client.returncode == 1 and client.stderr.splitlines() == expected, client.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"], "a refused config creates nothing"
     # psyche doctor reports every check; its config finding carries the same lines.
     res = runner.invoke(app, ["doctor", "--config", str(bad), "--key", str(key)])

@@ -71,11 +71,8 @@ def _bind_host(bind: str) -> str:
 async def _run(args: dict, console: Console) -> int:
     from psyche.train.model import import_model_code
 
-    def start_importing_model_code() -> None:
-        # Transformers takes seconds to import: let that overlap joining and waiting for the run
-        # (once the run's config is known: a refused command imports nothing it will not use).
-        threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
-
+    # Transformers takes seconds to import: let that overlap joining and waiting for the run.
+    threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
     from psyche.client.runtime import ClientRuntime, KeyInUse
     from psyche.client.trainer import LocalTrainer
     from psyche.data import DataError
@@ -91,7 +88,6 @@ async def _run(args: dict, console: Console) -> int:
         # checked first (its problems are the user's to fix either way), a missing one made last.
         identity = load_node_key(key_path) if key_path.exists() else None
         run_id, cfg = _server_run(args["server"], args["run_id"])
-        start_importing_model_code()
     else:
         from urllib.parse import urlparse
 
@@ -102,7 +98,6 @@ async def _run(args: dict, console: Console) -> int:
         if args["run_id"] is None or args["config"] is None:
             fail("--solana needs --run-id and --config (the run's config file)")
         cfg = load_config(args["config"])  # a bad config is told before a key is created
-        start_importing_model_code()
         identity = load_node_key(key_path, create=True)
         try:
             keypair = load_keypair(key_path, create=True)
