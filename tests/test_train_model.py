@@ -46,6 +46,24 @@ def test_init_is_identical_in_another_process():
     assert out == weights_digest(build_model(TINY))
 
 
+@pytest.mark.parametrize("delay", [0.05, 0.2])
+def test_building_a_model_while_the_client_imports_the_model_code_in_the_background(delay):
+    """A client imports Transformers' model code in a thread at start; building the model
+    meanwhile must wait for it, not fail with "cannot import name 'LlamaForCausalLM'"
+    (Transformers' lazy imports race between threads; seen in test_e2e_network)."""
+    code = (
+        "import threading, time\n"
+        "from psyche.config import ModelConfig\n"
+        "from psyche.train.model import build_model, import_model_code\n"
+        "threading.Thread(target=import_model_code, daemon=True).start()\n"
+        f"time.sleep({delay})\n"
+        f"build_model(ModelConfig(**{TINY.model_dump()!r}))\n"
+        "print('built')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "built", out.stderr[-2000:]
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 

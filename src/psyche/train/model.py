@@ -6,6 +6,7 @@ beyond "build on CPU, deterministically".
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 
     from psyche.config import ModelConfig
 
+_MODEL_CODE_IMPORT = threading.Lock()
+"""Held while the Transformers model code is imported (see :func:`import_model_code`)."""
+
 
 def llama_config(model_cfg: "ModelConfig", *, eot_token_id: int = 0) -> "LlamaConfig":
     """The ``transformers.LlamaConfig`` for ``model_cfg``'s sizes.
@@ -23,6 +27,7 @@ def llama_config(model_cfg: "ModelConfig", *, eot_token_id: int = 0) -> "LlamaCo
     ``eot_token_id`` (the tokenizer's ``<|endoftext|>``, id 0 for ``psyche tokenize``
     output) serves as BOS, EOS and padding, so generation stops at a document end.
     """
+    import_model_code()
     from transformers import LlamaConfig
 
     # transformers 5 types its __init__ with rope_parameters only, yet still takes rope_theta
@@ -54,6 +59,7 @@ def quiet_transformers() -> None:
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> "PreTrainedModel":
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 on ``device``."""
+    import_model_code()
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -70,8 +76,13 @@ def import_model_code() -> None:
 
     They take seconds to import; a client calls this in a background thread when it
     starts, so the import overlaps waiting for the run rather than delaying its warmup.
+    Safe from several threads at once, and every function here that needs the model code
+    calls it first: Transformers' lazy imports are not thread-safe (a thread importing a
+    class while another is still importing its module gets "cannot import name
+    'LlamaForCausalLM'"), so the import runs under a lock; once done, a call is cheap.
     """
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+    with _MODEL_CODE_IMPORT:
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
 
 def build_model(model_cfg: "ModelConfig", *, seed: int | None = None, eot_token_id: int = 0) -> "PreTrainedModel":
@@ -81,6 +92,7 @@ def build_model(model_cfg: "ModelConfig", *, seed: int | None = None, eot_token_
     Promises: the same config and seed give bit-identical weights, on any call and in any
     process, and the global torch RNG is left as it was.
     """
+    import_model_code()
     from transformers import LlamaForCausalLM
 
     if model_cfg.checkpoint:
