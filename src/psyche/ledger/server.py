@@ -37,6 +37,7 @@ from typing import Annotated, Any, ClassVar
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import HTTPConnection
 from pydantic import BaseModel, Field
 
 from psyche.config import RunConfig, parse_config
@@ -206,9 +207,9 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
 # --- dependencies -----------------------------------------------------------------------------
 
 
-def coordinator_server(request: Request) -> CoordinatorServer:
-    """The server whose runs the app serves (``app.state.server``); tests may override it."""
-    return request.app.state.server
+def coordinator_server(conn: HTTPConnection) -> CoordinatorServer:
+    """The server whose runs the app serves (``app.state.server``), for HTTP and WebSocket routes."""
+    return conn.app.state.server
 
 
 Server = Annotated[CoordinatorServer, Depends(coordinator_server)]
@@ -276,9 +277,8 @@ async def get_state(host: Host) -> Response:
 
 
 @router.websocket("/api/runs/{run_id}/ws")
-async def state_feed(ws: WebSocket, run_id: str) -> None:
+async def state_feed(ws: WebSocket, run_id: str, server: Server) -> None:
     """The coordinator state (msgpack bytes), pushed on every change; closed with 4404 for an unknown run."""
-    server: CoordinatorServer = ws.app.state.server
     host = server.hosts.get(run_id)
     if host is None:
         await ws.close(code=4404)
