@@ -11,7 +11,7 @@ DEB_PACKAGES := fortunes chromium clang
 # Only for `make bench`: Python's documentation sources, a corpus of bench/convergence_matrix.py.
 BENCH_DEB_PACKAGES := python3-doc
 
-.PHONY: demo test install debian bench clean
+.PHONY: demo test check install debian bench clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -45,10 +45,17 @@ install: $(STAMP) $(DEB_STAMP)
 	@# The on-chain program, built from source (cached under build/solana by source hash).
 	@$(BIN)/python -m psyche.ledger.solana.build >/dev/null
 
+# The architecture and the types, without the test suite (half a minute): every import points
+# down (import-linter contracts in pyproject.toml) and src/ type-checks (mypy).
+check: install
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
+
 demo: install
 	$(BIN)/psyche demo
 
-test: install
+# The architecture and the types are checked before the tests (see check).
+test: check
 	$(BIN)/python -m pytest -q
 
 bench: install $(BENCH_DEB_STAMP)
