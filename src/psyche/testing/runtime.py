@@ -151,7 +151,7 @@ class RuntimeSwarm:
     and closes every node.
     """
 
-    def __init__(self, cfg: RunConfig, *, checkpoint_root: Path | None = None, blob_timeout: float = 0.3) -> None:
+    def __init__(self, cfg: RunConfig, *, checkpoint_root: Path | None = None, blob_timeout: float = 0.2) -> None:
         self.cfg = cfg
         self.clock = ManualClock()
         self.authority = Identity(b"\xaa" * 32)
@@ -230,8 +230,9 @@ class RuntimeSwarm:
                     raise AssertionError(f"runtime {c.id.hex()[:8]} failed while waiting for {what or condition}") \
                         from c.task.exception()
             if loop.time() > end:
+                last = "; ".join(f"{c.id.hex()[:8]}: {c.said[-1] if c.said else '-'}" for c in self.clients)
                 raise AssertionError(f"not reached in {timeout}s: {what or condition} "
-                                     f"(run is {self.state.run_state.value} at step {self.state.step})")
+                                     f"(run is {self.state.run_state.value} at step {self.state.step}; last said: {last})")
             await asyncio.sleep(0.005)
 
     def settled(self) -> bool:
