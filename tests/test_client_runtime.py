@@ -129,7 +129,7 @@ def test_an_agreed_result_that_cannot_be_fetched_makes_the_node_resync(tokens):
     by the time A applies, so is B's. A quorum verified it, so A must not apply the step without
     it: it withdraws instead of forking."""
     async def scenario():
-        async with RuntimeSwarm(tiny_config(tokens, init_min_clients=3)) as swarm:
+        async with RuntimeSwarm(tiny_config(tokens, init_min_clients=3), blob_timeout=0.1) as swarm:
             a, b, c = (swarm.add() for _ in range(3))
             swarm.net.block(a.id, c.id)
             await swarm.until(lambda: c.id in a.runtime.books[1].commitments and _verified(a, 1, b)

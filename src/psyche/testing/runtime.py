@@ -134,6 +134,7 @@ class SwarmClient:
 
     @property
     def id(self) -> bytes:
+        """The client's id in the run (its public key)."""
         return self.identity.public_key
 
     def saw(self, fragment: str) -> bool:
@@ -141,6 +142,7 @@ class SwarmClient:
         return any(fragment in line for line in self.said)
 
     def weights(self) -> dict[str, Any]:
+        """A CPU copy of the client's current weights (name -> tensor)."""
         return self.trainer.state_tensors()
 
 
