@@ -208,7 +208,7 @@ def test_model_part_from_lying_provider_is_refetched_elsewhere():
 def test_model_fetched_into_a_state_dict_in_place_and_mismatch_refused_first():
     import torch
 
-    from psyche.p2p.model import ModelMismatch
+    from psyche.p2p.errors import ModelMismatch
     from psyche.p2p.torch_io import StateDictSink, model_from_state_dict
 
     async def main():

@@ -25,14 +25,13 @@ benchmarks, is :mod:`psyche.testing.p2p_worker`.
 """
 
 from psyche.p2p.blobs import BlobStore
-from psyche.p2p.errors import BlobUnavailable, ModelUnavailable, NotAMember, P2PError, TransportError
+from psyche.p2p.errors import BlobUnavailable, ModelMismatch, ModelUnavailable, NotAMember, P2PError, TransportError
 from psyche.p2p.gossip import DROP_REASONS
 from psyche.p2p.model import (
     FetchedModel,
     InMemoryModel,
     Manifest,
     MemorySink,
-    ModelMismatch,
     ModelProvider,
     ModelSink,
     RawTensor,

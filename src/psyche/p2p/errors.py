@@ -9,7 +9,8 @@ before any of this package is involved)::
     ├── TransportError       the transport failed to bind/connect/stream (wraps iroh's error): retry later
     ├── NotAMember           the caller asked to reach a peer that is not in the member set: update members
     ├── BlobUnavailable      every provider failed to deliver a verified blob before the timeout
-    └── ModelUnavailable     no trusted manifest, or some parts could not be fetched from any provider
+    ├── ModelUnavailable     no trusted manifest, or some parts could not be fetched from any provider
+    └── ModelMismatch        the model peers serve does not fit the destination (also a ValueError)
 """
 
 from __future__ import annotations
@@ -49,3 +50,10 @@ class BlobUnavailable(P2PError):
 
 class ModelUnavailable(P2PError):
     """The model could not be fetched: no trusted manifest, or parts missing from every provider."""
+
+
+class ModelMismatch(P2PError, ValueError):
+    """The model peers serve does not fit the destination (names, dtypes, shapes or sizes).
+
+    Also a ``ValueError``: it says the data, not the network, is wrong.
+    """

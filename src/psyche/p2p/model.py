@@ -189,10 +189,6 @@ class ModelSink(Protocol):
         if the manifest does not fit this sink; called before any part is fetched."""
 
 
-class ModelMismatch(ValueError):
-    """The model peers serve does not fit the destination (names, dtypes, shapes or sizes)."""
-
-
 class MemorySink:
     """A :class:`ModelSink` that allocates one ``bytearray`` per entry (the default)."""
 

@@ -37,13 +37,12 @@ import msgspec
 
 from psyche.identity import Identity
 from psyche.p2p.blobs import BlobCheckError, BlobReceiver, BlobStore
-from psyche.p2p.errors import BlobUnavailable, ModelUnavailable, NotAMember, TransportError
+from psyche.p2p.errors import BlobUnavailable, ModelMismatch, ModelUnavailable, NotAMember, TransportError
 from psyche.p2p.gossip import Gossip
 from psyche.p2p.model import (
     FetchedModel,
     Manifest,
     MemorySink,
-    ModelMismatch,
     ModelProvider,
     ModelSink,
     PartRef,

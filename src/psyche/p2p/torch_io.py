@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from psyche.p2p.model import DEFAULT_PART_SIZE, InMemoryModel, Kind, Manifest, ModelMismatch, RawTensor
+from psyche.p2p.errors import ModelMismatch
+from psyche.p2p.model import DEFAULT_PART_SIZE, InMemoryModel, Kind, Manifest, RawTensor
 
 _TO_NAME = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
