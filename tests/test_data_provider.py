@@ -122,3 +122,15 @@ def test_http_and_server_providers_are_found_by_name():
     with pytest.raises(DataError, match=r"127\.0\.0\.1:1") as info:
         open_provider("http://127.0.0.1:1/tokens", seq_len=8)
     assert "not available" not in str(info.value)
+
+
+def test_providers_for_opens_a_config_files_folder_relative_to_that_file(tmp_path, monkeypatch):
+    from psyche.config import load_config
+    from psyche.data import providers_for
+
+    make_folder(tmp_path / "cfg" / "data" / "mine", np.arange(2000) % 50, np.arange(2000) % 50)
+    (tmp_path / "cfg" / "run.toml").write_text('name = "x"\n[data]\nlocation = "data/mine"\n')
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # not where the folder is: it must be found from the file
+    data = providers_for(load_config(tmp_path / "cfg" / "run.toml"))
+    assert data.train.source.name == str(tmp_path / "cfg" / "data" / "mine" / "train.bin")

@@ -128,8 +128,10 @@ class RunData:
 
 
 def providers_for(cfg: "RunConfig", *, location: str | Path | None = None) -> RunData:
-    """Train (repeating) and val (one pass) providers as the run config describes them."""
-    loc = location if location is not None else cfg.data.location
+    """Train (repeating) and val (one pass) providers as the run config describes them, at
+    ``location`` if given, else at :meth:`RunConfig.data_location` (a relative folder read
+    from a config file is relative to that file)."""
+    loc = location if location is not None else cfg.data_location()
 
     def split_provider(split: Split, *, repeat: bool) -> SampleProvider:
         return open_provider(loc, split=split, repeat=repeat, seq_len=cfg.model.seq_len,
