@@ -25,6 +25,7 @@ import torch
 
 from psyche.distro import DisTrO
 from psyche.train.checkpoint import load_checkpoint, save_checkpoint
+from psyche.train.device import resolve_device
 from psyche.train.model import build_model, count_parameters
 from psyche.train.schedule import lr_at
 from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
@@ -136,7 +137,7 @@ def train(cfg: "RunConfig", *, out_dir: str | Path, steps: int | None = None, op
     out.mkdir(parents=True, exist_ok=True)
     kind: OptimizerKind = optimizer or cfg.optimizer.kind
     B = batch_size or cfg.coordinator.global_batch_size_end
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(resolve_device(device))
     amp = default_autocast_dtype(dev)
 
     data = prepare_data(cfg, location=data_location, progress=progress)
