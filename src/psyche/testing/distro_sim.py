@@ -152,9 +152,9 @@ def _lr_cfg(cfg: SimConfig, peak: float):
 
 
 def _data(cfg: SimConfig):
-    from psyche.data import ensure_default_dataset, open_provider, read_meta
+    from psyche.data import builds_on_first_use, ensure_default_dataset, open_provider, read_meta
 
-    folder = ensure_default_dataset(cfg.data_dir) if cfg.data_dir == "data/fortunes" else Path(cfg.data_dir)
+    folder = ensure_default_dataset(cfg.data_dir) if builds_on_first_use(cfg.data_dir) else Path(cfg.data_dir)
     vocab = int(read_meta(folder)["vocab_size"])
     train = open_provider(folder, split="train", seq_len=cfg.seq_len, shuffle_seed=cfg.seed, repeat=True, vocab_size=vocab)
     val = open_provider(folder, split="val", seq_len=cfg.seq_len, shuffle_seed=cfg.seed, vocab_size=vocab)
