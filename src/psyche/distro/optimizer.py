@@ -210,12 +210,11 @@ class DisTrO(torch.optim.Optimizer):
         passes the run's step instead, since a peer may join late or skip a step.
         """
         generated = self.param_groups[0].get("generated", 0) if self.param_groups else 0
-        if steps_done is None:
-            steps_done = generated
-        for group in self.param_groups:
-            group["generated"] = generated + 1
+        steps_done = generated if steps_done is None else steps_done
         if steps_done < 0:
             raise ValueError(f"steps_done must be >= 0, got {steps_done}")
+        for group in self.param_groups:
+            group["generated"] = generated + 1
         warmup_factor = momentum_warmup_factor(steps_done, self.warmup_steps)
         out: list[SparseResult] = []
         for group, p in self._params():
