@@ -319,7 +319,6 @@ class ClientRuntime:
                 self._wake.clear()
                 self._tell_wait()  # before acting: a wait (or an epoch) begins before we act on it
                 await self.act()
-                self._tell_wait()
                 try:
                     async with asyncio.timeout(0.5):
                         await self._wake.wait()
