@@ -411,7 +411,12 @@ def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, 
     """
     out: list[str] = []
     total = after.settings.total_steps
-    members = {c.id: c for c in before.clients}
+    # Most changes (a witness report) leave every member and account as it was; the scans
+    # of them below, most of this function's cost at hundreds of clients, run only when
+    # their list changed (comparing the lists is done in C by msgspec).
+    members_changed = before.clients != after.clients
+    accounts_changed = before.accounts != after.accounts
+    members = {c.id: c for c in before.clients} if members_changed or accounts_changed else {}
     where = f" from {origin}" if origin else ""
     for cid in after.pending:
         if cid in before.pending:
@@ -426,15 +431,16 @@ def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, 
     for cid in before.pending:
         if cid not in after.pending and not (started and q.member(after, cid) is not None):
             out.append(f"client {_short(cid)} withdrew before its epoch started")
-    before_addr = {a.id: a.p2p_address for a in before.accounts}
-    after_addr = {a.id: a.p2p_address for a in after.accounts}
-    for c in after.clients:
-        old = members.get(c.id)
-        if old is not None and old.state is ClientState.Healthy and c.state is ClientState.Healthy \
-                and before_addr.get(c.id) != after_addr.get(c.id):
-            out.append(f"client {_short(c.id)} re-registered its P2P address{where}")
+    if accounts_changed:
+        before_addr = {a.id: a.p2p_address for a in before.accounts}
+        after_addr = {a.id: a.p2p_address for a in after.accounts}
+        for c in after.clients:
+            old = members.get(c.id)
+            if old is not None and old.state is ClientState.Healthy and c.state is ClientState.Healthy \
+                    and before_addr.get(c.id) != after_addr.get(c.id):
+                out.append(f"client {_short(c.id)} re-registered its P2P address{where}")
     paused = after.run_state is RunState.Paused and before.run_state is not RunState.Paused
-    if not paused:
+    if members_changed and not paused:
         for c in after.clients:
             old = members.get(c.id)
             if old is not None and old.state is ClientState.Healthy and c.state is not ClientState.Healthy:
