@@ -36,6 +36,7 @@ from psyche.coordinator.queries import (
     is_checkpointer,
     is_warmup_witness,
     member,
+    member_index,
     round_batches,
     round_witnesses,
 )
@@ -116,8 +117,7 @@ class Swarm:
         if phase is RunState.Warmup:
             for cid in ids:
                 if self.coord.state.run_state is RunState.Warmup and is_warmup_witness(self.coord.state, cid):
-                    idx = next(j for j, c in enumerate(s.clients) if c.id == cid)
-                    if idx not in s.warmup_reports:
+                    if member_index(s, cid) not in s.warmup_reports:
                         self.submit(WarmupWitness(), cid)
             return
         if phase in (RunState.RoundTrain, RunState.RoundWitness):
@@ -160,8 +160,7 @@ class Swarm:
         s = self.coord.state
         last = s.step - 1
         for cid in ids:
-            idx = next((j for j, c in enumerate(s.clients) if c.id == cid), None)
-            if is_checkpointer(s, cid) and idx not in s.checkpointed:
+            if is_checkpointer(s, cid) and member_index(s, cid) not in s.checkpointed:
                 digest = hashlib.sha256(b"ckpt" + last.to_bytes(8, "little")).digest()
                 self.submit(Checkpoint(step=last, location=f"sim://ckpt/{last}", sha256=digest), cid)
 
