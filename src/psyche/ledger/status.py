@@ -337,21 +337,9 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         })
     if history is None:
         history = history_rows(coord, store, cfg)
-    summary = run_summary(coord, cfg)
     return {
-        "run_id": summary["run_id"],
-        "name": summary["name"],
-        "description": summary["description"],
-        "state": summary["state"],
-        "epoch": summary["epoch"],
-        "step": summary["step"],
-        "steps_completed": summary["steps_completed"],
-        "total_steps": summary["total_steps"],
-        "clients": clients,
-        "waiting": summary["waiting"],
-        "init_min_clients": summary["init_min_clients"],
-        "tokens_trained": summary["tokens_trained"],
-        "tokens_per_sec": summary["tokens_per_sec"],
+        **run_summary(coord, cfg),
+        "clients": clients,  # listed here, counted in the summary (the key keeps the summary's place)
         "phase_time_left": q.time_left(s, now_i),
         "round": {"height": cur.height, "step": cur.step, "data_index": cur.data_index,
                   "batch_size": cur.batch_size, "witnesses": cur.witnesses} if cur else None,
