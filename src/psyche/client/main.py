@@ -142,14 +142,7 @@ async def _run(args: dict, console: Console) -> int:
         say("stopped")
         return 130
     except KeyInUse as exc:
-        where = describe_address(exc.address)
-        if exc.taken_over:
-            line = (f"another process registered {key_path} at {where} while this one ran; "
-                    f"two nodes cannot share a key: stop one, or give each node its own --key")
-        else:
-            line = (f"{key_path} is in use by a live node at {where} (another psyche client?); "
-                    f"give each node its own key: --key other.key")
-        fail(line)
+        fail(exc.line(str(key_path), describe_address(exc.address)))
     finally:
         _write_profile(runtime, args["profile"], say)
         await node.close()

@@ -96,9 +96,15 @@ class KeyInUse(Exception):
     def __init__(self, address: str, *, taken_over: bool) -> None:
         self.address = address
         self.taken_over = taken_over
-        what = ("another process registered this node's key at {} while this one ran" if taken_over
-                else "this node's key is in use by a live node at {}")
-        super().__init__(what.format(address[:40]) + "; two nodes cannot share a key: stop one, or give each its own --key")
+        super().__init__(self.line("this node's key", address[:40]))
+
+    def line(self, key: str, where: str) -> str:
+        """What to tell the user: ``key`` names the key (e.g. its file), ``where`` the other process."""
+        if self.taken_over:
+            return (f"another process registered {key} at {where} while this one ran; "
+                    "two nodes cannot share a key: stop one, or give each node its own --key")
+        return (f"{key} is in use by a live node at {where} (another psyche client?); "
+                "give each node its own key: --key other.key")
 
 
 def wait_notice(s: CoordinatorState, me: bytes) -> str | None:
