@@ -6,7 +6,7 @@ what it uses, not by the class that happens to provide it:
 
 - :class:`Trainer`: the torch half (model, DisTrO, data); :class:`psyche.client.trainer.LocalTrainer`.
 - :class:`Node`: the P2P node (membership, gossip, blobs, model sharing); :class:`psyche.p2p.P2PNode`.
-- :class:`NodeIdentity`: whose key this node signs with; :class:`psyche.p2p.Identity`.
+- :class:`NodeIdentity`: whose key this node signs with; :class:`psyche.identity.Identity`.
 
 The ports are structural (``typing.Protocol``): the real classes do not inherit
 from them, and ``mypy`` checks that they fit wherever a runtime is built.
