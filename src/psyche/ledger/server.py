@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exception_handlers import http_exception_handler
@@ -227,13 +227,27 @@ def run_host(run_id: str, server: Server) -> RunHost:
 Host = Annotated[RunHost, Depends(run_host)]
 
 
-async def signed_request(request: Request, run_id: str, kind: RequestKind, *, reason: str) -> SignedRequest:
-    """The request's envelope, verified: for this run, of this kind, signed by its signer.
-    ``reason``: what a malformed one is counted as."""
+Body = TypeVar("Body")
+
+
+async def signed_request(request: Request, run_id: str, kind: RequestKind, decode: Callable[[bytes], Body], *,
+                         reason: str) -> tuple[SignedRequest, Body]:
+    """The request's envelope, verified (for this run, of this kind, signed by its signer), and
+    its body as ``decode`` reads it. ``reason``: what a malformed one is counted as, an envelope
+    that does not verify or a body ``decode`` refuses with ``ValueError``."""
     try:
-        return open_request(await request.body(), run_id=run_id, kind=kind)
+        req = open_request(await request.body(), run_id=run_id, kind=kind)
+        return req, decode(req.body)
     except ValueError as exc:
         raise MalformedRequest(reason, str(exc)) from None
+
+
+def decode_report(body: bytes) -> dict[str, Any]:
+    """A report's body: a JSON object with an integer ``step`` (``ValueError`` otherwise)."""
+    report = json.loads(body)
+    if not isinstance(report, dict) or not isinstance(report.get("step"), int):
+        raise ValueError("a report is a JSON object with an integer 'step'")
+    return report
 
 
 def require_fresh_nonce(server: CoordinatorServer, run_id: str, req: SignedRequest) -> None:
@@ -306,11 +320,7 @@ async def state_feed(ws: WebSocket, run_id: str, server: Server) -> None:
                                                            "instruction, its body an encoded instruction."}})
 async def post_instruction(run_id: str, request: Request, host: Host, server: Server) -> Applied:
     """Apply one signed instruction to the run's coordinator."""
-    req = await signed_request(request, run_id, "instruction", reason="bad_request")
-    try:
-        instruction = decode_instruction(req.body)
-    except ValueError as exc:
-        raise MalformedRequest("bad_request", str(exc)) from None
+    req, instruction = await signed_request(request, run_id, "instruction", decode_instruction, reason="bad_request")
     require_fresh_nonce(server, run_id, req)
     if (err := host.apply(instruction, req.signer, nonce=req.nonce)) is not None:
         raise err
@@ -327,13 +337,7 @@ async def post_instruction(run_id: str, request: Request, host: Host, server: Se
                                                            "with an integer step and the metrics of REPORT_FIELDS."}})
 async def post_report(run_id: str, request: Request, host: Host, server: Server) -> Accepted:
     """Store a member's signed metrics for a step."""
-    req = await signed_request(request, run_id, "report", reason="bad_report")
-    try:
-        report = json.loads(req.body)
-    except ValueError as exc:
-        raise MalformedRequest("bad_report", str(exc)) from None
-    if not isinstance(report, dict) or not isinstance(report.get("step"), int):
-        raise MalformedRequest("bad_report", "a report is a JSON object with an integer 'step'")
+    req, report = await signed_request(request, run_id, "report", decode_report, reason="bad_report")
     if q.member(host.coordinator.state, req.signer) is None:
         raise ReportFromNonMember("non_member_report", "only members of the run may report metrics")
     require_fresh_nonce(server, run_id, req)
