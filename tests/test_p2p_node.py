@@ -19,6 +19,7 @@ from psyche.p2p import (
     ResultCommitment,
     SignedMessage,
 )
+from psyche.p2p.node import endpoint_answers
 
 RUN = "run-x"
 
@@ -294,5 +295,19 @@ def test_upload_and_download_caps_are_kept_and_shown_per_peer():
         assert c.download_rate == 4_000_000 and a.upload_rate is None
         for nd in nodes:
             await nd.close()
+
+    asyncio.run(main())
+
+
+def test_endpoint_answers_only_while_a_live_endpoint_holds_the_key_there():
+    async def main():
+        net, (a, b) = await _cluster(2)
+        prober = net.transport(Identity(b"\x66" * 32).public_key)  # dials with a key of its own, as in use
+        assert await endpoint_answers(a.public_key, a.address, transport=prober)
+        assert not await endpoint_answers(b.public_key, a.address, transport=prober), "another key at that address"
+        await a.close()
+        assert not await endpoint_answers(a.public_key, a.address, transport=prober), "the process is gone"
+        await b.close()
+        await prober.close()
 
     asyncio.run(main())
