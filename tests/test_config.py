@@ -58,3 +58,16 @@ def test_cli_validate_config(tmp_path):
     missing = runner.invoke(app, ["validate-config", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 1 and "cannot read" in missing.output
 
+
+
+def test_cli_validate_config_says_the_default_data_is_built_on_first_use(tmp_path, monkeypatch):
+    from psyche.data.tokenize import DEFAULT_CORPUS_DIR
+
+    if not DEFAULT_CORPUS_DIR.is_dir():
+        pytest.skip("Debian package fortunes is not installed")
+    monkeypatch.chdir(tmp_path)  # no data/fortunes here yet
+    (tmp_path / "run.toml").write_text('name = "x"\n')
+    res = CliRunner().invoke(app, ["validate-config", "run.toml"])
+    assert res.exit_code == 0, res.output
+    assert "data data/fortunes: not built yet: psyche train, client and demo build it" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"], "validate-config builds nothing"

@@ -115,7 +115,7 @@ def validate_config(
     whose vocabulary fits model.vocab_size; an http(s):// or psyche:// one is not contacted.
     """
     from psyche.config import ConfigError, load_config
-    from psyche.data import builds_on_first_use, data_problems, is_checked_offline
+    from psyche.data import data_problems, is_checked_offline, not_built_yet
 
     try:
         cfg = load_config(path)
@@ -126,7 +126,7 @@ def validate_config(
     loc = cfg.data_location()
     if not is_checked_offline(cfg):
         data = "remote, not checked here: each client checks it when it opens it"
-    elif builds_on_first_use(loc) and not Path(loc).exists():
+    elif not_built_yet(loc):
         data = "not built yet: psyche train, client and demo build it from Debian's fortunes on first use"
     else:
         data = "a token folder that fits the model"

@@ -158,7 +158,7 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
     """Run the whole local network; returns the process exit code (0 when the run Finished).
 
     Raises :class:`~psyche.config.ConfigError` before creating anything if ``config`` is not a valid run config."""
-    from psyche.data import ensure_default_dataset
+    from psyche.data import ensure_default_dataset, not_built_yet
 
     console = console or Console()
     if port is not None and (problem := port_problem("127.0.0.1", port)):
@@ -166,8 +166,8 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
         return 1
     base = load_config(config or DEFAULT_CONFIG)
     location = base.data_location()  # a folder written in the config file is relative to that file
-    if location == "data/fortunes" and not Path(location).exists():
-        location = str(ensure_default_dataset(Path("data/fortunes")).resolve())
+    if not_built_yet(location):
+        location = str(ensure_default_dataset(location).resolve())
     cfg = demo_config(base, clients=clients, steps=steps, data_location=str(Path(location).resolve()) if Path(location).exists() else location)
     out = out.resolve()
     for sub in ("keys", "logs", "profiles"):

@@ -183,12 +183,12 @@ def check_config(path: Path, ctx: Context) -> list[Finding]:
 def check_data(cfg: RunConfig, location: str | None) -> list[Finding]:
     """Whether the run's token data (or ``location`` instead) opens here with a vocabulary
     that fits the model; a remote location is contacted (validate-config does not)."""
-    from psyche.data import DataError, builds_on_first_use, data_problems, providers_for
+    from psyche.data import DataError, data_problems, not_built_yet, providers_for
 
     where = location if location is not None else cfg.data_location()
     if problems := data_problems(cfg, location=location):
         return [Finding("FAIL", "data", f"{p.field}: {p.message}") for p in problems]
-    if builds_on_first_use(where) and not Path(where).exists():
+    if not_built_yet(where):
         return [Finding("ok", "data", f"{where} is not built yet: the client builds it from Debian's fortunes "
                         "on first use")]
     try:

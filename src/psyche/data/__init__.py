@@ -9,7 +9,7 @@ Public API::
     SOURCES                        # provider name -> how to open its TokenSource (local, http, server)
     tokenize_corpus(...), ensure_default_dataset(out_dir="data/fortunes") -> Path
     data_problems(run_cfg) -> list[ConfigProblem]   # why its local token folder cannot be used (reads meta.json and sizes)
-    builds_on_first_use(location), is_checked_offline(run_cfg)
+    builds_on_first_use(location), not_built_yet(location), is_checked_offline(run_cfg)
     DataError, DataMissingError, TokenWidthError, SampleIndexError
 """
 
@@ -17,7 +17,7 @@ from psyche.data.errors import DataError, DataMissingError, SampleIndexError, To
 from psyche.data.provider import SOURCES, RunData, SampleProvider, open_provider, provider_kind, providers_for
 from psyche.data.tokens import TokenFile, TokenSource, open_token_folder_split, read_meta, token_dtype_for
 from psyche.data.tokenize import EOT, corpus_files, ensure_default_dataset, tokenize_corpus
-from psyche.data.check import builds_on_first_use, data_problems, is_checked_offline
+from psyche.data.check import builds_on_first_use, data_problems, is_checked_offline, not_built_yet
 
 __all__ = [
     "EOT",
@@ -35,6 +35,7 @@ __all__ = [
     "data_problems",
     "ensure_default_dataset",
     "is_checked_offline",
+    "not_built_yet",
     "open_provider",
     "open_token_folder_split",
     "provider_kind",

@@ -29,6 +29,12 @@ def builds_on_first_use(location: str | Path) -> bool:
     return Path(location).absolute() == DEFAULT_OUT_DIR.absolute()
 
 
+def not_built_yet(location: str | Path) -> bool:
+    """True when ``location`` is the default token folder (:func:`builds_on_first_use`)
+    and it is not there yet: the first ``psyche train``, ``client`` or ``demo`` builds it."""
+    return builds_on_first_use(location) and not Path(location).exists()
+
+
 def is_checked_offline(cfg: "RunConfig") -> bool:
     """Whether :func:`data_problems` looks at the data itself (a local folder) rather than
     leaving it to the client that opens it (an http(s):// or psyche:// location)."""
@@ -68,13 +74,13 @@ def data_problems(cfg: "RunConfig", *, location: str | None = None) -> list[Conf
     def problem(message: str, field: str = "data.location") -> list[ConfigProblem]:
         return [ConfigProblem(field, message)]
 
+    if not_built_yet(folder):
+        if DEFAULT_CORPUS_DIR.is_dir():
+            return []
+        return problem(f"{where} is not built yet and the Debian fortunes corpus it is built from "
+                       f"({DEFAULT_CORPUS_DIR}) is missing; install the package fortunes, or build it "
+                       f"from your own text with `psyche tokenize --corpus FILE_OR_FOLDER --out {loc}`")
     if not folder.exists():
-        if builds_on_first_use(folder):
-            if DEFAULT_CORPUS_DIR.is_dir():
-                return []
-            return problem(f"{where} is not built yet and the Debian fortunes corpus it is built from "
-                           f"({DEFAULT_CORPUS_DIR}) is missing; install the package fortunes, or build it "
-                           f"from your own text with `psyche tokenize --corpus FILE_OR_FOLDER --out {loc}`")
         return problem(f"no folder {where}; build it with `psyche tokenize --out {loc}` "
                        "(add --corpus FILE_OR_FOLDER for your own text)")
     if not folder.is_dir():
