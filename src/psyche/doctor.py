@@ -203,7 +203,7 @@ def model_parameters(cfg: RunConfig) -> int:
     """How many parameters the run's model has (built on the meta device: no memory, no init)."""
     import torch
 
-    from psyche.train.model import llama_config, quiet_transformers
+    from psyche.train.model import count_parameters, llama_config, quiet_transformers
 
     quiet_transformers()
     from transformers import AutoConfig, LlamaForCausalLM
@@ -211,7 +211,7 @@ def model_parameters(cfg: RunConfig) -> int:
     conf = AutoConfig.from_pretrained(cfg.model.checkpoint) if cfg.model.checkpoint else llama_config(cfg.model)
     with torch.device("meta"):
         model = LlamaForCausalLM(conf)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)
 
 
 def _available_memory() -> int | None:
