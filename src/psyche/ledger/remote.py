@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -125,14 +126,20 @@ class ServerLedger(Ledger):
         # time, each signed when its turn comes.
         self._signed_post = asyncio.Lock()
 
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The server's answer to one HTTP request, noting that it answered; ``LedgerUnavailable``
+        (noting that it did not) when it could not be reached."""
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from exc
+        self._answered()
+        return resp
+
     async def _post_signed(self, path: str, kind: RequestKind, body: bytes) -> None:
         async with self._signed_post:
             signed = sign_request(self.signer, self.run_id, kind, body)
-            try:
-                resp = await self._http.post(path, content=signed, headers={"content-type": "application/msgpack"})
-            except httpx.TransportError as exc:
-                raise self._unavailable(exc) from exc
-        self._answered()
+            resp = await self._request("POST", path, content=signed, headers={"content-type": "application/msgpack"})
         self._raise_for(resp)
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
@@ -168,22 +175,14 @@ class ServerLedger(Ledger):
         await self._post_signed(f"/api/runs/{self.run_id}/reports", "report", json.dumps(report).encode())
 
     async def state(self) -> Coordinator:
-        try:
-            resp = await self._http.get(f"/api/runs/{self.run_id}/state")
-        except httpx.TransportError as exc:
-            raise self._unavailable(exc) from exc
-        self._answered()
+        resp = await self._request("GET", f"/api/runs/{self.run_id}/state")
         if resp.status_code != 200:
             self._raise_for(resp)
         return Coordinator.from_bytes(resp.content)
 
     async def status(self) -> dict:
         """The run's JSON status (the same as ``GET /api/runs/{run_id}``)."""
-        try:
-            resp = await self._http.get(f"/api/runs/{self.run_id}")
-        except httpx.TransportError as exc:
-            raise self._unavailable(exc) from exc
-        self._answered()
+        resp = await self._request("GET", f"/api/runs/{self.run_id}")
         self._raise_for(resp)
         return resp.json()
 
