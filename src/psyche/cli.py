@@ -65,6 +65,10 @@ def serve_http(app_, *, host: str, port: int, banner: str) -> None:
 # The torch device option, the same on every command that computes.
 DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")]
 
+# What `psyche client` uses unless told otherwise, and so what `psyche doctor` checks by default.
+CLIENT_KEY = Path("client.key")
+CLIENT_BIND = "127.0.0.1:0"
+
 
 def _print_version(value: bool) -> None:
     if value:
@@ -430,11 +434,11 @@ def client_cmd(
     server: Annotated[str | None, typer.Option(metavar="URL", help="Coordinator server URL, e.g. http://127.0.0.1:8000 "
                                                     "(required: this or --solana).")] = None,
     run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to join (default: the server's only run).")] = None,
-    key: Annotated[Path, typer.Option(metavar="FILE", help="This node's ed25519 key file; created if missing.")] = Path("client.key"),
+    key: Annotated[Path, typer.Option(metavar="FILE", help="This node's ed25519 key file; created if missing.")] = CLIENT_KEY,
     device: DeviceOpt = "auto",
     checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where to write checkpoints when selected.")] = None,
     data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Override the run's data location (path, http URL, psyche://).")] = None,
-    bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address.")] = "127.0.0.1:0",
+    bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address.")] = CLIENT_BIND,
     solana: Annotated[str | None, typer.Option(metavar="URL", help="Solana RPC URL (required instead of --server for a run on Solana).")] = None,
     keypair: Annotated[Path | None, typer.Option(metavar="FILE", help="Solana keypair file (with --solana; default: --key).")] = None,
     config: Annotated[Path | None, typer.Option(metavar="FILE", help="The run's config TOML (with --solana; checked against the chain).")] = None,
@@ -508,11 +512,11 @@ def doctor_cmd(
     server: Annotated[str | None, typer.Option(metavar="URL", help="The coordinator server of the run to join.")] = None,
     run_id: Annotated[str | None, typer.Option(metavar="ID", help="Run to check (default: the server's only run).")] = None,
     config: Annotated[Path | None, typer.Option(metavar="FILE", help="A run config TOML to check (alone, or against the server's run).")] = None,
-    key: Annotated[Path, typer.Option(metavar="FILE", help="The node key `psyche client` would use.")] = Path("client.key"),
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The node key `psyche client` would use.")] = CLIENT_KEY,
     device: DeviceOpt = "auto",
     data: Annotated[str | None, typer.Option(metavar="LOCATION", help="Data location `psyche client --data` would use.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where checkpoints would be written (default: here).")] = None,
-    bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address `psyche client --bind` would use.")] = "127.0.0.1:0",
+    bind: Annotated[str, typer.Option(metavar="HOST:PORT", help="P2P bind address `psyche client --bind` would use.")] = CLIENT_BIND,
     wait: Annotated[float, typer.Option(metavar="SECONDS", min=0, help="Keep trying a coordinator that does not answer yet (one just started) this long.")] = 0,
 ) -> None:
     """Check that this machine, its key, the run's data and the network are ready to join a run.

@@ -334,9 +334,11 @@ def check_peers(state: CoordinatorState, key: Path, bind: str, *, sample: int = 
 
 
 def diagnose(*, server: str | None = None, run_id: str | None = None, config: Path | None = None,
-             key: Path = Path("client.key"), device: str = "auto", data: str | None = None,
-             checkpoint_dir: Path | None = None, bind: str = "127.0.0.1:0", wait: float = 0.0) -> list[Finding]:
+             key: Path, device: str = "auto", data: str | None = None,
+             checkpoint_dir: Path | None = None, bind: str, wait: float = 0.0) -> list[Finding]:
     """Run every check that the arguments make possible; return their findings in order.
+
+    ``key`` and ``bind`` are what ``psyche client`` would use (the CLI's defaults are its).
 
     Without ``server`` or ``config`` the run-specific checks (data, memory) are skipped,
     and a ``warn`` finding says how to include them. ``wait``: seconds to keep trying a
