@@ -148,6 +148,68 @@ def test_state_feed_ends_when_its_client_leaves_though_nothing_changes(tmp_path,
     assert asyncio.run(scenario()) == ["websocket.accept", "websocket.send"]
 
 
+def test_state_feed_sends_a_change_made_while_it_was_sending(tmp_path, authority):
+    """A state change applied while the feed is sending the previous state reaches the client
+    at once. It used to wait for the next change or the feed's 10 s timeout: in an e2e run two
+    clients whose feeds were busy when round 3 started saw no round 3 until it timed out 8 s
+    later, so they trained nothing for it and were dropped."""
+    import asyncio
+
+    a = Identity.generate()
+    server = make_server(tmp_path / "run.sqlite", authority)
+    host = server.hosts["srv-test"]
+    app = create_app(server)
+
+    async def scenario() -> list[Coordinator]:
+        inbox: asyncio.Queue = asyncio.Queue()
+        inbox.put_nowait({"type": "websocket.connect"})
+        states: list[Coordinator] = []
+        two = asyncio.Event()
+
+        async def send(msg):
+            if msg["type"] != "websocket.send":
+                return
+            states.append(Coordinator.from_bytes(msg["bytes"]))
+            if len(states) == 1:
+                # The change lands while the feed is in its send of the state before it.
+                assert host.apply(Join(p2p_address="addr-a"), a.public_key) is None
+                await asyncio.sleep(0)
+            else:
+                two.set()
+
+        scope = {"type": "websocket", "path": "/api/runs/srv-test/ws", "raw_path": b"/api/runs/srv-test/ws",
+                 "query_string": b"", "headers": [], "scheme": "ws", "server": ("test", 80), "client": ("test", 1),
+                 "root_path": "", "subprotocols": [], "asgi": {"version": "3.0"}, "app": app}
+        feed = asyncio.ensure_future(app(scope, inbox.get, send))
+        try:
+            async with asyncio.timeout(3):  # well under the feed's own 10 s wait
+                await two.wait()
+        finally:
+            inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+            await asyncio.wait_for(feed, 5)
+        return states
+
+    first, second = asyncio.run(scenario())
+    assert not first.is_member(a.public_key) and second.is_member(a.public_key)
+
+
+def test_a_change_before_the_wait_begins_is_not_missed(tmp_path, authority):
+    """``wait_changed(seq)`` returns at once when the state moved past ``seq`` before the
+    wait began (a waiter task that had not started yet when the change came)."""
+    import asyncio
+
+    host = make_server(tmp_path / "run.sqlite", authority).hosts["srv-test"]
+
+    async def scenario() -> tuple[bool, bool]:
+        seen = host.seq
+        waiter = asyncio.ensure_future(host.wait_changed(seen, timeout=2))
+        assert host.apply(Join(p2p_address="addr-a"), Identity.generate().public_key) is None
+        moved = await waiter
+        return moved, await host.wait_changed(host.seq, timeout=0.05)
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
 def test_envelope_roundtrip_and_rejections():
     ident = Identity.generate()
     body = encode_instruction(Tick())

@@ -40,5 +40,6 @@ class EmbeddedLedger(Ledger):
 
     async def watch(self) -> AsyncIterator[Coordinator]:
         while True:
+            seq = self.host.seq
             yield await self.state()
-            await self.host.wait_changed()
+            await self.host.wait_changed(seq)  # a change while the consumer held the state counts

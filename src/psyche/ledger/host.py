@@ -145,8 +145,16 @@ class RunHost:
         self.apply(Tick(), self.host_key)
         return self.seq != seq
 
-    async def wait_changed(self, timeout: float | None = None) -> bool:
-        """Wait until the next state change (True) or the timeout (False)."""
+    async def wait_changed(self, since: int, timeout: float | None = None) -> bool:
+        """Wait until the state moved past ``since`` (the :attr:`seq` the caller last saw): True at
+        once if it already has, else at the next change; False after ``timeout`` seconds.
+
+        Taking the seen ``seq`` (not "the next change") matters: a change applied after the
+        caller read the state but before this wait began (while it sent that state, or before
+        its waiter task started) would otherwise go unseen until a later change.
+        """
+        if self.seq != since:
+            return True
         event = self._changed
         try:
             async with asyncio.timeout(timeout):

@@ -305,7 +305,9 @@ async def state_feed(ws: WebSocket, run_id: str, server: Server) -> None:
             if host.seq != seq:
                 seq = host.seq
                 await ws.send_bytes(host.coordinator.to_bytes())
-            changed = asyncio.ensure_future(host.wait_changed(timeout=10))
+            # Since the seq just sent: a change applied during the send, or before this
+            # waiter starts, must not wait for a later one (clients would miss a round).
+            changed = asyncio.ensure_future(host.wait_changed(seq, timeout=10))
             await asyncio.wait({changed, closed}, return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
