@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
 BENCH_DEB_STAMP := $(VENV)/.debian-bench
 # Debian packages the project uses: the default English corpus (fortunes),
-# headless Chromium for the dashboard test, clang (bpfel) to build the Solana program.
-DEB_PACKAGES := fortunes chromium clang
+# headless Chromium for the dashboard test, clang (bpfel) to build the Solana program,
+# nftables for the WAN testbed (random loss, link down).
+DEB_PACKAGES := fortunes chromium clang nftables
 # Only for `make bench`: Python's documentation sources, a corpus of bench/convergence_matrix.py.
 BENCH_DEB_PACKAGES := python3-doc
 

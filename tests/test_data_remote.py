@@ -11,7 +11,7 @@ import uvicorn
 
 from psyche.data import DataMissingError, SampleIndexError, open_provider, tokenize_corpus
 from psyche.data.server import create_data_app
-from psyche.demo import free_port
+from psyche.localports import free_port
 
 TEXT = "\n%\n".join(
     f"Fortune number {i}: a penny saved is {i} pennies earned, said the {['owl', 'fox', 'cat'][i % 3]}."

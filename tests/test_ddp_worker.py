@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tomli_w
 
-from psyche.demo import free_port
+from psyche.localports import free_port
 from tests.netutil import ROOT, small_config
 
 

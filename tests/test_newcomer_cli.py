@@ -152,7 +152,7 @@ def test_doctor_without_a_run_says_what_it_did_not_check(tmp_path):
 
 
 def test_doctor_against_a_server_that_is_not_there(tmp_path):
-    from psyche.demo import free_port
+    from psyche.localports import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     res = psyche("doctor", "--server", url, "--key", str(tmp_path / "k.key"), cwd=tmp_path)

@@ -18,7 +18,7 @@ import pytest
 
 from psyche.config import parse_config
 from psyche.coordinator import Coordinator, Join, Pause, Resume, Tick, Withdraw
-from psyche.demo import free_port
+from psyche.localports import free_port
 from psyche.ledger.remote import Reachability, server_url_problem
 from psyche.ledger.status import run_events, run_summary
 from psyche.client.runtime import wait_notice

@@ -103,7 +103,7 @@ def require_device(device: str) -> str:
 
 def require_port(host: str, port: int) -> None:
     """Exit with a clear line unless a server could listen on ``host:port``; call before creating anything."""
-    from psyche.demo import port_problem
+    from psyche.localports import port_problem
 
     if problem := port_problem(host, port):
         fail(f"{problem}; is another server running there? Pass another --port")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,27 +30,9 @@ from rich.live import Live
 from rich.table import Table
 
 from psyche.config import RunConfig, load_config, parse_config
+from psyche.localports import free_port, port_problem
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "tiny-fortunes.toml"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_problem(host: str, port: int) -> str | None:
-    """Why a server could not listen on ``host:port`` right now (None if it could)."""
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            # As uvicorn binds: connections of a server that just stopped (TIME_WAIT) do not count.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as exc:
-        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    return None
 
 
 def demo_config(base: RunConfig, *, clients: int, steps: int, data_location: str) -> RunConfig:

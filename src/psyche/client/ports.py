@@ -66,6 +66,10 @@ class Trainer(Protocol):
         """A CPU copy of the weights (what peers fetch)."""
         ...
 
+    def weights_digest(self) -> str:
+        """sha256 (hex) of the weights; equal on nodes holding bit-identical weights."""
+        ...
+
     def parameters(self) -> int:
         """Number of parameters of the loaded model."""
         ...

@@ -359,6 +359,9 @@ class ClientRuntime:
         prof = timing.profile(self.trainer.timer, wall_seconds=time.perf_counter() - wall0,
                               cpu_seconds=time.process_time() - cpu0, client=self.me.hex(),
                               steps_trained=self.steps_trained)
+        # What a test compares across nodes: the last step applied and the weights it left.
+        prof["applied_step"] = self.applied_step
+        prof["weights_sha256"] = self.trainer.weights_digest() if self.trainer.ready else None
         prof["p2p"] = {"upload_limit": self.node.upload_rate, "download_limit": self.node.download_rate,
                        "peers": {k.hex(): v.to_dict() for k, v in self.node.stats().items()}}
         return prof

@@ -123,6 +123,17 @@ class LocalTrainer:
         assert self.model is not None
         return {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
 
+    def weights_digest(self) -> str:
+        """sha256 (hex) of the weights: every tensor's raw bytes, by name in sorted order.
+
+        Two nodes holding bit-identical weights give the same digest."""
+        assert self.model is not None
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def parameters(self) -> int:
         """Number of parameters of the loaded model."""
         assert self.model is not None
