@@ -26,7 +26,8 @@ Topology (all of it created by :class:`Testbed`, named ``psytb-<tag>-...``)::
 Every process a node starts is in its cgroup, so :meth:`Testbed.down` finds and
 kills them all, then removes the cgroups, namespaces and links. A testbed whose
 owning process died without ``down`` is removed by the next :func:`sweep`
-(``psyche testbed down``, and every new :class:`Testbed`).
+(``psyche testbed down``, and every new :class:`Testbed`); one made with
+``up(keep=True)`` stays until ``psyche testbed down``.
 """
 
 from __future__ import annotations
@@ -168,13 +169,17 @@ class Testbed:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
-    def up(self) -> None:
-        """Create the namespaces, links, shaping and cgroups (and remove testbeds left by dead owners)."""
+    def up(self, *, keep: bool = False) -> None:
+        """Create the namespaces, links, shaping and cgroups (and remove testbeds left by dead owners).
+
+        ``keep``: the testbed outlives this process (``psyche testbed up``) until
+        :func:`sweep` with ``everything`` (``psyche testbed down``) removes it."""
         if (problem := missing_requirement()) is not None:
             raise TestbedUnavailable(problem)
         sweep()
         REGISTRY.mkdir(parents=True, exist_ok=True)
-        self._registry().write_text(json.dumps({"owner": os.getpid(), "nodes": list(self.nodes)}))
+        self._registry().write_text(json.dumps({"owner": None if keep else os.getpid(), "nodes": list(self.nodes),
+                                                "control": {}}))
         self._up = True
         try:
             sh("ip", "netns", "add", self.hub)
@@ -213,6 +218,9 @@ class Testbed:
         dev = f"{PREFIX}{self.tag}-k{len(self._control)}"  # 15 characters: the most a name may have
         sh("ip", "link", "add", dev, "type", "veth", "peer", "name", "ctl0", "netns", self.netns(node))
         self._control[node] = (dev, a, b)
+        entry = json.loads(self._registry().read_text())
+        entry["control"] = {n: ip for n, (_, _, ip) in self._control.items()}
+        self._registry().write_text(json.dumps(entry))
         sh("ip", "addr", "add", f"{a}/30", "dev", dev)
         sh("ip", "link", "set", dev, "up")
         sh("ip", "-n", self.netns(node), "addr", "add", f"{b}/30", "dev", "ctl0")
@@ -337,10 +345,11 @@ def sweep(*, everything: bool = False) -> list[str]:
     if REGISTRY.exists():
         for entry in REGISTRY.glob("*.json"):
             try:
-                owner = int(json.loads(entry.read_text())["owner"])
+                owner = json.loads(entry.read_text())["owner"]
             except (ValueError, KeyError, OSError):
                 owner = -1
-            if everything or owner < 0 or not _owner_alive(owner):
+            if everything or (owner is not None and (not isinstance(owner, int) or owner < 0
+                                                     or not _owner_alive(owner))):
                 tags.add(entry.stem)
     if everything:
         # Also what no registry entry names (a registry lost with /run).
