@@ -232,6 +232,164 @@ def bench_distro_cmd(
     print(json.dumps(report))
 
 
+testbed_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(testbed_app, name="testbed", help="A WAN on this machine (root): nodes in network namespaces "
+              "behind shaped, lossy links with CPU shares, to run a network on.")
+
+
+def _testbed_link_text(mbit: float | None, loss: float) -> str:
+    return f"{'unshaped' if mbit is None else f'{mbit:g} Mbit/s'}, loss {loss:g} %"
+
+
+@testbed_app.command("up")
+def testbed_up_cmd(
+    clients: Annotated[int, typer.Option(metavar="N", min=1, max=249, help="Client nodes c0 .. cN-1.")] = 3,
+    mbit: Annotated[float, typer.Option(metavar="RATE", help="Each client's link rate, Mbit/s in each direction.")] = 20,
+    loss: Annotated[float, typer.Option(metavar="PERCENT", help="Share of packets each client's link drops, in each direction.")] = 0.5,
+    cpu: Annotated[float, typer.Option(metavar="CORES", help="Each client's CPU share, in cores.")] = 0.6,
+    server_mbit: Annotated[str, typer.Option(metavar="RATE|none", help="The server node's link rate, Mbit/s (none: unshaped, no loss).")] = "none",
+    run: Annotated[bool, typer.Option("--run", help="Also start a run on it: a coordinator server on node server and a client on each client node.")] = False,
+    steps: Annotated[int, typer.Option(metavar="N", min=1, help="With --run: optimizer steps to train.")] = 40,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="With --run: folder for the run's config, database, keys, logs and checkpoint.")] = Path("runs/testbed"),
+    config: Annotated[Path | None, typer.Option(metavar="FILE", help="With --run: base run config (default: config/tiny-fortunes.toml).")] = None,
+) -> None:
+    """Create a testbed that stays up until `psyche testbed down`.
+
+    Its nodes: server (reachable from here over an unshaped control link) and clients
+    c0 .. cN-1, each behind its shaped, lossy link and CPU share. Latency is not emulated.
+    """
+    from psyche.testbed import Link, Node, Testbed, TestbedError, TestbedUnavailable, missing_requirement
+    from psyche.testing.network import client_node
+
+    server_rate: float | None = None
+    if server_mbit.strip().lower() != "none":
+        try:
+            server_rate = float(server_mbit)
+        except ValueError:
+            fail(f"--server-mbit must be a rate in Mbit/s or none (got {server_mbit!r})")
+    # The testbed's own rules, each told with the option that broke it.
+    checks = {"--mbit": lambda: Link(mbit=mbit), "--loss": lambda: Link(loss=loss),
+              "--cpu": lambda: Node("c0", cpu=cpu), "--server-mbit": lambda: Link(mbit=server_rate)}
+    for option, check in checks.items():
+        try:
+            check()
+        except ValueError as exc:
+            fail(f"{option}: {exc}")
+    if (problem := missing_requirement()) is not None:
+        fail(problem)  # before --run builds the data set
+    cfg = None
+    if run:
+        from psyche.config import ConfigError, load_config
+        from psyche.data import DataError, ensure_default_dataset, not_built_yet
+        from psyche.demo import DEFAULT_CONFIG, demo_config
+
+        try:
+            base = load_config(config or DEFAULT_CONFIG)
+            location = base.data_location()  # a folder written in the config file is relative to that file
+            if not_built_yet(location):
+                location = str(ensure_default_dataset(location).resolve())
+            if Path(location).exists():
+                location = str(Path(location).resolve())  # the processes on the nodes may start elsewhere
+            cfg = demo_config(base, clients=clients, steps=steps, data_location=location)
+        except ConfigError as exc:
+            fail_config(exc)
+        except DataError as exc:
+            fail(str(exc))
+
+    nodes = [Node("server", Link(mbit=server_rate), control=True)]
+    nodes += [Node(client_node(i), Link(mbit=mbit, loss=loss), cpu=cpu) for i in range(clients)]
+    bed = Testbed(nodes)
+    try:
+        bed.up(keep=True)
+    except TestbedUnavailable as exc:
+        fail(str(exc))
+    except TestbedError as exc:
+        fail(f"could not create the testbed: {exc}")
+    console.print(f"testbed {bed.tag} is up until `psyche testbed down`:", highlight=False, markup=False)
+    for node in nodes:
+        control = f"  control {bed.control_ip(node.name)}" if node.control else ""
+        console.print(f"  {node.name:<8} netns {bed.netns(node.name):<22} {bed.ip(node.name):<11} "
+                      f"link {_testbed_link_text(node.link.mbit, node.link.loss):<26} "
+                      f"cpu {'unlimited' if node.cpu is None else f'{node.cpu:g} cores'}{control}",
+                      highlight=False, markup=False)
+    ns, group = bed.netns(client_node(0)), bed.cgroup(client_node(0))
+    console.print(f"From here, node server is at {bed.control_ip('server')} (unshaped); the nodes reach each other "
+                  "at their addresses above.\n"
+                  f"Run a command on {client_node(0)}:  ip netns exec {ns} ip -br addr\n"
+                  f"... inside its CPU share, and killed by `psyche testbed down`:  "
+                  f"sh -c 'echo $$ > {group}/cgroup.procs && exec ip netns exec {ns} COMMAND'",
+                  highlight=False, markup=False)
+    if cfg is None:
+        return
+
+    from psyche.testing.network import Network
+
+    root = out.resolve()
+    (root / "profiles").mkdir(parents=True, exist_ok=True)
+    (root / "run.sqlite").unlink(missing_ok=True)  # a fresh run; `psyche server` keeps databases for restarts
+    net = Network(root, cfg, bed=bed)
+    try:
+        net.start_server()
+    except AssertionError:
+        bed.down()
+        fail(f"the coordinator server did not start on node server (the testbed is removed); "
+             f"its log: {root / 'logs' / 'server.log'}")
+    for i in range(clients):
+        net.start_client(i)
+    # Not net.stop(): the processes stay, in their nodes' cgroups, until `psyche testbed down`.
+    console.print(f"Run {cfg.run_id} started: {clients} clients, {steps} steps. Dashboard: {net.url}/\n"
+                  f"Logs: {root / 'logs'}", highlight=False, markup=False)
+
+
+@testbed_app.command("status")
+def testbed_status_cmd() -> None:
+    """List the testbeds up on this machine, one line each."""
+    import json
+
+    from psyche.testbed import leftovers
+    from psyche.testbed.bed import PREFIX, REGISTRY
+    from psyche.testbed.system import CGROUP_CPU, cgroup_pids
+
+    tags = []
+    for entry in sorted(REGISTRY.glob("*.json")) if REGISTRY.exists() else []:
+        tag = entry.stem
+        try:
+            info = json.loads(entry.read_text())
+            owner, nodes, control = info["owner"], info["nodes"], info.get("control", {})
+        except (ValueError, KeyError, OSError) as exc:
+            console.print(f"{tag}  unreadable registry entry {entry}: {exc}", highlight=False, markup=False)
+            continue
+        tags.append(tag)
+        held = "kept until `psyche testbed down`" if owner is None else f"owned by process {owner}"
+        procs = sum(len(cgroup_pids(CGROUP_CPU / f"{PREFIX}{tag}" / n)) for n in nodes)
+        reach = "".join(f", {n} at {ip}" for n, ip in control.items())
+        console.print(f"{tag}  {held}  nodes {', '.join(nodes)}  {procs} processes{reach}",
+                      highlight=False, markup=False)
+    strays = [x for x in leftovers() if not any(f"{PREFIX}{t}" in x for t in tags)]
+    if strays:
+        console.print(f"left without a registry entry (`psyche testbed down` removes them): {', '.join(strays)}",
+                      highlight=False, markup=False)
+    elif not tags:
+        console.print("no testbed is up", highlight=False, markup=False)
+
+
+@testbed_app.command("down")
+def testbed_down_cmd() -> None:
+    """Remove every testbed on this machine, with every process on its nodes."""
+    from psyche.testbed import TestbedError, leftovers, sweep
+
+    try:
+        removed = sweep(everything=True)
+    except (TestbedError, OSError) as exc:
+        fail(f"could not remove every testbed: {exc}")
+    for tag in removed:
+        console.print(f"removed testbed {tag}", highlight=False, markup=False)
+    if not removed:
+        console.print("no testbed was up", highlight=False, markup=False)
+    if left := leftovers():
+        fail(f"still on this machine after removing the testbeds: {', '.join(left)}")
+
+
 @app.command("tokenize")
 def tokenize_cmd(
     corpus: Annotated[list[Path] | None, typer.Option(metavar="PATH", help="A text file, or a folder of them (repeatable; see above). Default: Debian's fortunes, /usr/share/games/fortunes.")] = None,
