@@ -39,34 +39,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the clients' setting, for the baseline too
 
-import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from psyche.config import load_config  # noqa: E402
 from psyche.demo import DEFAULT_CONFIG, demo_config, run_demo  # noqa: E402
 from psyche.ledger.status import round_seconds  # noqa: E402
 from psyche.ledger.store import Store  # noqa: E402
-
-
-def lone_trainer(cfg, *, clients: int, steps: int) -> dict:
-    """The baseline: one node's share of each step, trained and applied with no network."""
-    from psyche.client.trainer import LocalTrainer
-
-    torch.set_num_threads(1)
-    trainer = LocalTrainer(cfg)
-    trainer.init_model()
-    trainer.timer.reset()
-    per_client = cfg.coordinator.global_batch_size_start // clients
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        start = (step - 1) * per_client
-        out = trainer.train(step, start, start + per_client)
-        trainer.check_payload(out.payload)
-        trainer.apply(step, [out.payload] * clients)
-    wall = time.perf_counter() - t0
-    fb = trainer.timer.totals()["forward_backward"]
-    return {"utilization": fb / wall, "step_s": wall / steps, "params": trainer.parameters(),
-            "phases": {k: round(v / wall, 4) for k, v in sorted(trainer.timer.totals().items())}}
+from psyche.testing.lone import lone_trainer  # noqa: E402
 
 
 def main() -> None:

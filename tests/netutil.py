@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from psyche.testing.network import Network, small_config
 
-__all__ = ["Network", "small_config"]
+ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["ROOT", "Network", "small_config"]

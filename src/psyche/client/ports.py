@@ -86,8 +86,9 @@ class Trainer(Protocol):
         """Apply ``step``'s agreed results, in the order given."""
         ...
 
-    def evaluate(self) -> float:
-        """Validation loss of the current weights."""
+    def evaluate(self, part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+        """Validation loss of the current weights on part ``part[0]`` of ``part[1]`` of the
+        held-out samples, and the tokens that part holds (0 for an empty part)."""
         ...
 
     def save(self, out_dir: str | Path, *, step: int) -> tuple[Path, bytes]:

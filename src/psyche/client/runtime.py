@@ -199,7 +199,7 @@ class ClientRuntime:
         self._background: set[asyncio.Task[object]] = set()
         self._failure: BaseException | None = None
         """An unexpected error in a task beside the main loop: :meth:`run` raises it."""
-        self._eval_due: MetricsReport | None = None
+        self._eval_due: tuple[MetricsReport, tuple[int, int]] | None = None
         """The report of a step whose validation loss is still to be measured (after witnessing)."""
         self.steps_trained = 0
 
@@ -597,7 +597,12 @@ class ClientRuntime:
         self._reported = (sent, received)
         await self._send_report(data)
         if step == 1 or step % self.eval_every == 0 or step == total:
-            self._eval_due = data
+            # Every trainer holds the same weights: each measures its slice of the validation
+            # set (by its place in the round), and the host weighs the slices by tokens.
+            s = self.coord.state if self.coord is not None else None
+            trainers = [b.client for b in q.round_batches(s, step)] if s and q.round_for_step(s, step) else []
+            part = (trainers.index(self.me), len(trainers)) if self.me in trainers else (0, 1)
+            self._eval_due = (data, part)
 
     async def _evaluate_due(self) -> None:
         """Measure and report the validation loss a step's report asked for.
@@ -605,12 +610,14 @@ class ClientRuntime:
         Runs right after witnessing and before any further results are applied, so it
         is the loss of the weights that step trained on (the same on every node).
         """
-        data, self._eval_due = self._eval_due, None
-        if data is None:
+        due, self._eval_due = self._eval_due, None
+        if due is None:
             return
+        data, part = due
         async with self._lock:
-            val = await asyncio.to_thread(self.trainer.evaluate)
-        await self._send_report(dict(data, val_loss=val))
+            val, tokens = await asyncio.to_thread(self.trainer.evaluate, part)
+        if tokens:
+            await self._send_report(dict(data, val_loss=val, val_tokens=tokens))
 
     async def _send_report(self, data: MetricsReport) -> None:
         """Queue a metrics report and send what is queued, keeping what the host cannot take yet."""

@@ -25,9 +25,9 @@ from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
 from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
 from psyche.train.checkpoint import save_checkpoint
-from psyche.train.model import build_model, count_parameters, load_pretrained
+from psyche.train.model import build_model, count_parameters, load_pretrained, weights_sha256
 from psyche.train.schedule import lr_at
-from psyche.train.step import compute_gradients, default_autocast_dtype, evaluate
+from psyche.train.step import compute_gradients, default_autocast_dtype, eval_samples, evaluate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -124,15 +124,9 @@ class LocalTrainer:
         return {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
 
     def weights_digest(self) -> str:
-        """sha256 (hex) of the weights: every tensor's raw bytes, by name in sorted order.
-
-        Two nodes holding bit-identical weights give the same digest."""
+        """sha256 (hex) of the weights (:func:`psyche.train.model.weights_sha256`)."""
         assert self.model is not None
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return weights_sha256(self.model)
 
     def parameters(self) -> int:
         """Number of parameters of the loaded model."""
@@ -217,13 +211,18 @@ class LocalTrainer:
         with self.timer.phase("apply"):
             self.optimizer.apply([self._parsed_payload(p) for p in payloads])
 
-    def evaluate(self) -> float:
-        """Validation loss on the held-out split (the same samples every time)."""
+    def evaluate(self, part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+        """Validation loss on part ``part[0]`` of ``part[1]`` of the held-out samples (the same
+        samples every time; :func:`psyche.train.step.eval_samples`), and the tokens it covered
+        (0, and no loss, for an empty part)."""
         assert self.model is not None
+        samples = eval_samples(self.data.val, batches=self.eval_batches, batch_size=self.eval_batch_size, part=part)
+        if not samples:
+            return float("nan"), 0
         with self.timer.phase("evaluate"):
             loss = evaluate(self.model, self.data.val, batches=self.eval_batches, batch_size=self.eval_batch_size,
-                            autocast_dtype=self.amp)
-        return loss if math.isfinite(loss) else float("nan")
+                            autocast_dtype=self.amp, part=part)
+        return (loss if math.isfinite(loss) else float("nan")), len(samples) * self.data.val.seq_len
 
     def save(self, out_dir: str | Path, *, step: int) -> tuple[Path, bytes]:
         """Write a ``save_pretrained`` folder (atomically); return it and the sha256 of its weights."""

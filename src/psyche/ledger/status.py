@@ -274,7 +274,8 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
         tokens = sum(r.get("tokens", 0) for r in reports)
         losses = [(r["loss"], r.get("tokens", 1)) for r in reports if "loss" in r]
         loss = sum(l * w for l, w in losses) / max(1, sum(w for _, w in losses)) if losses else None
-        vals = [r["val_loss"] for r in reports if "val_loss" in r]
+        # Each trainer measures a slice of the validation set (older clients: all of it).
+        vals = [(r["val_loss"], r.get("val_tokens", 1)) for r in reports if "val_loss" in r]
         # Tokens/s of the whole network: the step's tokens over the wall time of its round
         # (training, exchange and witnessing included).
         seconds = round_seconds(spans, step)
@@ -286,7 +287,7 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
         out.append({
             "step": step,
             "loss": loss,
-            "val_loss": sum(vals) / len(vals) if vals else None,
+            "val_loss": sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else None,
             "tokens": tokens,
             "tokens_per_sec": tps,
             "bytes_per_step": sent,

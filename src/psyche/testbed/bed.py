@@ -32,6 +32,7 @@ owning process died without ``down`` is removed by the next :func:`sweep`
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -117,8 +118,12 @@ class Testbed:
     this machine cannot) and removes everything on exit, whatever happened inside.
     """
 
+    __test__ = False  # not a pytest test class
+
     def __init__(self, nodes: list[Node], *, queue_ms: int = 100) -> None:
         names = [n.name for n in nodes]
+        if sum(n.control for n in nodes) > 10:
+            raise ValueError("at most 10 nodes may have a control link (control=True)")
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique: {names}")
         if not 1 <= len(nodes) <= 250:
@@ -207,6 +212,12 @@ class Testbed:
         cgroup_create(self.cgroup(node.name), node.cpu)
 
     def _add_control(self, node: str) -> None:
+        # Two testbeds made at once must not pick the same subnet: one picks and adds at a time.
+        with open(REGISTRY / ".control.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._add_control_locked(node)
+
+    def _add_control_locked(self, node: str) -> None:
         used = set(re.findall(rf"inet ({CONTROL_NET}\.\d+\.\d+)/30", sh("ip", "-o", "-4", "addr", "show")))
         for k in range(16384):
             net, host = f"{CONTROL_NET}.{k // 64}", (k % 64) * 4
@@ -230,12 +241,13 @@ class Testbed:
         """Kill every process of every node, then remove cgroups, namespaces, links and the registry entry.
 
         Safe to call twice and after a failed :meth:`up`."""
-        for t in self._timers:
-            t.cancel()
-        if not self._up:
-            return
+        with self._lock:
+            for t in self._timers:
+                t.cancel()
+            if not self._up:
+                return
+            self._up = False  # a link_up timer already running finds it down and does nothing
         _remove(self.tag)
-        self._up = False
 
     def _registry(self) -> Path:
         return REGISTRY / f"{self.tag}.json"
@@ -270,8 +282,10 @@ class Testbed:
         sh("ip", "netns", "exec", self.hub, "nft", "-f", "-", input=ruleset)
 
     def set_link(self, node: str, link: Link) -> None:
-        """Change ``node``'s link (rate, loss, up) now, while its processes run."""
+        """Change ``node``'s link (rate, loss, up) now, while its processes run (nothing once torn down)."""
         with self._lock:
+            if not self._up:
+                return
             self.nodes[node] = replace(self._node(node), link=link)
             self._shape(self.nodes[node])
             self._write_rules()
@@ -287,8 +301,7 @@ class Testbed:
 
     def link_up(self, node: str) -> None:
         """Restore ``node``'s link."""
-        if self._up:
-            self.set_link(node, replace(self._node(node).link, up=True))
+        self.set_link(node, replace(self._node(node).link, up=True))
 
     def set_cpu(self, node: str, cpu: float | None) -> None:
         """Change ``node``'s CPU share (cores; None: no limit) now, while its processes run."""

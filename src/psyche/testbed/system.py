@@ -45,7 +45,7 @@ def missing_requirement() -> str | None:
             return f"`{tool}` is not installed (Debian package {package})"
     if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
         return f"no cgroup v1 cpu controller at {CGROUP_CPU} (cpu.cfs_quota_us)"
-    probe = f"psytb-probe{os.getpid()}"
+    probe = f"psyprobe-{os.getpid()}"  # outside the testbeds' prefix: never taken for one
     try:
         sh("ip", "netns", "add", probe)
     except TestbedError as exc:

@@ -27,7 +27,6 @@ Gloo on CPU with one torch thread (each node is one CPU share). Rank ``r`` write
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -77,15 +76,9 @@ def rank_share(step: int, *, batch: int, rank: int, world: int) -> range:
     return range(start, start + share)
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 (hex) over the raw bytes of every ``state_dict`` tensor (contiguous, on CPU), in
-    sorted key order: equal on two ranks exactly when they hold bit-identical weights."""
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _tx_bytes(iface: str) -> int:
+    """Bytes ``iface`` has sent since it was created (this network namespace's counter)."""
+    return int(Path(f"/sys/class/net/{iface}/statistics/tx_bytes").read_text())
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig]:
@@ -103,6 +96,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     p.add_argument("--warmup-steps", type=int, default=1, help="linear LR warmup steps, then constant (default 1)")
     p.add_argument("--ifname", default=None, help="network interface gloo binds to (sets GLOO_SOCKET_IFNAME)")
     p.add_argument("--data", default=None, help="token data folder (default: the config's data.location)")
+    p.add_argument("--count-bytes", default=None, metavar="IFACE",
+                   help="record the bytes IFACE has sent after each step (tx_bytes, per step)")
     p.add_argument("--weights-digest", action="store_true",
                    help="add weights_sha256 (the final weights' digest) to the report")
     a = p.parse_args(argv)
@@ -143,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     - ``loss``: mean next-token cross-entropy (nats) over this rank's share only;
     - ``warmup``: true for step 1, which pays one-time costs (gloo's first buckets, lazy
       allocations): leave it out of averages;
-    - ``skipped``: true where the gradient norm was not finite and the update was skipped.
+    - ``skipped``: true where the gradient norm was not finite and the update was skipped;
+    - ``tx_bytes`` (with ``--count-bytes IFACE``): bytes the interface had sent after the step
+      (differences give the bytes a step sent: the all-reduce, and gloo's own traffic).
 
     Promises: every rank applies the same averaged gradient, so after the run all ranks
     hold bit-identical weights (``weights_sha256`` checks it).
@@ -151,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a, cfg = _parse(argv)
     from psyche.data import DataError
     from psyche.train.loop import prepare_data
-    from psyche.train.model import build_model, count_parameters
+    from psyche.train.model import build_model, count_parameters, weights_sha256
 
     torch.set_num_threads(1)  # each node stands for one CPU share
     if a.ifname:
@@ -220,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["loss"].append(float(total))
             report["warmup"].append(step == 1)
             report["skipped"].append(not finite)
+            if a.count_bytes:
+                report.setdefault("tx_bytes", []).append(_tx_bytes(a.count_bytes))
             report["steps"] = step
         if a.weights_digest:
             report["weights_sha256"] = weights_sha256(model)

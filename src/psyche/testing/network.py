@@ -98,6 +98,7 @@ class Network:
 
     def start_server(self, *, wait: float = 60) -> None:
         """Start (or restart, on the same database) the coordinator server and wait until it answers."""
+        self.root.mkdir(parents=True, exist_ok=True)
         cfg_path = self.root / "run.toml"
         cfg_path.write_text(tomli_w.dumps(self.cfg.model_dump(mode="json", exclude_none=True)))
         host = "0.0.0.0" if self.bed is not None else "127.0.0.1"

@@ -6,6 +6,8 @@ beyond "build on CPU, deterministically".
 
 from __future__ import annotations
 
+import hashlib
+
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,6 +106,17 @@ def build_model(model_cfg: "ModelConfig", *, seed: int | None = None, eot_token_
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.float()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 (hex) over the raw bytes of every ``state_dict`` tensor (contiguous, on CPU), in
+    sorted key order: equal on two nodes exactly when they hold bit-identical weights."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

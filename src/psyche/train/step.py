@@ -83,27 +83,48 @@ def compute_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batc
     return StepStats(loss=loss_value, grad_norm=norm_value, tokens=n_tokens, finite=finite)
 
 
+def eval_samples(provider: "SampleProvider", *, batches: int, batch_size: int, part: tuple[int, int] = (0, 1)) -> range:
+    """The validation samples that part ``part[0]`` of ``part[1]`` evaluates.
+
+    The whole set is samples ``0 .. batches*batch_size-1`` (fewer if the provider holds
+    fewer), the same on every call; it is cut into ``part[1]`` contiguous slices whose
+    sizes differ by at most one, so nodes holding the same weights can each measure a
+    slice and together measure the whole set once.
+
+    >>> class P: num_samples = 100
+    >>> [eval_samples(P(), batches=2, batch_size=8, part=(i, 3)) for i in range(3)]
+    [range(0, 6), range(6, 11), range(11, 16)]
+    """
+    index, of = part
+    if not 0 <= index < of:
+        raise ValueError(f"evaluate: part {index} of {of} does not exist")
+    n = min(batches * batch_size, provider.num_samples)
+    size, extra = divmod(n, of)  # the first `extra` slices hold one more
+    start = index * size + min(index, extra)
+    return range(start, start + size + (index < extra))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, provider: "SampleProvider", *, batches: int, batch_size: int,
-             autocast_dtype: torch.dtype | None = None) -> float:
-    """Mean next-token cross-entropy (nats) on samples ``0 .. batches*batch_size-1`` of
-    ``provider`` (fewer if it holds fewer): the same samples on every call.
+             autocast_dtype: torch.dtype | None = None, part: tuple[int, int] = (0, 1)) -> float:
+    """Mean next-token cross-entropy (nats) on the validation samples of ``part`` (see
+    :func:`eval_samples`; by default all of samples ``0 .. batches*batch_size-1``).
 
     Leaves the model in the train/eval mode it was in.
     """
-    n = min(batches * batch_size, provider.num_samples)
-    if n <= 0:
-        raise ValueError(f"evaluate: nothing to evaluate (batches={batches}, batch_size={batch_size}, "
+    samples = eval_samples(provider, batches=batches, batch_size=batch_size, part=part)
+    if len(samples) <= 0:
+        raise ValueError(f"evaluate: nothing to evaluate (batches={batches}, batch_size={batch_size}, part={part}, "
                          f"{provider.num_samples} samples in {provider.source.name})")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
     try:
-        for start in range(0, n, batch_size):
-            batch = provider.batch(range(start, min(n, start + batch_size))).to(device)
+        for start in range(samples.start, samples.stop, batch_size):
+            batch = provider.batch(range(start, min(samples.stop, start + batch_size))).to(device)
             with _autocast(device, autocast_dtype):
                 total += _sum_cross_entropy(model, batch).double()
     finally:
         model.train(was_training)
-    return float(total.item()) / (n * provider.seq_len)
+    return float(total.item()) / (len(samples) * provider.seq_len)
