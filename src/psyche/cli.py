@@ -22,7 +22,7 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "Run a network": ("server", "client", "data-server", "dashboard", "pause", "resume"),
     "Data, models and keys": ("tokenize", "validate-config", "train", "generate", "keygen"),
     "On Solana": ("localnet", "solana"),
-    "Measure": ("bench",),
+    "Measure": ("bench", "testbed"),
 }
 
 
