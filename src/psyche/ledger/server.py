@@ -53,6 +53,13 @@ from psyche.wsutil import until_closed
 log = logging.getLogger("psyche.server")
 
 
+RESTART_GRACE_S = 6.0
+"""After a restart, how long a resumed run's clock is held (no ticks). While the server was
+down, clients kept the reports and witness verdicts it could not take and resend them every
+2 s (ServerLedger's retry); without the grace the first tick would find the round's deadline
+past and drop every member whose report is still in flight, for the server's own outage."""
+
+
 class CoordinatorServer:
     """The runs a server hosts, their database, and counters of what it refused."""
 
@@ -65,12 +72,16 @@ class CoordinatorServer:
         self.rejected: Counter[str] = Counter()
         self._logged: dict[str, tuple[int, Coordinator]] = {}
         """Per run: the seq and state the log last described (events are what changed since)."""
+        self._clock_held_until: dict[str, float] = {}
+        """Per resumed run: the monotonic time its clock starts again (see RESTART_GRACE_S)."""
         for stored in store.runs():
             cfg = parse_config(stored.config, f"{store.path}: run {stored.run_id}")
             coord = Coordinator.from_bytes(stored.state)
             self._add(cfg, RunHost(coord, store=store, seq=stored.seq, host_key=host_key))
-            log.info("resumed run %s at seq %d after step %d of %d (%s)", cfg.run_id, stored.seq,
-                     q.steps_completed(coord.state), coord.state.settings.total_steps, coord.state.run_state.value)
+            self._clock_held_until[cfg.run_id] = time.monotonic() + RESTART_GRACE_S
+            log.info("resumed run %s at seq %d after step %d of %d (%s); its clock starts in %g s, when "
+                     "clients have resent what they kept", cfg.run_id, stored.seq, q.steps_completed(coord.state),
+                     coord.state.settings.total_steps, coord.state.run_state.value, RESTART_GRACE_S)
 
     def _add(self, cfg: RunConfig, host: RunHost) -> None:
         self.hosts[cfg.run_id] = host
@@ -89,7 +100,12 @@ class CoordinatorServer:
             log.info("%s: %s", host.run_id, line)
 
     def tick(self, host: RunHost) -> None:
-        """Let time pass for one run, logging what it changed."""
+        """Let time pass for one run, logging what it changed (nothing during a restart's grace)."""
+        held = self._clock_held_until.get(host.run_id)
+        if held is not None:
+            if time.monotonic() < held:
+                return
+            del self._clock_held_until[host.run_id]
         host.tick()
         self.log_changes(host)
 
