@@ -173,11 +173,10 @@ class Scenario:
         return self.name
 
 
-
 SCENARIOS = [
     Scenario("kill-client", (kill_client,)),
-    # The server's clock runs on while it is down: a witness whose report was due during the
-    # outage is dropped by the first tick after the restart, before it can send the report.
+    # A restarted server holds the run's clock a few seconds (RESTART_GRACE_S) while clients
+    # resend what it missed: no one is dropped for the server's own outage.
     Scenario("restart-server", (restart_server,)),
     Scenario("cut-link", (cut_link,), may_drop=frozenset({1})),
     Scenario("loss-5pct", (), link=Link(mbit=50, loss=5)),
