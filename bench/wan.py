@@ -107,13 +107,16 @@ def psyche_row(bed: Testbed, cfg: RunConfig, root: Path) -> dict:
         net.stop()
     store = Store(root / "run.sqlite")
     starts = store.step_times(cfg.run_id)
-    reports = [r for _, _, r, _ in store.reports(cfg.run_id) if "val_loss" not in r]
+    # A step's validation report replaces its training report and carries the same fields.
+    reports = [r for _, _, r, _ in store.reports(cfg.run_id)]
+    later = [r for _, step, r, _ in store.reports(cfg.run_id) if step >= 2]
     store.close()
     # The first step pays the start-up (model build, first connections): left out.
     gaps = [t for step in sorted(starts)[1:] if (t := round_seconds(starts, step)) is not None]
-    spans = [t for t in starts.values() if t[1] is not None]
+    # Utilization over the same steps: from step 2's start to the last step's end.
+    spans = [t for step, t in starts.items() if t[1] is not None and step >= 2]
     rounds_wall = max(e for _, e in spans) - min(s for s, _ in spans)
-    fb = sum(r["forward_backward_seconds"] for r in reports) / NODES
+    fb = sum(r["forward_backward_seconds"] for r in later) / NODES
     first, last = samples[0], samples[-1]
     per_step = (last[1] - first[1]) / max(1, last[0] - first[0]) / NODES
     profiles = [net.profile(i) for i in range(NODES)]
@@ -167,7 +170,7 @@ def loss_comparison(steps: int) -> dict:
 
     from psyche.testing.distro_sim import compare, config_from
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)  # as bench/convergence.py: deterministic, and beside other work
     sim = config_from(steps=steps, peers=NODES, batch_per_peer=PER_NODE, seq_len=MODEL["seq_len"],
                       hidden_size=MODEL["hidden_size"], intermediate_size=MODEL["intermediate_size"],
                       layers=MODEL["num_hidden_layers"], heads=MODEL["num_attention_heads"], tie_embeddings=False,
@@ -185,12 +188,15 @@ def main() -> None:
     ap.add_argument("--ddp-steps", type=int, default=6, help="DDP steps per row")
     ap.add_argument("--cpu", type=float, default=0.5,
                     help="CPU share of each node, in cores (3 nodes, a server and this driver share the machine)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"which link rows (of {', '.join(ROWS)})")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"which link rows (of {', '.join(ROWS)}; none: only --loss-steps)")
     ap.add_argument("--loss-steps", type=int, default=0, help="also compare validation loss (simulation) over N steps")
     ap.add_argument("--quick", action="store_true", help="8 Psyche steps, 4 DDP steps")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs' folders here (default: a temp dir)")
     args = ap.parse_args()
-    if (problem := missing_requirement()) is not None:
+    names = [r for r in args.rows.split(",") if r and r != "none"]
+    if unknown := [r for r in names if r not in ROWS]:
+        ap.error(f"--rows: unknown {unknown}; the rows are {', '.join(ROWS)} (or none)")
+    if names and (problem := missing_requirement()) is not None:
         raise SystemExit(f"bench/wan.py needs the testbed: {problem}")
     steps, ddp_steps = (8, 4) if args.quick else (args.steps, args.ddp_steps)
     from psyche.data import ensure_default_dataset
@@ -203,13 +209,17 @@ def main() -> None:
     cfg_path = out / "wan.toml"
     cfg_path.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
     t0 = time.perf_counter()
-    with testbed(Link(), args.cpu) as bed:
-        alone = alone_row(bed, cfg_path, out, min(steps, 8))
-        # The same, on the 3 nodes at once: this machine as loaded as during the run (its
-        # cores, caches and memory shared by 3 trainers), with no network.
-        alone_loaded = alone_row(bed, cfg_path, out, min(steps, 8), nodes=NODES)
-    rows = {}
-    for name in args.rows.split(","):
+    report: dict = {"bench": "wan", "nodes": NODES, "cpu_per_node": args.cpu, "sequences_per_node_step": PER_NODE,
+                    "seq_len": MODEL["seq_len"], "latency": "not emulated"}
+    rows: dict = {}
+    if names:
+        with testbed(Link(), args.cpu) as bed:
+            alone = alone_row(bed, cfg_path, out, min(steps, 8))
+            # The same, on the 3 nodes at once: this machine as loaded as during the run (its
+            # cores, caches and memory shared by 3 trainers), with no network.
+            alone_loaded = alone_row(bed, cfg_path, out, min(steps, 8), nodes=NODES)
+        report |= {"params": alone["params"], "alone": alone, "alone_loaded": alone_loaded, "rows": rows}
+    for name in names:
         link = ROWS[name]
         root = out / name
         root.mkdir(exist_ok=True)
@@ -224,9 +234,6 @@ def main() -> None:
                       "psyche_over_alone_loaded": round(psyche["step_s"] / alone_loaded["step_s"], 3),
                       "bytes_ratio_ddp_over_psyche": round(ddp["bytes_per_node_step"] / psyche["bytes_per_node_step"], 1)}
         print(f"{name}: {json.dumps(rows[name])}", file=sys.stderr)
-    report = {"bench": "wan", "nodes": NODES, "cpu_per_node": args.cpu, "params": alone["params"],
-              "sequences_per_node_step": PER_NODE, "seq_len": MODEL["seq_len"], "latency": "not emulated",
-              "alone": alone, "alone_loaded": alone_loaded, "rows": rows}
     if args.loss_steps:
         report["val_loss"] = loss_comparison(args.loss_steps)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
