@@ -42,6 +42,7 @@ from pydantic import BaseModel, Field
 
 from psyche.config import RunConfig, parse_config
 from psyche.coordinator import Coordinator, CoordinatorError, decode_instruction
+from psyche.coordinator import RunState
 from psyche.coordinator import queries as q
 from psyche.ledger.envelope import RequestKind, SignedRequest, open_request
 from psyche.ledger.host import RunHost
@@ -78,10 +79,12 @@ class CoordinatorServer:
             cfg = parse_config(stored.config, f"{store.path}: run {stored.run_id}")
             coord = Coordinator.from_bytes(stored.state)
             self._add(cfg, RunHost(coord, store=store, seq=stored.seq, host_key=host_key))
-            self._clock_held_until[cfg.run_id] = time.monotonic() + RESTART_GRACE_S
-            log.info("resumed run %s at seq %d after step %d of %d (%s); its clock starts in %g s, when "
-                     "clients have resent what they kept", cfg.run_id, stored.seq, q.steps_completed(coord.state),
-                     coord.state.settings.total_steps, coord.state.run_state.value, RESTART_GRACE_S)
+            log.info("resumed run %s at seq %d after step %d of %d (%s)", cfg.run_id, stored.seq,
+                     q.steps_completed(coord.state), coord.state.settings.total_steps, coord.state.run_state.value)
+            if coord.state.run_state not in (RunState.Finished, RunState.Paused):  # no clock runs there
+                self._clock_held_until[cfg.run_id] = time.monotonic() + RESTART_GRACE_S
+                log.info("run %s: its clock starts in %g s, when clients have resent what they kept", cfg.run_id,
+                         RESTART_GRACE_S)
 
     def _add(self, cfg: RunConfig, host: RunHost) -> None:
         self.hosts[cfg.run_id] = host

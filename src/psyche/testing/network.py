@@ -83,7 +83,8 @@ class Network:
         host = self.bed.ip("server") if self.bed is not None else "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    def _spawn(self, name: str, node: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], *, node: str = "server") -> subprocess.Popen:
+        """Start ``psyche ARGS`` as process ``name`` (on testbed node ``node``), logging to ``logs/NAME.log``."""
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         log = self.root / "logs" / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -102,17 +103,17 @@ class Network:
         cfg_path = self.root / "run.toml"
         cfg_path.write_text(tomli_w.dumps(self.cfg.model_dump(mode="json", exclude_none=True)))
         host = "0.0.0.0" if self.bed is not None else "127.0.0.1"
-        self._spawn("server", "server", ["server", "--config", str(cfg_path), "--db", str(self.root / "run.sqlite"),
-                                         "--port", str(self.port), "--host", host,
-                                         "--key", str(self.root / "server.key")])
+        self._spawn("server", ["server", "--config", str(cfg_path), "--db", str(self.root / "run.sqlite"),
+                               "--port", str(self.port), "--host", host, "--key", str(self.root / "server.key")])
         self.wait(lambda: self._healthy(), wait, "server up")
 
     def start_client(self, i: int, *extra: str) -> None:
         """Start client ``i`` (key ``client-i.key``; its profile is written to ``profiles/client-i.json`` on exit)."""
         bind = [] if self.bed is None else ["--bind", f"{self.bed.ip(client_node(i))}:0"]
-        self._spawn(f"client-{i}", client_node(i), [
+        self._spawn(f"client-{i}", [
             "client", "--server", self.client_url, "--key", str(self.root / f"client-{i}.key"),
-            "--checkpoint-dir", str(self.root / "checkpoint"), "--profile", str(self.profile_path(i)), *bind, *extra])
+            "--checkpoint-dir", str(self.root / "checkpoint"), "--profile", str(self.profile_path(i)), *bind, *extra],
+            node=client_node(i))
 
     def profile_path(self, i: int) -> Path:
         return self.root / "profiles" / f"client-{i}.json"
