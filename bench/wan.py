@@ -96,11 +96,13 @@ def psyche_row(bed: Testbed, cfg: RunConfig, root: Path) -> dict:
             s = net.try_status()
             if s is None:
                 return False
-            if s["state"] in ("RoundTrain", "RoundWitness"):
+            # Counters are read once per step, status once a second: the driver shares the
+            # machine with the nodes, and polling harder showed up in their step times.
+            if s["state"] in ("RoundTrain", "RoundWitness") and (not samples or samples[-1][0] != s["step"]):
                 samples.append((s["step"], tx_bytes(bed)))
             return s["state"] == "Finished"
 
-        net.wait(finished, 1800, "the run to finish")
+        net.wait(finished, 1800, "the run to finish", every=1.0)
         for i in range(NODES):
             net.wait_exit(f"client-{i}", 120)
     finally:

@@ -148,8 +148,9 @@ class Network:
         except (httpx.TransportError, ValueError):
             return None
 
-    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll ``predicate`` until true; fail (with every log) if a process errors out or time is up."""
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str, *, every: float = 0.3) -> None:
+        """Poll ``predicate`` every ``every`` seconds until true; fail (with every log) if a process
+        errors out or time is up."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if predicate():
@@ -157,12 +158,13 @@ class Network:
             for name, p in self.procs.items():
                 if p.poll() not in (None, 0):
                     raise AssertionError(f"{name} exited with {p.returncode} while waiting for {what}:\n{self.log(name)}")
-            time.sleep(0.3)
+            time.sleep(every)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; status: {self.try_status()}\n"
                              + "\n".join(f"--- {n}\n{self.log(n)}" for n in self.procs))
 
-    def wait_state(self, predicate: Callable[[dict], bool], timeout: float, what: str) -> dict:
-        """Poll the status until ``predicate(status)``; return that status."""
+    def wait_state(self, predicate: Callable[[dict], bool], timeout: float, what: str, *,
+                   every: float = 0.3) -> dict:
+        """Poll the status every ``every`` seconds until ``predicate(status)``; return that status."""
         box: dict = {}
 
         def check() -> bool:
@@ -172,7 +174,7 @@ class Network:
                 return True
             return False
 
-        self.wait(check, timeout, what)
+        self.wait(check, timeout, what, every=every)
         return box["s"]
 
     def wait_exit(self, name: str, timeout: float = 60) -> int:
