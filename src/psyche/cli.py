@@ -344,26 +344,20 @@ def testbed_up_cmd(
 @testbed_app.command("status")
 def testbed_status_cmd() -> None:
     """List the testbeds up on this machine, one line each."""
-    import json
-
     from psyche.testbed import leftovers
-    from psyche.testbed.bed import PREFIX, REGISTRY
+    from psyche.testbed.bed import PREFIX, registered
     from psyche.testbed.system import CGROUP_CPU, cgroup_pids
 
     tags = []
-    for entry in sorted(REGISTRY.glob("*.json")) if REGISTRY.exists() else []:
-        tag = entry.stem
-        try:
-            info = json.loads(entry.read_text())
-            owner, nodes, control = info["owner"], info["nodes"], info.get("control", {})
-        except (ValueError, KeyError, OSError) as exc:
-            console.print(f"{tag}  unreadable registry entry {entry}: {exc}", highlight=False, markup=False)
+    for reg in registered():
+        if reg.problem is not None:
+            console.print(f"{reg.tag}  {reg.problem}", highlight=False, markup=False)
             continue
-        tags.append(tag)
-        held = "kept until `psyche testbed down`" if owner is None else f"owned by process {owner}"
-        procs = sum(len(cgroup_pids(CGROUP_CPU / f"{PREFIX}{tag}" / n)) for n in nodes)
-        reach = "".join(f", {n} at {ip}" for n, ip in control.items())
-        console.print(f"{tag}  {held}  nodes {', '.join(nodes)}  {procs} processes{reach}",
+        tags.append(reg.tag)
+        held = "kept until `psyche testbed down`" if reg.owner is None else f"owned by process {reg.owner}"
+        procs = sum(len(cgroup_pids(CGROUP_CPU / f"{PREFIX}{reg.tag}" / n)) for n in reg.nodes)
+        reach = "".join(f", {n} at {ip}" for n, ip in reg.control.items())
+        console.print(f"{reg.tag}  {held}  nodes {', '.join(reg.nodes)}  {procs} processes{reach}",
                       highlight=False, markup=False)
     strays = [x for x in leftovers() if not any(f"{PREFIX}{t}" in x for t in tags)]
     if strays:

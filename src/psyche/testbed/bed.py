@@ -135,6 +135,7 @@ class Testbed:
         self._timers: list[threading.Timer] = []
         self._lock = threading.Lock()
         self._up = False
+        self._owner: int | None = None
 
     # --- names ---------------------------------------------------------------------
     @property
@@ -183,8 +184,9 @@ class Testbed:
             raise TestbedUnavailable(problem)
         sweep()
         REGISTRY.mkdir(parents=True, exist_ok=True)
-        self._registry().write_text(json.dumps({"owner": None if keep else os.getpid(), "nodes": list(self.nodes),
-                                                "control": {}}))
+        self._owner = None if keep else os.getpid()
+        # Registered before anything is made, so a crash part-way leaves something sweep finds.
+        self._register()
         self._up = True
         try:
             sh("ip", "netns", "add", self.hub)
@@ -194,6 +196,7 @@ class Testbed:
             for node in self.nodes.values():
                 self._add_node(node)
             self._write_rules()
+            self._register()  # now with the control addresses
         except BaseException:
             self.down()
             raise
@@ -229,9 +232,6 @@ class Testbed:
         dev = f"{PREFIX}{self.tag}-k{len(self._control)}"  # 15 characters: the most a name may have
         sh("ip", "link", "add", dev, "type", "veth", "peer", "name", "ctl0", "netns", self.netns(node))
         self._control[node] = (dev, a, b)
-        entry = json.loads(self._registry().read_text())
-        entry["control"] = {n: ip for n, (_, _, ip) in self._control.items()}
-        self._registry().write_text(json.dumps(entry))
         sh("ip", "addr", "add", f"{a}/30", "dev", dev)
         sh("ip", "link", "set", dev, "up")
         sh("ip", "-n", self.netns(node), "addr", "add", f"{b}/30", "dev", "ctl0")
@@ -249,8 +249,11 @@ class Testbed:
             self._up = False  # a link_up timer already running finds it down and does nothing
         _remove(self.tag)
 
-    def _registry(self) -> Path:
-        return REGISTRY / f"{self.tag}.json"
+    def _register(self) -> None:
+        """Write this testbed's registry entry (read back by :func:`registered`)."""
+        entry = {"owner": self._owner, "nodes": list(self.nodes),
+                 "control": {n: ip for n, (_, _, ip) in self._control.items()}}
+        (REGISTRY / f"{self.tag}.json").write_text(json.dumps(entry))
 
     # --- shaping -------------------------------------------------------------------
     def _shape(self, node: Node) -> None:
@@ -352,18 +355,39 @@ def leftovers() -> list[str]:
     return found
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A testbed's registry entry: its ``owner`` process (None: kept until ``psyche testbed
+    down``), its nodes and their control addresses; ``problem`` says why an entry could not be read."""
+
+    tag: str
+    owner: int | None = None
+    nodes: tuple[str, ...] = ()
+    control: dict[str, str] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def registered() -> list[Registration]:
+    """The testbeds this machine's registry names, by tag."""
+    found = []
+    for path in sorted(REGISTRY.glob("*.json")) if REGISTRY.exists() else []:
+        try:
+            entry = json.loads(path.read_text())
+            owner = entry["owner"]
+            if owner is not None and not (isinstance(owner, int) and owner >= 0):
+                raise ValueError(f"owner {owner!r} is not a process id")
+            found.append(Registration(path.stem, owner, tuple(entry["nodes"]), dict(entry.get("control", {}))))
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            found.append(Registration(path.stem, problem=f"unreadable registry entry {path}: {exc}"))
+    return found
+
+
 def sweep(*, everything: bool = False) -> list[str]:
     """Remove testbeds whose owning process is gone (``everything``: all of them); return their tags."""
     tags: set[str] = set()
-    if REGISTRY.exists():
-        for entry in REGISTRY.glob("*.json"):
-            try:
-                owner = json.loads(entry.read_text())["owner"]
-            except (ValueError, KeyError, OSError):
-                owner = -1
-            if everything or (owner is not None and (not isinstance(owner, int) or owner < 0
-                                                     or not _owner_alive(owner))):
-                tags.add(entry.stem)
+    for reg in registered():
+        if everything or reg.problem is not None or (reg.owner is not None and not _owner_alive(reg.owner)):
+            tags.add(reg.tag)
     if everything:
         # Also what no registry entry names (a registry lost with /run).
         names = [n for n in netns_list() if n.startswith(PREFIX)]
