@@ -15,6 +15,18 @@ settings.register_profile("psyche", deadline=None, suppress_health_check=[Health
 settings.load_profile("psyche")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test (restored after): on tiny tensors more threads
+    only add barrier waits on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The fortunes token folder in the project (built once from Debian's fortunes if missing)."""

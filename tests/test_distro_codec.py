@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from psyche.distro import DCTCodec, SparseResult, dct, indexcode
 
+# Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 dims = st.integers(min_value=1, max_value=150)
@@ -19,15 +22,6 @@ shapes = st.one_of(
     st.tuples(dims, dims),
     st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 40)),
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ref_dct_matrix(n):

@@ -10,14 +10,8 @@ from hypothesis import strategies as st
 from psyche.distro import DCTCodec, DisTrO, Overlap, decode_payload, encode_payload
 from psyche.distro.optimizer import momentum_warmup_factor, orthogonalize, param_groups, param_kind, warmup_decay
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed=0):

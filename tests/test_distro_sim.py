@@ -5,15 +5,7 @@ import torch
 
 from psyche.testing.distro_sim import config_from, run_distro
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.mark.parametrize("overlapped", [False, True], ids=["plain", "overlapped"])
