@@ -43,8 +43,12 @@ from psyche.coordinator import (
     batch_split,
     current_round,
     decode_instruction,
+    quorum,
     round_batches,
+    round_closed,
+    witnessed_trainers,
 )
+from psyche.coordinator.shares import MAX_REQUEUED
 from psyche.coordinator.log import replay
 from psyche.testing.coordinator_swarm import Swarm, client_key, result_commitment
 from psyche.coordinator.state import NUM_STORED_CHECKPOINTS, NUM_STORED_ROUNDS, NUM_STORED_STATS
@@ -125,31 +129,55 @@ class Tracker:
         self.epoch = coord.state.epoch
         self.next_index = coord.state.next_data_index
         self.rounds: dict[int, tuple[int, int]] = {}
+        self.queued: set[tuple[int, int]] = set()
+        """Every piece ever seen waiting in the re-queue."""
+        self.retrained: set[tuple[int, int]] = set()
+        self.settled: set[int] = set()
 
     def check(self, coord: Coordinator) -> None:
         s = coord.state
         assert s.step >= self.step and s.epoch >= self.epoch and s.next_data_index >= self.next_index
         self.step, self.epoch, self.next_index = s.step, s.epoch, s.next_data_index
+        self.queued |= {(p.start, p.end) for p in s.requeued}
+        taken_now = {(t.start, t.end) for r in s.rounds for t in r.taken}
         for r in s.rounds:
-            interval = (r.data_index, r.data_index + r.batch_size)
+            if round_closed(s, r.step) and r.step not in self.settled:
+                # No sample skipped: a closed round's batch that no witness quorum accepted waits
+                # in the re-queue (or a later round already took it).
+                self.settled.add(r.step)
+                accepted = set(witnessed_trainers(s, r.step)) if len(r.reports) >= quorum(max(1, r.witnesses)) \
+                    else set()
+                waiting = {(p.start, p.end) for p in s.requeued} | taken_now | self.retrained
+                for b in round_batches(s, r.step):
+                    if b.client not in accepted and len(s.requeued) < MAX_REQUEUED:
+                        assert (b.start, b.end) in waiting, f"step {r.step}: batch of a missed trainer was lost"
+                        self.queued.add((b.start, b.end))
+                        self.retrained.discard((b.start, b.end))  # missed again: it may be taken again
+        for r in s.rounds:
+            pieces = [(t.start, t.end) for t in r.taken]
+            fresh = (r.data_index, r.data_index + r.batch_size - sum(e - b for b, e in pieces))
             if r.step in self.rounds:
-                assert self.rounds[r.step] == interval, f"step {r.step} got a second round"
+                assert self.rounds[r.step] == fresh, f"step {r.step} got a second round"
             else:
-                # A new round takes indices no earlier round had.
-                assert all(interval[0] >= end for _, end in self.rounds.values())
-                self.rounds[r.step] = interval
-            assert interval[1] <= s.next_data_index
+                # A new round takes fresh indices no earlier round had, and re-trains only pieces
+                # that were waiting in the re-queue, each once per miss.
+                assert all(fresh[0] >= end for _, end in self.rounds.values())
+                assert all(p in self.queued and p not in self.retrained for p in pieces)
+                assert not {(p.start, p.end) for p in s.requeued} & set(pieces)
+                self.retrained |= set(pieces)
+                self.rounds[r.step] = fresh
+            assert fresh[1] <= s.next_data_index
+            # Shares cover the round's batch exactly: the fresh samples and the pieces, no overlap.
+            covered = sorted((start, end) for _, start, end in batch_split(r))
+            assert sum(e - b for b, e in covered) == r.batch_size
+            assert all(a[1] <= b[0] for a, b in zip(covered, covered[1:]))
+            assert sum(e - b for b, e in covered if fresh[0] <= b and e <= fresh[1]) == fresh[1] - fresh[0]
         for r in s.rounds:
             # Every assignment the state gives out is the batch-split rule's output for the round.
             rule = {s.clients[i].id: (start, end) for i, start, end in batch_split(r)}
             assert {b.client: (b.start, b.end) for b in round_batches(s, r.step)} == rule
             assert all(assignment_for(s, s.clients[i].id, step=r.step) == rule.get(s.clients[i].id)
                        for i in r.trainers)
-        cur = current_round(s)
-        if cur is not None:
-            covered = sorted((b.start, b.end) for b in round_batches(s))
-            assert sum(e - b for b, e in covered) == cur.batch_size
-            assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
         assert len(s.rounds) <= NUM_STORED_ROUNDS and len(s.stats) <= NUM_STORED_STATS
         assert len(s.checkpoints) <= NUM_STORED_CHECKPOINTS and len(s.clients) <= MAX_CLIENTS
         ids = [c.id for c in s.clients]

@@ -127,8 +127,11 @@ def test_three_clients_run_to_completion_over_several_epochs():
     assert s.epoch >= 3  # epoch_time 8s, rounds of 1s: several epochs
     # Honest clients were never refused.
     assert swarm.refused == []
-    # Every epoch paid its reward to the three healthy clients equally.
-    assert sorted(points(s).values()) == [300 * s.epoch] * 3
+    # Every epoch paid its reward to the three healthy clients by accepted tokens: as they are
+    # equally fast, near equally (a share is whole samples), and all of it but rounding.
+    paid = sorted(points(s).values())
+    assert 900 * s.epoch - 3 * s.epoch <= sum(paid) <= 900 * s.epoch
+    assert paid[0] >= 0.8 * paid[-1]
     # Every sample index was handed out at most once, and they are contiguous from 0.
     intervals = sorted(all_intervals(swarm))
     assert intervals[0][0] == 0
@@ -179,7 +182,7 @@ def test_silent_trainer_is_accused_rechecked_dropped_and_unpaid():
     swarm.run_until(state_is(RunState.Finished))
     pts = points(swarm.coord.state)
     assert pts[silent] == 0
-    assert all(pts[client_key(i)] == 300 for i in range(3))
+    assert all(pts[client_key(i)] > 200 for i in range(3)) and sum(pts.values()) >= 900 - 3
 
 
 def test_falling_below_min_clients_ends_the_epoch_and_waits_for_members():
@@ -224,7 +227,8 @@ def test_pause_and_resume_with_cold_start():
     s = swarm.coord.state
     assert not s.pause_pending
     assert all(c.state is ClientState.Withdrawn for c in s.clients)
-    assert sorted(points(s).values()) == [300] * 3  # the epoch completed: paid
+    paid = sorted(points(s).values())  # the epoch completed: paid, by accepted tokens
+    assert paid[0] > 0 and 900 - 3 <= sum(paid) <= 900
     refused_unchanged(swarm, Tick(), bytes(32), Halted)
     refused_unchanged(swarm, Witness(step=5, participant_bloom=BloomFilter.for_items([]).to_bytes(),
                                      broadcast_bloom=BloomFilter.for_items([]).to_bytes(), broadcast_merkle=bytes(32),

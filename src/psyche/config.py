@@ -48,8 +48,10 @@ class CoordinatorConfig(_Section):
     global_batch_size_warmup_tokens: int = Field(0, ge=0, description="Tokens over which the batch size ramps from start to end (0 = no ramp).")
     waiting_for_members_extra_time: int = Field(3, ge=0, description="Seconds to wait for more members once init_min_clients joined.")
     cold_start_warmup_steps: int = Field(0, ge=0, description="Steps after a (re)start during which the LR warms up again.")
-    epoch_reward: int = Field(1000, ge=0, description="Points shared equally by the healthy clients at each epoch end.")
+    epoch_reward: int = Field(1000, ge=0, description="Points shared at each epoch end by the healthy clients, in proportion to the tokens each trained and had accepted.")
     checkpointers: int = Field(1, ge=0, description="How many clients write a checkpoint at cooldown (0 = none).")
+    shares: Literal["speed", "even"] = Field("speed", description="How each round's batch is cut among trainers: "
+                                             "'speed' in proportion to the throughput the run measured, 'even' equally.")
 
 
 class ModelConfig(_Section):

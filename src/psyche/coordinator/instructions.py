@@ -23,6 +23,8 @@ MAX_ADDRESS_LEN = 1024
 MAX_LOCATION_LEN = 1024
 MAX_ACCUSED = 256
 MAX_BLOOM_WIRE = 4096 + 5
+MAX_ARRIVAL_MS = 2**32 - 1
+MAX_TRAINERS = 256
 
 Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LEN)]
 Hash32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -63,7 +65,10 @@ class Witness(_Instr, frozen=True, tag="witness"):
     filter of the 32-byte result commitment hashes it received.
     ``broadcast_merkle``: a 32-byte Merkle root over those commitments (kept for
     audit). ``loss``, ``tokens_per_sec``, ``bandwidth_bytes``: the witness's own
-    view of the step, shown on the dashboard.
+    view of the step, shown on the dashboard. ``arrivals_ms``: per trainer of the
+    round in shuffle order, milliseconds from when the witness saw the round start
+    until it held that trainer's verified result (0: never); the run learns each
+    trainer's speed from these (empty: the witness measured nothing).
     """
 
     step: Step
@@ -73,6 +78,8 @@ class Witness(_Instr, frozen=True, tag="witness"):
     loss: float
     tokens_per_sec: float
     bandwidth_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    arrivals_ms: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_ARRIVAL_MS)]],
+                           msgspec.Meta(max_length=MAX_TRAINERS)] = []
 
 
 class HealthCheck(_Instr, frozen=True, tag="health_check"):

@@ -53,6 +53,7 @@ from psyche.coordinator.errors import (
 from psyche.coordinator.instructions import (
     MAX_ACCUSED,
     MAX_ADDRESS_LEN,
+    MAX_ARRIVAL_MS,
     MAX_LOCATION_LEN,
     Checkpoint,
     HealthCheck,
@@ -75,6 +76,7 @@ from psyche.coordinator.queries import (
     round_members,
     shuffle_order,
 )
+from psyche.coordinator.shares import MAX_REQUEUED, Piece, delivery_ms, measured, missed, plan_round
 from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, CoordinatorSettings, settings_problems
 from psyche.coordinator.state import (
     NUM_STORED_CHECKPOINTS,
@@ -331,11 +333,17 @@ class Coordinator:
         bw = instr.bandwidth_bytes
         if not isinstance(bw, int) or isinstance(bw, bool) or not 0 <= bw < 2**63:
             raise InvalidInstruction(f"bandwidth_bytes must be a non-negative integer (got {bw!r})")
+        arrivals = instr.arrivals_ms
+        if not isinstance(arrivals, list) or len(arrivals) not in (0, len(r.trainers)):
+            raise InvalidInstruction(f"arrivals_ms must list one delay per trainer of step {r.step} "
+                                     f"({len(r.trainers)}) or none")
+        if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a <= MAX_ARRIVAL_MS for a in arrivals):
+            raise InvalidInstruction(f"every arrivals_ms entry must be an integer in 0..{MAX_ARRIVAL_MS}")
         # --- valid: apply
         r.reports.append(WitnessReport(
             client=i, participant_bloom=instr.participant_bloom, broadcast_bloom=instr.broadcast_bloom,
             broadcast_merkle=instr.broadcast_merkle, loss=float(instr.loss),
-            tokens_per_sec=float(instr.tokens_per_sec), bandwidth_bytes=bw))
+            tokens_per_sec=float(instr.tokens_per_sec), bandwidth_bytes=bw, arrivals_ms=list(arrivals)))
         if s.run_state is RunState.RoundTrain and len(r.reports) >= quorum(r.witnesses):
             self._change_state(now, RunState.RoundWitness)
 
@@ -455,6 +463,7 @@ class Coordinator:
         for w in r.trainers[: r.witnesses]:
             if w not in reported and s.clients[w].state is ClientState.Healthy:
                 self._leave(w, ClientState.Dropped)
+        self._settle(r)
         self._record_stats(r, now)
         s.step += 1
         if not r.reports:
@@ -478,12 +487,13 @@ class Coordinator:
         if now < s.state_started_at + s.settings.cooldown_time:
             return
         healthy = [c for c in s.clients if c.state is ClientState.Healthy]
-        if healthy:
-            share = s.settings.epoch_reward // len(healthy)
-            for c in healthy:
-                account = self._account(c.id)
-                if account is not None:
-                    account.points += share
+        work = sum(c.tokens for c in healthy)
+        for c in healthy:
+            # Points follow accepted work; an epoch that trained nothing pays its healthy members equally.
+            share = s.settings.epoch_reward * c.tokens // work if work else s.settings.epoch_reward // len(healthy)
+            account = self._account(c.id)
+            if account is not None:
+                account.points += share
         s.epoch += 1
         if s.pause_pending:
             self._pause_now(now)
@@ -501,7 +511,8 @@ class Coordinator:
     def _wait_for_members(self, now: int) -> None:
         """Enter WaitingForMembers (or Finished) keeping only the Healthy clients."""
         s = self.state
-        s.clients = [Client(id=c.id, p2p_address=c.p2p_address) for c in s.clients if c.state is ClientState.Healthy]
+        s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput)
+                     for c in s.clients if c.state is ClientState.Healthy]
         self._clear_epoch()
         self._change_state(now, RunState.WaitingForMembers if s.step <= s.settings.total_steps else RunState.Finished)
         self._refresh_ready(now)
@@ -530,7 +541,7 @@ class Coordinator:
         carried = [c for c in s.clients if c.state is ClientState.Healthy]
         room = MAX_CLIENTS - len(carried)
         newcomers, s.pending = s.pending[:room], s.pending[room:]
-        s.clients = [Client(id=c.id, p2p_address=c.p2p_address) for c in carried]
+        s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput) for c in carried]
         for cid in newcomers:
             account = self._account(cid)
             s.clients.append(Client(id=cid, p2p_address=account.p2p_address if account else ""))
@@ -547,10 +558,14 @@ class Coordinator:
         height = s.rounds[-1].height + 1 if s.rounds else 0
         members = round_members(s, height)
         batch = s.settings.batch_size_at(s.next_data_index * s.settings.seq_len)
-        r = Round(height=height, step=s.step, data_index=s.next_data_index, batch_size=batch,
-                  random_seed=seed, started_at=now, trainers=shuffle_order(members, seed),
-                  witnesses=s.settings.witness_count(len(members)))
-        s.next_data_index += batch  # every sample index is handed out once in the whole run
+        trainers = shuffle_order(members, seed)
+        plan = plan_round(batch, [s.clients[i].throughput for i in trainers], s.requeued,
+                          speed_aware=s.settings.shares == "speed")
+        r = Round(height=height, step=s.step, data_index=s.next_data_index, batch_size=sum(plan.sizes),
+                  random_seed=seed, started_at=now, trainers=trainers,
+                  witnesses=s.settings.witness_count(len(members)), sizes=plan.sizes, taken=plan.taken)
+        del s.requeued[: len(plan.taken)]
+        s.next_data_index += plan.fresh  # every sample index is handed out once in the whole run
         s.rounds.append(r)
         del s.rounds[:-NUM_STORED_ROUNDS]
         self._change_state(now, RunState.RoundTrain)
@@ -594,6 +609,28 @@ class Coordinator:
 
     def _trainers_with_batch(self, r: Round) -> set[int]:
         return {idx for idx, _, _ in batch_split(r)}
+
+    def _settle(self, r: Round) -> None:
+        """At the close of round ``r``: credit accepted work, learn each trainer's speed from when the
+        witnesses held its result, and re-queue every batch no witness quorum saw."""
+        s = self.state
+        need = quorum(max(1, r.witnesses))
+        judged = len(r.reports) >= need  # without a quorum nobody can be told slow from unlucky
+        arrivals = [rep.arrivals_ms for rep in r.reports]
+        position = {idx: p for p, idx in enumerate(r.trainers)}
+        for idx, start, end in batch_split(r):
+            c = s.clients[idx]
+            if judged and bloom_votes(r, c.id, participant=True) >= need:
+                tokens = (end - start) * s.settings.seq_len
+                c.tokens += tokens
+                delay = delivery_ms(arrivals, position[idx])
+                if delay is not None:
+                    c.throughput = measured(c.throughput, tokens, delay)
+                continue
+            if judged:
+                c.throughput = missed(c.throughput)
+            if len(s.requeued) < MAX_REQUEUED:
+                s.requeued.append(Piece(start, end))
 
     def _record_stats(self, r: Round, now: int) -> None:
         s = self.state

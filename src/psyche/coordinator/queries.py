@@ -20,6 +20,7 @@ from typing import NamedTuple
 import msgspec
 
 from psyche.coordinator.bloom import BloomFilter
+from psyche.coordinator.shares import Taken, delivery_ms
 from psyche.coordinator.shuffle import shuffled_position, shuffled_positions
 from psyche.coordinator.state import (
     CheckpointRecord,
@@ -195,10 +196,13 @@ def batch_split(round_: Round) -> list[tuple[int, int, int]]:
     """The rule that cuts a round's global batch among its trainers: ``(client index, start, end)``
     per trainer, in shuffle order. The only place this rule is written.
 
-    The ``batch_size`` samples from ``data_index`` on are shared as evenly as
-    possible: the first ``batch_size % n`` trainers in shuffle order take one
-    sample more. The intervals are contiguous and cover the batch exactly once;
-    a trainer whose share is zero samples (more trainers than samples) is left out.
+    Position ``p`` trains ``round_.sizes[p]`` samples: a re-queued piece whole if
+    ``round_.taken`` gives it one, else the next ``sizes[p]`` fresh samples from
+    ``data_index`` on (the sizes come from :func:`psyche.coordinator.shares.plan_round`).
+    A round without sizes is shared as evenly as possible: the first
+    ``batch_size % n`` trainers in shuffle order take one sample more. The intervals
+    cover the round's batch exactly once; a trainer whose share is zero samples (more
+    trainers than samples) is left out.
 
     >>> r = Round(height=0, step=1, data_index=100, batch_size=5, random_seed=bytes(32), started_at=0,
     ...           trainers=[4, 2, 7], witnesses=1)
@@ -206,12 +210,21 @@ def batch_split(round_: Round) -> list[tuple[int, int, int]]:
     [(4, 100, 102), (2, 102, 104), (7, 104, 105)]
     >>> batch_split(msgspec.structs.replace(r, batch_size=2))
     [(4, 100, 101), (2, 101, 102)]
+    >>> batch_split(msgspec.structs.replace(r, sizes=[1, 3, 1], taken=[Taken(position=1, start=40, end=43)]))
+    [(4, 100, 101), (2, 40, 43), (7, 101, 102)]
     """
     n = len(round_.trainers)
-    base, extra = divmod(round_.batch_size, n) if n else (0, 0)
+    sizes = round_.sizes
+    if len(sizes) != n:
+        base, extra = divmod(round_.batch_size, n) if n else (0, 0)
+        sizes = [base + (1 if pos < extra else 0) for pos in range(n)]
+    pieces = {t.position: t for t in round_.taken}
     out, start = [], round_.data_index
     for pos, idx in enumerate(round_.trainers):
-        size = base + (1 if pos < extra else 0)
+        if (t := pieces.get(pos)) is not None:
+            out.append((idx, t.start, t.end))
+            continue
+        size = sizes[pos]
         if size:
             out.append((idx, start, start + size))
         start += size

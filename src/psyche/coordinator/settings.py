@@ -17,6 +17,8 @@ MAX_CLIENTS = 256
 """Most clients in one epoch (as the original's Solana account)."""
 MAX_WITNESSES = 32
 """Most witnesses in one round; ``witness_nodes = 0`` means every client up to this."""
+SHARE_RULES = ("speed", "even")
+"""The values of ``CoordinatorSettings.shares``."""
 MAX_ACCOUNTS = 1024
 """Most client accounts (anyone who ever joined) a run keeps, with their points."""
 
@@ -40,6 +42,8 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     cold_start_warmup_steps: int = 0
     epoch_reward: int = 1000
     checkpointers: int = 1
+    shares: str = "speed"
+    """How a round's batch is cut: ``"speed"`` in proportion to measured throughput, ``"even"`` equally."""
     seq_len: int = 128
     """Tokens per sample: the batch-size ramp counts tokens = samples * seq_len."""
 
@@ -103,5 +107,6 @@ def settings_problems(s: CoordinatorSettings) -> list[str]:
     rule(s.witness_nodes <= MAX_WITNESSES, f"witness_nodes must be <= {MAX_WITNESSES} (got {s.witness_nodes})")
     rule(s.global_batch_size_start <= s.global_batch_size_end,
          "global_batch_size_start must be <= global_batch_size_end")
+    rule(s.shares in SHARE_RULES, f"shares must be one of {', '.join(SHARE_RULES)} (got {s.shares!r})")
     rule(s.checkpointers <= s.min_clients, f"checkpointers must be <= min_clients ({s.checkpointers} > {s.min_clients})")
     return out

@@ -18,6 +18,7 @@ import enum
 import msgspec
 
 from psyche.coordinator.settings import CoordinatorSettings
+from psyche.coordinator.shares import Piece, Taken
 
 STATE_VERSION = 1
 NUM_STORED_ROUNDS = 4
@@ -62,6 +63,11 @@ class Client(msgspec.Struct, kw_only=True):
     state: ClientState = ClientState.Healthy
     until_height: int | None = None
     """None while Healthy; else it takes part only in rounds with height < until_height."""
+    throughput: int = 0
+    """Estimated tokens per second of round time, from witnessed deliveries (0 = never measured);
+    its share of each round's batch follows it (see :mod:`psyche.coordinator.shares`)."""
+    tokens: int = 0
+    """Tokens it trained this epoch whose results a witness quorum accepted (its points follow)."""
 
 
 class Account(msgspec.Struct, kw_only=True):
@@ -82,6 +88,9 @@ class WitnessReport(msgspec.Struct, kw_only=True):
     loss: float
     tokens_per_sec: float
     bandwidth_bytes: int
+    arrivals_ms: list[int] = msgspec.field(default_factory=list)
+    """Per trainer in the round's shuffle order: ms from the witness seeing the round start to it
+    holding that trainer's verified result (0: not received)."""
 
 
 class Round(msgspec.Struct, kw_only=True):
@@ -103,6 +112,11 @@ class Round(msgspec.Struct, kw_only=True):
     witnesses: int
     """Number of witnesses: the trainers at shuffle positions < witnesses."""
     reports: list[WitnessReport] = msgspec.field(default_factory=list)
+    sizes: list[int] = msgspec.field(default_factory=list)
+    """Samples per shuffle position (empty: an equal split, as rounds were cut before shares)."""
+    taken: list[Taken] = msgspec.field(default_factory=list)
+    """Re-queued pieces trained whole in this round, and by which position; the other positions
+    share the fresh samples from ``data_index`` on."""
 
 
 class RoundStats(msgspec.Struct, kw_only=True):
@@ -149,6 +163,8 @@ class CoordinatorState(msgspec.Struct, kw_only=True):
     """The step of the current round, or of the next round to start. Finished once > total_steps."""
     next_data_index: int = 0
     """First sample index no round has been given yet (indices are never reused)."""
+    requeued: list[Piece] = msgspec.field(default_factory=list)
+    """Batches whose trainer missed its round, oldest first, waiting to be trained whole by a later one."""
     cold_start_step: int = 0
     """Step from which the LR warms up again after a resume (0 = never resumed)."""
 

@@ -7,6 +7,9 @@ health checks, checkpoints), then :meth:`Swarm.advance` lets time pass and
 ticks. Used by the tests and the benchmark, and handy for exercising ledger
 hosts. Results are simulated: a trainer's result commitment is a hash of its
 step and batch; ``silent`` trainers produce none, ``offline`` clients send nothing.
+Each client trains at a simulated speed (``speeds``, tokens per second; 1000 unless
+set), and witnesses report when each result "arrived": ``overhead_ms`` (0 unless set) plus the
+batch's tokens at that speed, as a real witness would measure it.
 
 Every applied instruction is logged as a :class:`~psyche.coordinator.log.LogEntry`,
 so :func:`psyche.coordinator.log.replay` rebuilds the same state elsewhere.
@@ -68,6 +71,10 @@ class Swarm:
         """Clients that send nothing at all."""
         self.silent: set[int] = set()
         """Clients that act, but whose training results never reach anyone."""
+        self.speeds: dict[int, float] = {}
+        """Client -> simulated training speed in tokens per second (default 1000)."""
+        self.overhead_ms = 0
+        """Simulated per-round time every result takes besides training (apply, network)."""
         self.log: list[LogEntry] = []
         self.refused: list[tuple[Instruction, bytes, CoordinatorError]] = []
         self.joined: set[int] = set()
@@ -141,9 +148,22 @@ class Swarm:
         part = BloomFilter.for_items([c for c, _ in received]).to_bytes()
         bcast = BloomFilter.for_items([h for _, h in received]).to_bytes()
         merkle = hashlib.sha256(b"".join(sorted(h for _, h in received))).digest()
+        arrived = {c for c, _ in received}
+        batches = {b.client: b for b in round_batches(s)}
+        arrivals = []
+        for i in r.trainers:
+            b = batches.get(s.clients[i].id)
+            arrivals.append(self.arrival_ms(ids[b.client], b.end - b.start) if b is not None and b.client in arrived
+                            else 0)
         for w in witnesses:
             self.submit(Witness(step=r.step, participant_bloom=part, broadcast_bloom=bcast, broadcast_merkle=merkle,
-                                loss=2.0 + 1.0 / r.step, tokens_per_sec=1000.0, bandwidth_bytes=4096), w)
+                                loss=2.0 + 1.0 / r.step, tokens_per_sec=1000.0, bandwidth_bytes=4096,
+                                arrivals_ms=arrivals), w)
+
+    def arrival_ms(self, i: int, samples: int) -> int:
+        """When a witness holds client ``i``'s result for ``samples`` samples, in ms after the round began."""
+        tokens = samples * self.coord.state.settings.seq_len
+        return max(1, self.overhead_ms + round(tokens * 1000 / self.speeds.get(i, 1000.0)))
 
     def _health_checks(self, ids: dict[bytes, int]) -> None:
         s = self.coord.state
