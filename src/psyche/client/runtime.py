@@ -38,6 +38,7 @@ from psyche.client.ports import Node, NodeIdentity, Trainer
 from psyche.coordinator import Checkpoint, Coordinator, HealthCheck, Instruction, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
+from psyche.coordinator.instructions import MAX_ARRIVAL_MS
 from psyche.coordinator.state import ClientState, CoordinatorState, RunState
 from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, MetricsReport
 from psyche.p2p import BlobUnavailable, ModelMismatch, ModelUnavailable, ResultCommitment
@@ -83,6 +84,19 @@ class StepBook:
     bad: set[bytes] = field(default_factory=set)
     fetching: set[bytes] = field(default_factory=set)
     bytes_received: int = 0
+    began: float | None = None
+    """Monotonic time at which this node first saw the step's round training."""
+    arrived: dict[bytes, float] = field(default_factory=dict)
+    """trainer id -> monotonic time its result was verified here (our own: when we finished it)."""
+
+    def arrivals_ms(self, trainers: list[bytes]) -> list[int]:
+        """What a witness reports of ``trainers`` (shuffle order): ms from the round's start to each
+        verified result, 0 for none; empty when this node did not see the round start."""
+        if self.began is None:
+            return []
+        began = self.began
+        return [0 if (t := self.arrived.get(tid)) is None else min(MAX_ARRIVAL_MS, max(1, round((t - began) * 1000)))
+                for tid in trainers]
 
 
 class KeyInUse(Exception):
@@ -209,6 +223,10 @@ class ClientRuntime:
         async for coord in self.ledger.watch():
             self.coord = coord
             s = coord.state
+            if s.run_state is RunState.RoundTrain and (rnd := q.current_round(s)) is not None \
+                    and self.books[rnd.step].began is None:
+                # When this node learnt the round began: the clock its witness report counts from.
+                self.books[rnd.step].began = time.monotonic()
             self.node.set_members({c.id: c.p2p_address for c in s.clients if c.id != self.me})
             self.node.set_step(s.step)
             if self._outbox and not self._flushing:
@@ -255,6 +273,7 @@ class ClientRuntime:
             return None
         self.blobs[c.blob_hash] = data
         book.verified[sender] = c.blob_hash
+        book.arrived.setdefault(sender, time.monotonic())
         book.bytes_received += len(data)
         self._wake.set()
         s = self.coord.state if self.coord is not None else None
@@ -574,6 +593,7 @@ class ClientRuntime:
         book = self.books[step]
         book.commitments[self.me] = commitment
         book.verified[self.me] = blob_hash
+        book.arrived.setdefault(self.me, time.monotonic())
         self.blobs[blob_hash] = out.payload
         self.trained[step] = (out, commitment)
         await self.node.broadcast(commitment)
@@ -651,7 +671,8 @@ class ClientRuntime:
         if step in self.witnessed or not q.is_witness(s, self.me, step=step):
             return
         book = self.books[step]
-        trainers = set(q.round_trainers(s, step=step))
+        order = q.round_trainers(s, step=step)
+        trainers = set(order)
         complete = trainers <= set(book.verified) | book.bad
         if not complete and s.run_state is not RunState.RoundWitness:
             return
@@ -666,6 +687,7 @@ class ClientRuntime:
             loss=float(out.loss) if out is not None else 0.0,
             tokens_per_sec=float(out.tokens / max(out.seconds, 1e-9)) if out is not None else 0.0,
             bandwidth_bytes=book.bytes_received,
+            arrivals_ms=book.arrivals_ms(order),
         )
         self.witnessed.add(step)
         await self._submit(instr, quiet=True)

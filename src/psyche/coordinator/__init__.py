@@ -8,6 +8,7 @@ point. Modules, one idea each:
 - :mod:`~psyche.coordinator.state` — :class:`CoordinatorState`, the whole state (msgspec).
 - :mod:`~psyche.coordinator.instructions` — instruction structs and their wire form.
 - :mod:`~psyche.coordinator.queries` — pure questions: roles, batches, consensus, deadlines.
+- :mod:`~psyche.coordinator.shares` — speed-aware shares: the cut of each batch, learning speeds, re-queues.
 - :mod:`~psyche.coordinator.log` — :class:`LogEntry` and :func:`replay`, how every host rebuilds a state.
 - :mod:`~psyche.coordinator.settings` — :class:`CoordinatorSettings` and their rules.
 - :mod:`~psyche.coordinator.shuffle` — the swap-or-not shuffle behind committees.
@@ -51,6 +52,7 @@ from psyche.coordinator.machine import Coordinator
 from psyche.coordinator.queries import (
     Batch,
     RoleProof,
+    Share,
     accusable_trainers,
     address_of,
     assignment_for,
@@ -73,6 +75,7 @@ from psyche.coordinator.queries import (
     round_batches,
     round_closed,
     round_for_step,
+    round_shares,
     round_stats,
     round_trainers,
     round_witnesses,
@@ -99,12 +102,12 @@ __all__ = [
     "CoordinatorError", "CoordinatorSettings", "CoordinatorState", "DuplicateCheckpoint", "DuplicateWitness",
     "FalseAccusation", "Halted", "HealthCheck", "Instruction", "InvalidInstruction", "InvalidRunState", "Join",
     "LogEntry", "NotACheckpointer", "NotAMember", "NotAWitness", "Pause", "Replayed", "Resume", "RoleProof",
-    "Round", "RoundStats", "RunFull", "RunState", "StaleStep", "Tick", "Unauthorized", "WarmupWitness", "Withdraw",
+    "Round", "RoundStats", "RunFull", "RunState", "Share", "StaleStep", "Tick", "Unauthorized", "WarmupWitness", "Withdraw",
     "Witness", "WitnessReport",
     "accusable_trainers", "address_of", "apply_entry", "assignment_for", "batch_split", "consensus",
     "current_round", "decode_instruction", "encode_instruction", "epoch_deadline", "healthy_clients",
     "is_checkpointer", "is_warmup_witness", "is_witness", "latest_checkpoint", "lr_warmup_window", "member",
     "model_source", "phase_deadline", "points", "quorum", "replay", "role_proof", "round_batches", "round_closed",
-    "round_for_step", "round_stats", "round_trainers", "round_witnesses", "settings_problems", "time_left",
+    "round_for_step", "round_shares", "round_stats", "round_trainers", "round_witnesses", "settings_problems", "time_left",
     "verify_role_proof", "witnessed_trainers",
 ]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import msgspec
 
 from psyche.coordinator.bloom import BloomFilter
-from psyche.coordinator.shares import Taken, delivery_ms
+from psyche.coordinator.shares import Taken
 from psyche.coordinator.shuffle import shuffled_position, shuffled_positions
 from psyche.coordinator.state import (
     CheckpointRecord,
@@ -250,6 +250,25 @@ def assignment_for(state: CoordinatorState, client_id: bytes, *, step: int | Non
         if c.id == client_id:
             return (s, e)
     return None
+
+
+class Share(NamedTuple):
+    """A trainer's part of a round: its samples, their fraction of the round's batch, and the
+    throughput estimate (tokens/s of round time, 0 = not measured yet) the cut was made from."""
+
+    client: bytes
+    samples: int
+    fraction: float
+    throughput: int
+
+
+def round_shares(state: CoordinatorState, step: int | None = None) -> list[Share]:
+    """Every member's share of the round (shuffle order; 0 samples for one left out)."""
+    r = _require_round(state, step)
+    got = {idx: end - start for idx, start, end in batch_split(r)}
+    total = max(1, r.batch_size)
+    return [Share(state.clients[idx].id, got.get(idx, 0), got.get(idx, 0) / total, state.clients[idx].throughput)
+            for idx in r.trainers]
 
 
 def round_trainers(state: CoordinatorState, step: int | None = None) -> list[bytes]:
