@@ -176,6 +176,7 @@ def test_live_feed_pushes_joins_and_metrics_reports(tmp_path):
         with client.websocket_connect(f"/api/runs/{RUN}/live") as ws:
             first = receive_until(ws, lambda d: True)
             assert first["run_id"] == RUN and first["pending"] == [] and "config" in first
+            assert first["shares"] == "speed" and first["requeued_samples"] == 0
             join(client, a)
             receive_until(ws, lambda d: d["pending"] == [a.public_key.hex()])
             join(client, b)
@@ -183,6 +184,8 @@ def test_live_feed_pushes_joins_and_metrics_reports(tmp_path):
             doc = receive_until(ws, lambda d: len(d["clients"]) == 2)
             assert {c["id"] for c in doc["clients"]} == {a.public_key.hex(), b.public_key.hex()}
             assert doc["clients"][0]["bytes_sent"] is None
+            # No round yet: no share; no delivery witnessed yet: no speed estimate.
+            assert {(c["share"], c["throughput"], c["accepted_tokens"]) for c in doc["clients"]} == {(None, None, 0)}
             # A metrics report changes no coordinator state, yet it is pushed.
             report = sign_request(a, RUN, "report", json.dumps({"step": 1, "bytes_sent_total": 1234, "loss": 2.5}).encode())
             assert client.post(f"/api/runs/{RUN}/reports", content=report).status_code == 200

@@ -161,6 +161,14 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path, start_c
         # Shown on the page: clients, witness outcomes (explained), the config.
         assert await page.locator("#clients-body tr").count() == 2
         assert await page.locator("#clients-body .cap").all_text_contents() == ["≤ 5.0 MB/s"]
+        clients_head = await page.locator("#clients-body").locator("xpath=../thead/tr/th").all_inner_texts()
+        assert clients_head[3:6] == ["Points", "Share", "Speed"]
+        # Each member's share of the round under way, and its speed once the coordinator measured it.
+        shares = await poll(page, "(() => { const got = [...document.querySelectorAll('#clients-body tr')].map((r) => "
+                            "[r.cells[4].innerText.trim(), r.cells[5].innerText.trim()]); "
+                            "return got.length === 2 && got.every(([s, v]) => /^\\d+ \\(\\d+%\\)$/.test(s) "
+                            "&& /^[\\d,]+ tok\\/s$/.test(v)) && got; })()", "each client's share and speed", 60, net)
+        assert 98 <= sum(int(re.search(r"\((\d+)%\)", s).group(1)) for s, _ in shares) <= 102, shares
         assert await page.locator("#witness-body .pill-ok").count() >= 1
         witness_head = page.locator("#witness-body").locator("xpath=../thead/tr/th")
         assert await witness_head.all_inner_texts() == ["Step", "Witness reports", "Trainers seen by a quorum", "Outcome"]

@@ -398,6 +398,49 @@ def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority)
     assert Store(old).step_times("r") == {1: (5.0, None)}
 
 
+def test_status_shows_each_clients_share_and_the_speed_the_run_learnt(authority):
+    """Each client's row: its share of the round's batch, the coordinator's estimate of its speed
+    and the tokens it had accepted; the run's row: the shares rule and the samples re-queued."""
+    from psyche.coordinator import queries as q
+    from psyche.coordinator.shares import Piece
+    from psyche.coordinator.state import RunState
+    from psyche.ledger.host import RunHost
+    from psyche.ledger.status import run_status
+    from psyche.testing.coordinator_swarm import Swarm, client_key
+
+    cfg = parse_config({
+        "name": "shares-status",
+        "coordinator": {"init_min_clients": 3, "min_clients": 1, "warmup_time": 2, "cooldown_time": 2,
+                        "max_round_train_time": 6, "round_witness_time": 1, "epoch_time": 10_000, "total_steps": 60,
+                        "global_batch_size_start": 28, "global_batch_size_end": 28, "checkpointers": 0},
+        "model": {"seq_len": 64},
+    })
+    swarm = Swarm(Coordinator.new(cfg.run_id, cfg, authority=authority.public_key, now=0))
+    swarm.speeds = {0: 3000.0, 1: 3000.0, 2: 1000.0}
+    host = RunHost(swarm.coord)
+    swarm.join(range(3))
+    swarm.run_until(lambda c: c.state.run_state is RunState.Warmup)
+    rows = run_status(host, cfg, None)["clients"]
+    # Before the first round: no share, no speed measured, nothing accepted.
+    assert [(r["share"], r["share_fraction"], r["throughput"], r["accepted_tokens"]) for r in rows] == \
+        [(None, None, None, 0)] * 3
+    swarm.run_until(lambda c: c.state.run_state is RunState.RoundTrain and c.state.step == 7)
+
+    status = run_status(host, cfg, None)
+    assert status["shares"] == "speed" and status["requeued_samples"] == 0
+    by_client = {r["id"]: r for r in status["clients"]}
+    rows = [by_client[client_key(i).hex()] for i in range(3)]
+    assert [r["share"] for r in rows] == [12, 12, 4]  # 3 : 3 : 1 of the batch of 28
+    assert [r["share_fraction"] for r in rows] == pytest.approx([12 / 28, 12 / 28, 4 / 28])
+    assert [round(r["throughput"], -2) for r in rows] == [3000, 3000, 1000]
+    s = swarm.coord.state
+    assert [r["accepted_tokens"] for r in rows] == [q.member(s, client_key(i)).tokens for i in range(3)]
+    assert rows[0]["accepted_tokens"] > rows[2]["accepted_tokens"] > 0
+    # A batch whose trainer missed its round waits in the queue: its samples are counted.
+    s.requeued.append(Piece(10_000, 10_012))
+    assert run_status(host, cfg, None)["requeued_samples"] == 12
+
+
 def test_openapi_documents_the_status_api_and_its_refusals(tmp_path, authority):
     """/docs shows what each endpoint returns: the status documents and the error body are schemas."""
     server = make_server(tmp_path / "run.sqlite", authority)
@@ -420,6 +463,10 @@ def test_openapi_documents_the_status_api_and_its_refusals(tmp_path, authority):
     assert set(status) >= {"clients", "history", "checkpoints", "config", "seq", "digest", "phase_deadline", "rounds"}
     assert status["history"]["items"] == {"$ref": "#/components/schemas/HistoryRow"}
     assert "forward/backward" in schemas["ClientRow"]["properties"]["utilization"]["description"]
+    row = schemas["ClientRow"]["properties"]
+    assert {"share", "share_fraction", "throughput", "accepted_tokens"} <= set(row)
+    assert "tokens per second" in row["throughput"]["description"]
+    assert status["shares"]["enum"] == ["speed", "even"] and "requeued_samples" in status
     # An unknown run is a 404 whose body is the same ErrorBody every refusal has.
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "UnknownRun", "message": "no run 'nope' here; GET /api/runs lists them"}

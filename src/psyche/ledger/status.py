@@ -102,6 +102,17 @@ class ClientRow(TypedDict):
     """Server time of its last report."""
     utilization: float | None
     """The share of its last finished round spent in forward/backward."""
+    share: int | None
+    """Samples of the current round's batch it trains (0 if left out of the cut; null when
+    there is no current round or it is not one of the round's members)."""
+    share_fraction: float | None
+    """``share`` as a fraction of the round's batch (null with ``share``)."""
+    throughput: int | None
+    """The coordinator's estimate of its speed in tokens per second of round time, learnt from
+    witnessed deliveries; its share follows it (null while never measured)."""
+    accepted_tokens: int
+    """Tokens it trained this epoch whose results a witness quorum accepted (its points at the
+    epoch's end follow them)."""
 
 
 @_documented
@@ -184,6 +195,11 @@ class RunStatus(TypedDict):
     init_min_clients: int
     tokens_trained: int
     tokens_per_sec: float | None
+    shares: Literal["speed", "even"]
+    """How each round's batch is cut among its trainers: in proportion to each one's ``throughput``,
+    or equally (the config's ``coordinator.shares``)."""
+    requeued_samples: int
+    """Samples of batches whose trainer missed its round, waiting to be trained whole by a later one."""
     phase_time_left: int | None
     """Seconds left in the current phase (null where the phase has no deadline)."""
     round: RoundInfo | None
@@ -321,9 +337,11 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             if "forward_backward_seconds" in report and seconds:
                 # The share of the client's last finished round it spent in forward/backward.
                 busy[signer] = report["forward_backward_seconds"] / seconds
+    shares = {sh.client: sh for sh in q.round_shares(s)} if cur else {}
     clients: list[ClientRow] = []
     for c in s.clients:
         rep = last_reports.get(c.id, {})
+        share = shares.get(c.id)
         clients.append({
             "id": client_id(c.id),
             "state": c.state.value,
@@ -335,12 +353,18 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "download_limit": rep.get("download_limit"),
             "last_seen": rep.get("received"),
             "utilization": busy.get(c.id),
+            "share": share.samples if share is not None else None,
+            "share_fraction": share.fraction if share is not None else None,
+            "throughput": c.throughput or None,
+            "accepted_tokens": c.tokens,
         })
     if history is None:
         history = history_rows(coord, store, cfg)
     return {
         **run_summary(coord, cfg),
         "clients": clients,  # listed here, counted in the summary (the key keeps the summary's place)
+        "shares": cfg.coordinator.shares,
+        "requeued_samples": sum(p.size for p in s.requeued),
         "phase_time_left": q.time_left(s, now_i),
         "round": {"height": cur.height, "step": cur.step, "data_index": cur.data_index,
                   "batch_size": cur.batch_size, "witnesses": cur.witnesses} if cur else None,

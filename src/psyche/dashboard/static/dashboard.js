@@ -115,6 +115,11 @@
     [`<span class="faint">details not kept</span>`, "an older round: only its counts are kept (the coordinator stores who was seen " +
       "for the last 4 rounds of an epoch, and this page keeps those it saw live)"],
   ];
+  // Speed-aware shares (psyche/coordinator/shares.py).
+  const SHARE_HELP = "Samples of this round's batch the client trains, and their part of the batch. " +
+    "With shares = speed the batch is cut in proportion to each client's estimated speed; with shares = even, equally.";
+  const SPEED_HELP = "The coordinator's estimate of the client's speed, in tokens per second of round time: learnt " +
+    "from when witnesses received its results, never from what the client says about itself (– until measured).";
   const CKPT_SHA_HELP = "sha256 of the checkpoint's weights (its .safetensors files, in name order): check a copy against it";
 
   // -- the live connection ---------------------------------------------------
@@ -259,6 +264,8 @@
         <section class="panel"><h2>Clients <span class="note" id="clients-note"></span></h2>
           <div class="table-wrap"><table>
             <thead><tr><th>Client</th><th>Health</th><th>Role this round</th><th class="num">Points</th>
+              <th class="num" title="${esc(SHARE_HELP)}">Share</th>
+              <th class="num" title="${esc(SPEED_HELP)}">Speed</th>
               <th class="num" title="Share of its last finished round the client spent in forward/backward">Busy</th>
               <th class="num">Sent</th><th class="num">Received</th><th class="num">Last seen</th></tr></thead>
             <tbody id="clients-body"></tbody></table></div></section>
@@ -387,15 +394,24 @@
       return isNum(limit) ? `<div class="faint cap" title="capped by the node's owner">≤ ${fmtBytes(limit)}/s</div>` : "";
     }
 
+    // A client's part of this round's batch, e.g. "12 (43%)".
+    function fmtShare(c) {
+      return isNum(c.share) ? `${fmtInt(c.share)} <span class="faint">(${Math.round(100 * c.share_fraction)}%)</span>` : dash;
+    }
+
     function renderClients(doc) {
       const clients = doc.clients || [];
       const pending = doc.pending || [];
-      $("#clients-note").textContent = `${clients.length} this epoch` + (pending.length ? `, ${pending.length} waiting for the next` : "");
+      $("#clients-note").textContent = `${clients.length} this epoch` + (pending.length ? `, ${pending.length} waiting for the next` : "") +
+        (doc.shares ? ` · batch cut ${doc.shares === "even" ? "evenly" : "by speed"}` : "") +
+        (doc.requeued_samples ? ` · ${fmtInt(doc.requeued_samples)} missed samples re-queued` : "");
       const rows = clients.map((c) => `<tr>
           <td class="mono" title="${esc(c.id)}">${swatch(c.id)}${esc(shortId(c.id))}</td>
           <td><span class="health ${esc(c.state)}">${esc(c.state)}</span></td>
           <td>${c.role ? `<span class="role ${esc(c.role)}">${esc(c.role)}</span>` : `<span class="faint">${dash}</span>`}</td>
-          <td class="num">${fmtInt(c.points)}</td>
+          <td class="num" title="${fmtInt(c.accepted_tokens)} tokens accepted this epoch">${fmtInt(c.points)}</td>
+          <td class="num">${fmtShare(c)}</td>
+          <td class="num">${isNum(c.throughput) ? fmtInt(c.throughput) + " tok/s" : dash}</td>
           <td class="num">${isNum(c.utilization) ? Math.round(100 * c.utilization) + "%" : dash}</td>
           <td class="num">${fmtBytes(c.bytes_sent)}${capNote(c.upload_limit)}</td>
           <td class="num">${fmtBytes(c.bytes_received)}${capNote(c.download_limit)}</td>
@@ -404,10 +420,10 @@
         rows.push(`<tr><td class="mono" title="${esc(id)}">${swatch(id)}${esc(shortId(id))}</td>
           <td><span class="health">joining</span></td><td class="faint">next epoch</td>
           <td class="num">${fmtInt(((doc.accounts || []).find((a) => a.id === id) || {}).points)}</td>
-          <td class="num">${dash}</td><td class="num">${dash}</td><td class="num">${dash}</td><td class="num">${dash}</td></tr>`);
+          ${`<td class="num">${dash}</td>`.repeat(6)}</tr>`);
       }
       $("#clients-body").innerHTML = rows.length ? rows.join("") :
-        `<tr><td colspan="8" class="muted">No clients yet. Start one with <code>psyche client --server ${esc(location.origin)}</code></td></tr>`;
+        `<tr><td colspan="10" class="muted">No clients yet. Start one with <code>psyche client --server ${esc(location.origin)}</code></td></tr>`;
     }
 
     function renderWitness(doc) {
