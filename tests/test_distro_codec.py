@@ -154,6 +154,59 @@ def test_decode_is_mean_per_coefficient_over_results_that_chose_it():
     torch.testing.assert_close(got, dct.inverse(coeffs, grid))
 
 
+def plain_mean_decode(results, shape, chunk):
+    """The unweighted decode as it was before ``weights`` existed, written out as the oracle."""
+    grid = dct.tile_grid(shape, chunk)
+    sums = torch.zeros(grid.num_tiles, grid.tile_numel)
+    counts = torch.zeros_like(sums)
+    for r in results:
+        sums.scatter_add_(1, r.indices, r.values.float())
+        counts.scatter_add_(1, r.indices, torch.ones_like(r.indices, dtype=torch.float32))
+    return dct.inverse(sums / counts.clamp_min(1.0), grid)
+
+
+@SETTINGS
+@given(shape=shapes, chunk=st.integers(1, 16), topk=st.integers(1, 6), peers=st.integers(1, 4),
+       one_bit=st.booleans(), seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e3))
+def test_decode_without_or_with_equal_weights_is_the_plain_mean_bit_for_bit(shape, chunk, topk, peers, one_bit,
+                                                                             seed, scale):
+    """Equal weights of any scale are bit-identical to None (vote_weights scales them to exactly 1.0)."""
+    g = torch.Generator().manual_seed(seed)
+    codec = DCTCodec(chunk)
+    results = [codec.encode(torch.randn(shape, generator=g), topk, one_bit=one_bit) for _ in range(peers)]
+    want = plain_mean_decode(results, shape, chunk)
+    assert torch.equal(codec.decode(results, shape), want)
+    assert torch.equal(codec.decode(results, shape, weights=None), want)
+    assert torch.equal(codec.decode(results, shape, weights=[scale] * peers), want)
+
+
+def test_decode_with_weights_is_the_weighted_mean_over_results_that_chose_it():
+    shape = (8,)
+    grid = dct.tile_grid(shape, 8)
+    mk = lambda idx, val: SparseResult(shape, torch.float32, 8, 2, False, torch.tensor([idx]), torch.tensor([val]))
+    a = mk([0, 3], [2.0, 4.0])
+    b = mk([3, 5], [8.0, -1.0])
+    got = DCTCodec(8).decode([a, b], shape, weights=[6, 2])  # only the ratio 3:1 matters
+    coeffs = torch.zeros(1, 8)
+    # 3 chosen by both: (3·4 + 1·8) / 4; 0 and 5 chosen by one result keep its value, however light.
+    coeffs[0, 0], coeffs[0, 3], coeffs[0, 5] = 2.0, 5.0, -1.0
+    torch.testing.assert_close(got, dct.inverse(coeffs, grid))
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([1.0], r"need one per result \(2\), got 1"),
+    ([1.0, 0.0], r"weights\[1\] is 0.0; every weight must be finite and > 0"),
+    ([-1.0, 1.0], r"weights\[0\] is -1.0"),
+    ([1.0, math.nan], r"weights\[1\] is nan"),
+    ([math.inf, 1.0], r"weights\[0\] is inf"),
+    ([1e20, 1e-20], r"weights span 1e\+40x; the smallest must be at least 1e-30 of the largest"),
+])
+def test_decode_rejects_bad_weights_naming_the_rule(weights, message):
+    r = DCTCodec(8).encode(torch.randn(8, 8), 2)
+    with pytest.raises(ValueError, match=message):
+        DCTCodec(8).decode([r, r], (8, 8), weights=weights)
+
+
 def test_decode_rejects_mismatched_shape_and_chunk():
     r = DCTCodec(64).encode(torch.randn(64, 64), 8)
     with pytest.raises(ValueError, match="shape"):

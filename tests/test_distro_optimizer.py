@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psyche.distro import DCTCodec, DisTrO, Overlap, decode_payload, encode_payload
+from psyche.distro import DCTCodec, DisTrO, Overlap, SparseResult, decode_payload, encode_payload
 from psyche.distro.optimizer import momentum_warmup_factor, orthogonalize, param_groups, param_kind, warmup_decay
 
 # Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine.
@@ -213,6 +213,73 @@ def test_apply_rejects_a_peer_with_the_wrong_number_of_results():
     results = opt.generate()
     with pytest.raises(ValueError, match="peer 1 sent 3 results"):
         opt.apply([results, results[:3]])
+
+
+def two_peers_results(seed=0, **options):
+    """A model and two peers' results for it from different gradients (the model is untouched)."""
+    model = make_model(seed)
+    peers = []
+    for i in range(2):
+        copy_ = copy.deepcopy(model)
+        set_grads(copy_, seed * 10 + i)
+        peers.append(DisTrO(copy_.parameters(), lr=0.05, chunk=16, topk=4, **options).generate())
+    return model, peers
+
+
+def applied(model, results, weights=None, **options):
+    """The parameters after ``apply(results, weights)`` on a copy of ``model`` (``model`` is unchanged)."""
+    m = copy.deepcopy(model)
+    DisTrO(m.parameters(), lr=0.05, chunk=16, topk=4, **options).apply(results, weights)
+    return [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("one_bit", [True, False], ids=["one_bit", "full"])
+@pytest.mark.parametrize("matrix_update", ["orthogonal", "sign"])
+def test_apply_with_equal_weights_is_bit_identical_to_equal_votes(one_bit, matrix_update):
+    """None and any equal weights give the same parameters bit for bit (not just within tolerance)."""
+    options = dict(one_bit=one_bit, matrix_update=matrix_update)
+    model, peers = two_peers_results(**options)
+    want = applied(model, peers, **options)
+    for weights in (None, [1, 1], [4, 4], [0.1, 0.1]):
+        assert all(torch.equal(a, b) for a, b in zip(applied(model, peers, weights, **options), want))
+
+
+@pytest.mark.parametrize("one_bit", [True, False], ids=["one_bit", "full"])
+@pytest.mark.parametrize("matrix_update", ["orthogonal", "sign"])
+def test_apply_weights_side_with_the_heavier_peer(one_bit, matrix_update):
+    """Two peers choosing the same coefficients with opposite values: equal votes cancel to no
+    step; weights 3:1 give the heavier peer's own step (the aggregate is half of its values, and
+    both updates ignore scale: exactly for sign, up to orthogonalize's 1e-7 for matrices)."""
+    options = dict(one_bit=one_bit, matrix_update=matrix_update)
+    model, (a, _) = two_peers_results(**options)
+    b = [SparseResult(r.shape, r.dtype, r.chunk, r.topk, r.one_bit, r.indices, -r.values) for r in a]
+    assert all(torch.equal(x, y) for x, y in zip(applied(model, [a, b], **options), model.parameters()))
+    for weights, heavier in (([3, 1], a), ([1, 3], b)):
+        for x, y in zip(applied(model, [a, b], weights, **options), applied(model, [heavier], **options)):
+            if matrix_update == "sign":
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y)
+
+
+def test_apply_rejects_bad_weights_before_changing_anything():
+    model, peers = two_peers_results()
+    opt = DisTrO(model.parameters(), lr=0.05, chunk=16, topk=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    for weights, message in (([1.0], r"need one per result \(2\), got 1"), ([1.0, 0.0], r"weights\[1\] is 0.0"),
+                             ([1.0, -2.0], r"finite and > 0"), ([float("nan"), 1.0], r"weights\[0\] is nan")):
+        with pytest.raises(ValueError, match=message):
+            opt.apply(peers, weights)
+    with pytest.raises(ValueError, match=r"need one per result \(0\), got 1"):
+        opt.apply([], [1.0])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_apply_weights_are_deterministic():
+    model, peers = two_peers_results(seed=5)
+    first = applied(model, peers, [5, 2])
+    assert all(torch.equal(a, b) for a, b in zip(applied(model, peers, (5.0, 2.0)), first))
+    assert not all(torch.equal(a, b) for a, b in zip(applied(model, peers), first))  # the weights mattered
 
 
 def test_payload_rejects_mismatches():

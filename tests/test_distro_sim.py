@@ -35,3 +35,46 @@ def test_grouped_adamw_scales_each_kind_and_learns():
     grouped = run_adamw(cfg, 1e-2, grouped=True)
     assert grouped.val_loss[-1] < grouped.val_loss[0] - 0.05
     assert grouped.val_loss[-1] != plain.val_loss[-1]  # the scales changed the run
+
+
+TINY = dict(steps=6, seq_len=32, hidden_size=64, intermediate_size=128, layers=1, heads=2, distro_lr=1e-2,
+            warmup_steps=0, chunk=16, topk=4, eval_every=3, eval_batches=1, eval_batch_size=8)
+
+
+def weights_of(run):
+    return [p.detach().clone() for p in run.models[0].parameters()]
+
+
+def test_token_votes_with_equal_shares_are_bit_identical_to_equal_votes():
+    plain = run_distro(config_from(peers=2, batch_per_peer=2, **TINY))
+    same = run_distro(config_from(peers=2, shares=(2, 2), combine="tokens", **TINY))
+    assert plain.curve.val_loss == same.curve.val_loss and plain.curve.tokens == same.curve.tokens
+    assert all(torch.equal(a, b) for a, b in zip(weights_of(plain), weights_of(same)))
+
+
+def test_unequal_shares_split_the_same_samples_and_token_votes_change_the_run():
+    from psyche.testing.distro_sim import _indices
+
+    cfg = config_from(peers=3, shares=(3, 2, 1), **TINY)
+    equal = config_from(peers=3, batch_per_peer=2, **TINY)
+    for step in range(3):
+        split = [_indices(cfg, step, peer) for peer in range(3)]
+        assert [len(r) for r in split] == [3, 2, 1]
+        assert [i for r in split for i in r] == [i for peer in range(3) for i in _indices(equal, step, peer)]
+    assert cfg.apply_weights() is None
+    assert config_from(peers=3, shares=(3, 2, 1), combine="tokens", **TINY).apply_weights() == [96, 64, 32]
+    by_votes = run_distro(cfg)
+    by_tokens = run_distro(config_from(peers=3, shares=(3, 2, 1), combine="tokens", **TINY))
+    assert by_votes.peers_bit_identical and by_tokens.peers_bit_identical
+    assert by_votes.curve.tokens == by_tokens.curve.tokens == run_distro(equal).curve.tokens
+    assert not all(torch.equal(a, b) for a, b in zip(weights_of(by_votes), weights_of(by_tokens)))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(peers=3, shares=(2, 2)), r"shares: need one per peer \(3\), got 2"),
+    (dict(peers=2, shares=(2, 0)), r"shares: every peer trains >= 1 sequence"),
+    (dict(combine="mean"), r"combine: must be one of 'equal', 'tokens', got 'mean'"),
+])
+def test_split_fields_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from(**overrides)

@@ -4,7 +4,9 @@
 :mod:`psyche.distro.dct`), the ``topk`` coefficients of largest magnitude (all of
 them when the tile is smaller). ``decode(results, shape)`` scatters every
 result's coefficients back into the tile grid, averages each coefficient over
-the results that chose it, and applies the inverse DCT.
+the results that chose it, and applies the inverse DCT. ``decode(..., weights=w)``
+makes that a weighted mean (result ``i`` counts ``w[i]`` times; :func:`vote_weights`
+is the rule ``w`` must follow).
 
 Wire form of one result (``SparseResult.to_bytes``), version 1::
 
@@ -22,6 +24,7 @@ canonical) and raises ``ValueError`` naming the problem for anything else.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +39,7 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _NUMPY_VIEW = {torch.float32: "<f4", torch.bfloat16: "<i2", torch.float16: "<f2"}
 _MAX_NDIM = 8
 _MAX_NUMEL = 1 << 40  # sanity bound on a header's claimed tensor size
+_MIN_VOTE = 1e-30  # smallest weight / largest in a weighted decode (float32's normal range ends at 1.2e-38)
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,6 +185,37 @@ def _parse(data: memoryview) -> SparseResult:
     )
 
 
+def vote_weights(weights: Sequence[float] | None, peers: int) -> list[float]:
+    """Each of ``peers`` results' vote in a weighted :meth:`DCTCodec.decode`, scaled so the largest is 1.0.
+
+    ``None`` gives every result the vote 1.0 (the plain mean). Otherwise ``weights``
+    must hold one finite number > 0 per result, none below ``1e-30`` of the largest,
+    else ``ValueError`` naming the rule broken; only their ratios matter. Deterministic: the same weights give the same
+    floats. Dividing by the largest rather than by the sum keeps equal weights at
+    exactly 1.0, so they decode bit-identically to ``None``.
+
+    >>> vote_weights([5, 5, 2], 3)
+    [1.0, 1.0, 0.4]
+    >>> vote_weights(None, 2)
+    [1.0, 1.0]
+    """
+    if weights is None:
+        return [1.0] * peers
+    ws = [float(w) for w in weights]
+    if len(ws) != peers:
+        raise ValueError(f"weights: need one per result ({peers}), got {len(ws)}")
+    for i, w in enumerate(ws):
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"weights[{i}] is {w}; every weight must be finite and > 0")
+    top = max(ws, default=1.0)
+    votes = [w / top for w in ws]
+    # Votes are summed in float32; a far smaller one would vanish there (and a count of 0 is "unchosen").
+    if votes and min(votes) < _MIN_VOTE:
+        raise ValueError(f"weights span {top / min(ws):.3g}x; "
+                         f"the smallest must be at least {_MIN_VOTE:g} of the largest")
+    return votes
+
+
 class DCTCodec:
     """Chunked-DCT top-k codec with a fixed target ``chunk`` (see the module docstring).
 
@@ -221,13 +256,19 @@ class DCTCodec:
         results: list[SparseResult],
         shape: tuple[int, ...] | torch.Size,
         dtype: torch.dtype = torch.float32,
+        *,
+        weights: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """The inverse DCT of the per-coefficient mean over ``results`` (zeros for none).
 
-        Every result must describe a tensor of ``shape`` cut with this codec's
-        chunk; ``ValueError`` otherwise. Results are summed in list order, so equal
-        lists give bit-identical tensors.
+        With ``weights`` the mean is weighted: a coefficient is
+        ``Σ wᵢ·vᵢ / Σ wᵢ`` over the results ``i`` that chose it (:func:`vote_weights`
+        checks and scales ``weights``; ``ValueError`` for a bad one). ``None`` and
+        equal weights give the plain mean, bit for bit. Every result must describe
+        a tensor of ``shape`` cut with this codec's chunk; ``ValueError`` otherwise.
+        Results are summed in list order, so equal lists give bit-identical tensors.
         """
+        votes = vote_weights(weights, len(results))
         shape = tuple(int(d) for d in shape)
         grid = dct.tile_grid(shape, self.chunk)
         for i, r in enumerate(results):
@@ -240,9 +281,15 @@ class DCTCodec:
         device = results[0].values.device
         sums = torch.zeros(grid.num_tiles, grid.tile_numel, device=device)
         counts = torch.zeros_like(sums)
-        for r in results:
-            idx = r.indices.to(device)
-            sums.scatter_add_(1, idx, r.values.to(device, torch.float32))
-            counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-        mean = sums / counts.clamp_min(1.0)  # (T, n): unchosen coefficients stay 0
+        for r, vote in zip(results, votes):
+            idx = r.indices.to(device)  # (T, k)
+            values = r.values.to(device, torch.float32)
+            if vote != 1.0:  # (× 1.0 would be exact too; skipping it spares a copy)
+                values = values * vote
+            sums.scatter_add_(1, idx, values)
+            counts.scatter_add_(1, idx, torch.full_like(idx, vote, dtype=torch.float32))
+        # (T, n): unchosen coefficients (count 0, sum 0) stay 0. A chosen one's count is a
+        # sum of votes, so it is at least the smallest vote and the clamp leaves it alone
+        # (for None the smallest vote is 1.0: the plain mean's own clamp).
+        mean = sums / counts.clamp_min(min(votes))
         return dct.inverse(mean, grid).to(dtype)

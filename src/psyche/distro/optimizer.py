@@ -22,6 +22,7 @@ how they travel), and everything not chosen stays in δ to be sent later.
 inputs, so every peer's weights stay bit-identical)::
 
     u = idct(mean over peers of each chosen coefficient)   # DCTCodec.decode
+                                                            # (weighted if apply gets weights)
     θ ← θ·(1 − lr·weight_decay)                             # decoupled weight decay
     θ ← θ − lr·orth(u)   for a weight matrix (matrix_update="orthogonal", the default)
     θ ← θ − lr·sign(u)   for everything else (embeddings, norms, biases)
@@ -75,7 +76,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from psyche.distro.codec import DCTCodec, SparseResult
+from psyche.distro.codec import DCTCodec, SparseResult, vote_weights
 
 if TYPE_CHECKING:
     from psyche.config import LRScheduleConfig, OptimizerConfig
@@ -234,13 +235,23 @@ class DisTrO(torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def apply(self, results_from_all_peers: Sequence[Sequence[SparseResult]]) -> None:
+    def apply(
+        self,
+        results_from_all_peers: Sequence[Sequence[SparseResult]],
+        weights: Sequence[float] | None = None,
+    ) -> None:
         """Step the weights with every peer's results (outer list: peers, inner: parameters).
 
-        Deterministic: the same results in the same order give bit-identical
-        weights. An empty outer list is a no-op. ``ValueError`` if a peer's list
-        does not match the parameters in length or shapes.
+        ``weights``: one per peer (e.g. the tokens it trained), finite and > 0, only their
+        ratios mattering; each coefficient is then the weighted mean over the peers that
+        chose it (:meth:`DCTCodec.decode`). ``None`` (and equal weights, bit for bit) gives
+        every peer an equal vote. Deterministic: the same results and weights in the same
+        order give bit-identical parameters. An empty outer list is a no-op. ``ValueError`` if
+        ``weights`` breaks a rule of :func:`~psyche.distro.codec.vote_weights` or a peer's
+        list has the wrong length (both checked before anything changes), or a result's
+        shape does not match its parameter.
         """
+        votes = vote_weights(weights, len(results_from_all_peers))
         if not results_from_all_peers:
             return
         params = self._params()
@@ -249,7 +260,7 @@ class DisTrO(torch.optim.Optimizer):
                 raise ValueError(f"peer {peer} sent {len(results)} results for {len(params)} parameters")
         for i, (group, p) in enumerate(params):
             codec = self._codec(group["chunk"])
-            update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape)
+            update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape, weights=votes)
             lr, wd = group["lr"] * group.get("lr_scale", 1.0), group["weight_decay"]
             if wd != 0.0:
                 p.mul_(1.0 - lr * wd)

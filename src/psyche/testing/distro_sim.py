@@ -12,6 +12,11 @@ same LR schedule shape and its learning rate swept over ``adamw_lrs``; the best
 final validation loss is the one compared.
 
 Peer ``w`` at step ``s`` trains sample indices ``(s·W + w)·B … (s·W + w + 1)·B − 1``.
+With unequal ``shares`` (``n₀, n₁, …`` sequences, ``G = Σ nᵢ`` a step) it trains
+``s·G + n₀ + … + n_{w−1}`` onwards, ``n_w`` of them: every split of the same ``G``
+trains the same samples each step, only divided differently, and ``combine`` says
+whether every peer's results then get an equal vote or one in proportion to its
+tokens (:meth:`DisTrO.apply`'s ``weights``).
 Steps are 0-based here: step ``s`` is the run's step ``s + 1``.
 
 A harness (``psyche bench distro``, ``bench/convergence*.py``, the tests), not product
@@ -35,6 +40,9 @@ from psyche.distro.optimizer import param_groups
 
 OnEval = Callable[[str, int, float], None]
 
+COMBINE_RULES = ("equal", "tokens")
+"""Values of :attr:`SimConfig.combine`."""
+
 QUICK_STEPS = 150
 """Steps of the CI-sized comparison (``--quick``)."""
 FULL_STEPS = 600
@@ -50,7 +58,14 @@ class SimConfig:
     steps: int = 300
     """Optimizer steps for DisTrO and for every AdamW run."""
     batch_per_peer: int = 4
-    """Sequences each peer trains per step; AdamW's batch is ``peers × batch_per_peer``."""
+    """Sequences each peer trains per step when ``shares`` is None; AdamW's batch is ``peers × batch_per_peer``."""
+    shares: tuple[int, ...] | None = None
+    """Sequences each peer trains per step, one per peer (each >= 1), as a coordinator splitting the
+    global batch by speed would; the global batch is then their sum (:attr:`global_batch`) and
+    ``batch_per_peer`` is unused. None: every peer trains ``batch_per_peer``."""
+    combine: str = "equal"
+    """How every peer combines the peers' results: ``"equal"`` (one vote each) or ``"tokens"`` (votes in
+    proportion to the tokens each trained). With equal shares both give bit-identical runs."""
     seq_len: int = 64
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -88,6 +103,30 @@ class SimConfig:
     seed: int = 0
     data_dir: str = "data/fortunes"
 
+    def __post_init__(self) -> None:
+        if self.shares is not None:
+            if len(self.shares) != self.peers:
+                raise ValueError(f"shares: need one per peer ({self.peers}), got {len(self.shares)}")
+            if any(n < 1 for n in self.shares):
+                raise ValueError(f"shares: every peer trains >= 1 sequence a step, got {self.shares}")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"combine: must be one of {', '.join(map(repr, COMBINE_RULES))}, got {self.combine!r}")
+
+    @property
+    def peer_batches(self) -> tuple[int, ...]:
+        """Sequences each peer trains per step: ``shares``, or ``batch_per_peer`` for every peer."""
+        return self.shares if self.shares is not None else (self.batch_per_peer,) * self.peers
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences trained per step by all peers together (AdamW's batch)."""
+        return sum(self.peer_batches)
+
+    def apply_weights(self) -> list[int] | None:
+        """The ``weights`` every peer passes to :meth:`DisTrO.apply`: None for ``"equal"``,
+        each peer's tokens a step for ``"tokens"``."""
+        return None if self.combine == "equal" else [n * self.seq_len for n in self.peer_batches]
+
     @property
     def lr_of_distro(self) -> float:
         """DisTrO's peak LR: ``distro_lr``, or DisTrO's default."""
@@ -97,8 +136,10 @@ class SimConfig:
         """DisTrO's hyperparameters (the defaults and what this run overrides), as reported next to the results."""
         keys = ("overlapped", "momentum_warmup", "weight_decay", "schedule", "warmup_steps", "final_lr_fraction",
                 "batch_per_peer", "grad_clip")
+        # An unequal split is reported only when set, so equal-split reports keep their keys.
+        split = {} if self.shares is None else {"shares": list(self.shares), "combine": self.combine}
         return {"distro_lr": self.lr_of_distro, **DISTRO_DEFAULTS, **dict(self.distro_options),
-                **{k: getattr(self, k) for k in keys}}
+                **{k: getattr(self, k) for k in keys}, **split}
 
 
 @dataclass
@@ -162,8 +203,9 @@ def _data(cfg: SimConfig):
 
 
 def _indices(cfg: SimConfig, step: int, peer: int) -> range:
-    start = (step * cfg.peers + peer) * cfg.batch_per_peer
-    return range(start, start + cfg.batch_per_peer)
+    batches = cfg.peer_batches
+    start = step * cfg.global_batch + sum(batches[:peer])
+    return range(start, start + batches[peer])
 
 
 def _adamw_groups(cfg: SimConfig, model: torch.nn.Module) -> list[dict]:
@@ -206,6 +248,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
     lr_cfg = _lr_cfg(cfg, cfg.lr_of_distro)
     overlap = Overlap() if cfg.overlapped else None
     curve = Curve("distro")
+    weights = cfg.apply_weights()
     sent = 0
     losses: list[float] = []
     for step in range(cfg.steps):
@@ -214,7 +257,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
         step_loss = 0.0
         for peer, (model, opt) in enumerate(zip(models, opts)):
             stats = compute_gradients(model, train.batch(_indices(cfg, step, peer)),
-                                      micro_batch_size=cfg.batch_per_peer, grad_clip=cfg.grad_clip)
+                                      micro_batch_size=cfg.peer_batches[peer], grad_clip=cfg.grad_clip)
             step_loss += stats.loss / cfg.peers
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -227,7 +270,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
             # here; every peer then applies the same parsed results in the same order.
             received = [decode_payload(b, shapes) for b in to_apply]
             for opt in opts:
-                opt.apply(received)
+                opt.apply(received, weights)
         if _should_eval(cfg, step):
             loss = evaluate(models[0], val, batches=cfg.eval_batches, batch_size=cfg.eval_batch_size)
             _record(curve, cfg, step, loss, on_eval)
@@ -261,9 +304,10 @@ def run_adamw(cfg: SimConfig, lr: float, *, grouped: bool = False, on_eval: OnEv
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr_cfg, cfg.steps) * group["lr_scale"]
-        start = step * cfg.peers * cfg.batch_per_peer
-        batch = train.batch(range(start, start + cfg.peers * cfg.batch_per_peer))
-        stats = compute_gradients(model, batch, micro_batch_size=cfg.batch_per_peer, grad_clip=cfg.grad_clip)
+        start = step * cfg.global_batch
+        batch = train.batch(range(start, start + cfg.global_batch))
+        # Micro-batches only bound memory (the gradient is the whole batch's): a peer's largest share.
+        stats = compute_gradients(model, batch, micro_batch_size=max(cfg.peer_batches), grad_clip=cfg.grad_clip)
         if stats.finite:
             opt.step()
         if _should_eval(cfg, step):
@@ -273,7 +317,7 @@ def run_adamw(cfg: SimConfig, lr: float, *, grouped: bool = False, on_eval: OnEv
 
 def _record(curve: Curve, cfg: SimConfig, step: int, loss: float, on_eval: OnEval | None) -> None:
     curve.steps.append(step + 1)
-    curve.tokens.append((step + 1) * cfg.peers * cfg.batch_per_peer * cfg.seq_len)
+    curve.tokens.append((step + 1) * cfg.global_batch * cfg.seq_len)
     curve.val_loss.append(loss)
     if on_eval is not None:
         on_eval(curve.name, step + 1, loss)
