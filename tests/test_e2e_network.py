@@ -73,9 +73,11 @@ def test_three_clients_train_to_finished_and_checkpoint_loads(network):
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert torch.isfinite(model(ids).logits).all()
-    # All clients were healthy all epoch: equal points.
+    # All clients were healthy all epoch: each is paid by the tokens it trained and had accepted,
+    # and together they share the whole epoch's reward (less integer rounding).
     pts = {c["id"]: c["points"] for c in final["accounts"]}
-    assert len(set(pts.values())) == 1 and next(iter(pts.values())) > 0
+    reward = net.cfg.coordinator.epoch_reward
+    assert all(v > 0 for v in pts.values()) and reward - len(pts) <= sum(pts.values()) <= reward, pts
 
 
 def test_killed_client_is_dropped_and_rejoins_with_model_from_peers(network):
