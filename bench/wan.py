@@ -51,6 +51,7 @@ import tomli_w  # noqa: E402
 
 from psyche.config import RunConfig  # noqa: E402
 from psyche.testbed import Link, Node, Testbed, missing_requirement  # noqa: E402
+from psyche.testing.lone import lone_on_testbed  # noqa: E402
 from psyche.testing.network import Network, client_node, small_config  # noqa: E402
 
 NODES = 3
@@ -87,24 +88,15 @@ def psyche_row(bed: Testbed, cfg: RunConfig, root: Path) -> dict:
 
     net = Network(root, cfg, bed=bed)
     samples: list[tuple[int, int]] = []  # (step, bytes all clients had sent) while training
+
+    def sample(s: dict) -> None:
+        # Counters are read once per step, status once a second: the driver shares the
+        # machine with the nodes, and polling harder showed up in their step times.
+        if s["state"] in ("RoundTrain", "RoundWitness") and (not samples or samples[-1][0] != s["step"]):
+            samples.append((s["step"], tx_bytes(bed)))
+
     try:
-        net.start_server()
-        for i in range(NODES):
-            net.start_client(i)
-
-        def finished() -> bool:
-            s = net.try_status()
-            if s is None:
-                return False
-            # Counters are read once per step, status once a second: the driver shares the
-            # machine with the nodes, and polling harder showed up in their step times.
-            if s["state"] in ("RoundTrain", "RoundWitness") and (not samples or samples[-1][0] != s["step"]):
-                samples.append((s["step"], tx_bytes(bed)))
-            return s["state"] == "Finished"
-
-        net.wait(finished, 1800, "the run to finish", every=1.0)
-        for i in range(NODES):
-            net.wait_exit(f"client-{i}", 120)
+        net.run_to_end(NODES, timeout=1800, every=1.0, watch=sample)
     finally:
         net.stop()
     store = Store(root / "run.sqlite")
@@ -154,14 +146,8 @@ def ddp_row(bed: Testbed, cfg_path: Path, root: Path, steps: int) -> dict:
 
 def alone_row(bed: Testbed, cfg_path: Path, root: Path, steps: int, *, nodes: int = 1) -> dict:
     """One node's work with no network, on ``nodes`` nodes of the testbed at once (each its CPU share)."""
-    procs = [bed.spawn(client_node(i), [sys.executable, "-m", "psyche.testing.lone", "--config", str(cfg_path),
-                                        "--clients", str(NODES), "--steps", str(steps),
-                                        "--out", str(root / f"alone-{nodes}-{i}.json")],
-                       log=root / f"alone-{nodes}-{i}.log", env=dict(os.environ)) for i in range(nodes)]
-    for i, p in enumerate(procs):
-        if p.wait(3600) != 0:
-            raise SystemExit(f"the lone node failed; log: {root / f'alone-{nodes}-{i}.log'}")
-    reps = [json.loads((root / f"alone-{nodes}-{i}.json").read_text()) for i in range(nodes)]
+    reps = lone_on_testbed(bed, [client_node(i) for i in range(nodes)], cfg_path, root, clients=NODES, steps=steps,
+                           name=f"alone-{nodes}")
     return {"step_s": round(statistics.median(t for rep in reps for t in rep["step_times"][1:]), 3),
             "utilization": round(statistics.median(rep["utilization"] for rep in reps), 4), "params": reps[0]["params"]}
 

@@ -3,20 +3,25 @@
 :func:`lone_trainer` trains one client's share of each step, compresses it, checks
 the payload as a witness would and applies ``clients`` results, as a client of an
 N-client run does, in this process. ``python -m psyche.testing.lone`` runs it as its
-own process (for a CPU share of its own on a testbed) and writes the result as JSON.
+own process (for a CPU share of its own on a testbed) and writes the result as JSON;
+:func:`lone_on_testbed` runs it so on testbed nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psyche.config import RunConfig
+
+if TYPE_CHECKING:
+    from psyche.testbed import Testbed
 
 
 def lone_trainer(cfg: RunConfig, *, clients: int, steps: int) -> dict[str, Any]:
@@ -47,6 +52,22 @@ def lone_trainer(cfg: RunConfig, *, clients: int, steps: int) -> dict[str, Any]:
     fb = trainer.timer.totals()["forward_backward"]
     return {"utilization": fb / wall, "step_s": wall / steps, "step_times": times, "params": trainer.parameters(),
             "phases": {k: round(v / wall, 4) for k, v in sorted(trainer.timer.totals().items())}}
+
+
+def lone_on_testbed(bed: Testbed, nodes: Sequence[str], cfg_path: Path, out: Path, *, clients: int, steps: int,
+                    name: str = "alone", timeout: float = 3600) -> list[dict[str, Any]]:
+    """Run ``python -m psyche.testing.lone`` on each of ``nodes`` of ``bed`` at once (each at its CPU
+    share, no network); their :func:`lone_trainer` reports, in ``nodes`` order.
+
+    Each writes ``out/NAME-I.json`` and logs to ``out/NAME-I.log``; a failed one raises
+    ``SystemExit`` naming its log."""
+    procs = [bed.spawn(node, [sys.executable, "-m", "psyche.testing.lone", "--config", str(cfg_path),
+                              "--clients", str(clients), "--steps", str(steps), "--out", str(out / f"{name}-{i}.json")],
+                       log=out / f"{name}-{i}.log", env=dict(os.environ)) for i, node in enumerate(nodes)]
+    for i, p in enumerate(procs):
+        if p.wait(timeout) != 0:
+            raise SystemExit(f"the lone trainer on {nodes[i]} failed; log: {out / f'{name}-{i}.log'}")
+    return [json.loads((out / f"{name}-{i}.json").read_text()) for i in range(len(nodes))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

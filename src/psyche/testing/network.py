@@ -177,6 +177,25 @@ class Network:
         self.wait(check, timeout, what, every=every)
         return box["s"]
 
+    def run_to_end(self, clients: int, *, timeout: float, every: float = 1.0,
+                   watch: Callable[[dict], None] | None = None) -> dict:
+        """Start the server and clients ``0 .. clients-1``, poll the status every ``every`` seconds
+        (``watch`` sees each) until the run is Finished, wait for the clients to exit; return the
+        status then (the server still runs: :meth:`stop` it)."""
+        self.start_server()
+        for i in range(clients):
+            self.start_client(i)
+
+        def finished(s: dict) -> bool:
+            if watch is not None:
+                watch(s)
+            return s["state"] == "Finished"
+
+        self.wait_state(finished, timeout, "the run to finish", every=every)
+        for i in range(clients):
+            self.wait_exit(f"client-{i}", 120)
+        return self.status()
+
     def wait_exit(self, name: str, timeout: float = 60) -> int:
         """Wait for process ``name`` to exit; return its exit code."""
         return self.procs[name].wait(timeout)
