@@ -51,3 +51,36 @@ def network(tmp_path, data_dir):
     yield make
     for net in nets:
         net.stop()
+
+
+@pytest.fixture
+def testbed_run(tmp_path):
+    """``start(cfg, nodes)``: a testbed of ``nodes`` (the first is the server's) with ``cfg``'s run on
+    it, server and one client per other node started; returns ``(bed, net)``. Whatever happens,
+    every process is stopped and the testbed torn down afterwards, and nothing of it may remain."""
+    from psyche.testbed import Testbed, leftovers
+    from psyche.testing.network import Network
+
+    made: list[tuple[Testbed, Network]] = []
+
+    def start(cfg, nodes) -> tuple[Testbed, Network]:
+        bed = Testbed(nodes)
+        bed.up()  # removes what it made if it fails
+        net = Network(tmp_path, cfg, bed=bed)
+        made.append((bed, net))
+        net.start_server()
+        for i in range(len(nodes) - 1):
+            net.start_client(i)
+        return bed, net
+
+    try:
+        yield start
+    finally:
+        for bed, net in made:
+            try:
+                net.stop()
+            finally:
+                bed.down()
+        for bed, _ in made:
+            # Other testbeds on this machine are none of this test's business.
+            assert [x for x in leftovers() if f"psytb-{bed.tag}" in x] == [], f"testbed {bed.tag} left behind"

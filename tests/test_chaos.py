@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from psyche.testbed import Link, Node, leftovers, missing_requirement
+from psyche.testbed import Link, Node, missing_requirement
 from psyche.testbed import Testbed as Bed  # a name pytest does not take for a test class
 from psyche.testing.network import Network, client_node, small_config
 
@@ -48,40 +48,18 @@ TIMINGS: dict[str, Any] = dict(warmup_time=25, max_round_train_time=20, round_wi
 IN_ROUND = ("RoundTrain", "RoundWitness")
 
 
-def _ours(tag: str) -> list[str]:
-    """What is left of testbed ``tag`` (other testbeds on this machine are none of our business)."""
-    return [x for x in leftovers() if f"psytb-{tag}" in x]
-
-
 @pytest.fixture
-def chaos_run(tmp_path, data_dir):
+def chaos_run(testbed_run, data_dir):
     """``start(name, link=LINK)``: a testbed (node ``server`` with a control link, client nodes
     ``c0..c2`` with ``CPU`` cores each, every node on ``link``) and a ``STEPS``-step run on it,
     server and clients started; everything is stopped and torn down afterwards, whatever happened."""
-    made: list[tuple[Bed, Network]] = []
 
     def start(name: str, *, link: Link = LINK) -> tuple[Bed, Network]:
         cfg = small_config(name, data=data_dir, total_steps=STEPS, **TIMINGS)
-        bed = Bed([Node("server", link, control=True)]
-                  + [Node(client_node(i), link, cpu=CPU) for i in range(CLIENTS)])
-        bed.up()  # removes what it made if it fails
-        net = Network(tmp_path, cfg, bed=bed)
-        made.append((bed, net))
-        net.start_server()
-        for i in range(CLIENTS):
-            net.start_client(i)
-        return bed, net
+        return testbed_run(cfg, [Node("server", link, control=True)]
+                           + [Node(client_node(i), link, cpu=CPU) for i in range(CLIENTS)])
 
-    try:
-        yield start
-    finally:
-        for bed, net in made:
-            try:
-                net.stop()
-            finally:
-                bed.down()
-        for bed, _ in made:
-            assert _ours(bed.tag) == [], f"testbed {bed.tag} left behind"
+    return start
 
 
 def wait_step(net: Network, step: int) -> dict:

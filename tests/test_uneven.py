@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from psyche.testbed import Link, Node, leftovers, missing_requirement
+from psyche.testbed import Link, Node, missing_requirement
 from psyche.testbed import Testbed as Bed
 from psyche.testing.network import Network, client_node, small_config
 
@@ -49,30 +49,13 @@ IN_ROUND = ("RoundTrain", "RoundWitness")
 
 
 @pytest.fixture
-def uneven_run(tmp_path, data_dir):
-    made: list[tuple[Bed, Network]] = []
-
+def uneven_run(testbed_run, data_dir):
     def start(name: str) -> tuple[Bed, Network]:
         cfg = small_config(name, data=data_dir, total_steps=STEPS, **TIMINGS)
-        bed = Bed([Node("server", LINK, control=True)] + [Node(client_node(i), LINK, cpu=CPU) for i in range(3)])
-        bed.up()
-        net = Network(tmp_path, cfg, bed=bed)
-        made.append((bed, net))
-        net.start_server()
-        for i in range(3):
-            net.start_client(i)
-        return bed, net
+        return testbed_run(cfg, [Node("server", LINK, control=True)]
+                           + [Node(client_node(i), LINK, cpu=CPU) for i in range(3)])
 
-    try:
-        yield start
-    finally:
-        for bed, net in made:
-            try:
-                net.stop()
-            finally:
-                bed.down()
-        for bed, _ in made:
-            assert [x for x in leftovers() if f"psytb-{bed.tag}" in x] == [], f"testbed {bed.tag} left behind"
+    return start
 
 
 def share_at(net: Network, i: int, step: int) -> tuple[int, dict]:
