@@ -30,6 +30,7 @@ from psyche.coordinator import (
     settings_problems,
     time_left,
 )
+from psyche.coordinator.bloom import count_members
 from psyche.coordinator.shuffle import shuffled_position, shuffled_positions
 
 # --- quorum ---
@@ -76,6 +77,17 @@ def test_bloom_has_no_false_negatives_and_roundtrips(items):
     g = BloomFilter.from_bytes(f.to_bytes())
     assert g == f and all(x in g for x in items)
     assert len(f.to_bytes()) <= 5 + 4096
+
+
+@given(items=st.lists(st.binary(min_size=1, max_size=40), max_size=30, unique=True),
+       sets=st.lists(st.tuples(st.lists(st.integers(0, 29), max_size=30), st.sampled_from([0.01, 0.2, 1e-4])),
+                     max_size=8))
+def test_count_members_is_the_sum_of_memberships(items, sets):
+    # Some filters repeat (as honest witnesses' do), some differ in content and size.
+    filters = [BloomFilter.for_items([items[i] for i in chosen if i < len(items)], rate) for chosen, rate in sets]
+    filters += filters[:2]
+    probes = items + [b"absent-" + bytes([i]) for i in range(5)]
+    assert count_members(filters, probes) == {x: sum(x in f for f in filters) for x in probes}
 
 
 def test_bloom_false_positive_rate_is_low_and_deterministic():
@@ -194,7 +206,7 @@ def test_shipped_configs_build_a_coordinator_and_config_caps_clients():
                                                      "global_batch_size_end": 300}})
 
 
-@pytest.mark.parametrize("module", ["bloom", "instructions", "machine", "queries", "shuffle"])
+@pytest.mark.parametrize("module", ["bloom", "instructions", "machine", "queries", "shares", "shuffle"])
 def test_docstring_examples_hold(module):
     import doctest
     import importlib

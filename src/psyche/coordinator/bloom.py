@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 MAX_BLOOM_BYTES = 4096
 """Largest filter the coordinator accepts (256 items at 1e-6 false positives fit)."""
@@ -120,3 +120,34 @@ class BloomFilter:
 
     def __repr__(self) -> str:
         return f"BloomFilter(m={self.m}, k={self.k}, set={bin(self.bits).count('1')})"
+
+
+def count_members(filters: Sequence[BloomFilter], items: Iterable[bytes]) -> dict[bytes, int]:
+    """For each of ``items``, how many of ``filters`` contain it: what ``sum(x in f for f in
+    filters)`` gives, at one sha256 per item and constant-time bit tests, each distinct filter
+    tested once (a round's close asks this of every trainer against every witness's filter).
+
+    >>> a, b = BloomFilter.for_items([b"x", b"y"]), BloomFilter.for_items([b"x"])
+    >>> count_members([a, b], [b"x", b"y"])
+    {b'x': 2, b'y': 1}
+    """
+    # Witnesses that saw the same results send the same filter: test each distinct one once.
+    distinct: dict[tuple[int, int, int], int] = {}
+    for f in filters:
+        distinct[(f.m, f.k, f.bits)] = distinct.get((f.m, f.k, f.bits), 0) + 1
+    bodies = [(m, k, bits.to_bytes((m + 7) // 8, "little"), n) for (m, k, bits), n in distinct.items()]
+    out: dict[bytes, int] = {}
+    for item in items:
+        d = hashlib.sha256(item).digest()
+        h1 = int.from_bytes(d[:8], "little")
+        h2 = int.from_bytes(d[8:16], "little") | 1
+        votes = 0
+        for m, k, body, n in bodies:
+            for i in range(k):
+                p = (h1 + i * h2) % m
+                if not body[p >> 3] >> (p & 7) & 1:
+                    break
+            else:
+                votes += n
+        out[item] = votes
+    return out

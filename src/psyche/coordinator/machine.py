@@ -68,8 +68,8 @@ from psyche.coordinator.instructions import (
 )
 from psyche.coordinator.queries import (
     batch_split,
-    bloom_votes,
     member_index,
+    participant_votes,
     quorum,
     round_closed,
     round_for_step,
@@ -376,12 +376,13 @@ class Coordinator:
             raise FalseAccusation(f"the round of step {instr.step} had no witness quorum; nobody can be judged")
         # Validate the whole batch before applying any of it.
         with_batch = self._trainers_with_batch(r)
+        seen = participant_votes(r, accused)
         targets = []
         for a in accused:
             j = member_index(s, a)
             if j is None or j not in with_batch:
                 raise FalseAccusation(f"{_hex(a)} had no batch in the round of step {instr.step}")
-            votes = bloom_votes(r, a, participant=True)
+            votes = seen[a]
             if votes >= need:
                 raise FalseAccusation(f"{votes} of {r.witnesses} witnesses saw {_hex(a)} in step {instr.step}")
             targets.append(j)
@@ -618,9 +619,11 @@ class Coordinator:
         judged = len(r.reports) >= need  # without a quorum nobody can be told slow from unlucky
         arrivals = [rep.arrivals_ms for rep in r.reports]
         position = {idx: p for p, idx in enumerate(r.trainers)}
-        for idx, start, end in batch_split(r):
+        batches = batch_split(r)
+        votes = participant_votes(r, [s.clients[idx].id for idx, _, _ in batches]) if judged else {}
+        for idx, start, end in batches:
             c = s.clients[idx]
-            if judged and bloom_votes(r, c.id, participant=True) >= need:
+            if judged and votes[c.id] >= need:
                 tokens = (end - start) * s.settings.seq_len
                 c.tokens += tokens
                 delay = delivery_ms(arrivals, position[idx])

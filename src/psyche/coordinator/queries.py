@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from psyche.coordinator.bloom import BloomFilter
+from psyche.coordinator.bloom import BloomFilter, count_members
 from psyche.coordinator.shares import Taken
 from psyche.coordinator.shuffle import shuffled_position, shuffled_positions
 from psyche.coordinator.state import (
@@ -58,15 +58,11 @@ def _bloom(data: bytes) -> BloomFilter | None:
         return None  # reports are checked on arrival; a stored one is always parseable
 
 
-def bloom_votes(round_: Round, item: bytes, *, participant: bool) -> int:
-    """How many of the round's witness reports contain ``item`` in their participant
-    (``participant=True``) or broadcast bloom."""
-    votes = 0
-    for r in round_.reports:
-        f = _bloom(r.participant_bloom if participant else r.broadcast_bloom)
-        if f is not None and item in f:
-            votes += 1
-    return votes
+def participant_votes(round_: Round, ids: Iterable[bytes]) -> dict[bytes, int]:
+    """For each client id, how many of the round's witness reports have it in their participant
+    bloom (each report's filter parsed once: this is asked of every trainer at a round's close)."""
+    blooms = [b for b in (_bloom(r.participant_bloom) for r in round_.reports) if b is not None]
+    return count_members(blooms, ids)
 
 
 def consensus(state: CoordinatorState, step: int,
@@ -98,7 +94,9 @@ def witnessed_trainers(state: CoordinatorState, step: int) -> list[bytes]:
     """Ids of the round's trainers (with a batch) that a quorum of participant blooms contain."""
     round_ = _require_round(state, step)
     need = quorum(max(1, round_.witnesses))
-    return [c.id for c, _, _ in _batches(state, round_) if bloom_votes(round_, c.id, participant=True) >= need]
+    batches = _batches(state, round_)
+    votes = participant_votes(round_, [c.id for c, _, _ in batches])
+    return [c.id for c, _, _ in batches if votes[c.id] >= need]
 
 
 def accusable_trainers(state: CoordinatorState, step: int) -> list[bytes]:
@@ -109,8 +107,9 @@ def accusable_trainers(state: CoordinatorState, step: int) -> list[bytes]:
     if round_ is None or not round_closed(state, step) or len(round_.reports) < quorum(max(1, round_.witnesses)):
         return []
     need = quorum(max(1, round_.witnesses))
-    return [c.id for c, _, _ in _batches(state, round_)
-            if c.state is ClientState.Healthy and bloom_votes(round_, c.id, participant=True) < need]
+    batches = _batches(state, round_)
+    votes = participant_votes(round_, [c.id for c, _, _ in batches])
+    return [c.id for c, _, _ in batches if c.state is ClientState.Healthy and votes[c.id] < need]
 
 
 # --- rounds, members, roles ---------------------------------------------------
