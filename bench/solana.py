@@ -40,12 +40,12 @@ ROUND_STATES = (RunState.RoundTrain, RunState.RoundWitness)
 class MeasuredSwarm(ChainSwarm):
     """Remembers the run state each transaction was sent in."""
 
-    def _send(self, ix, kp) -> ChainTx:
+    def _send(self, ix, kp) -> tuple[ChainTx, bytes]:
         coord = getattr(self, "coord", None)
         state = coord.state.run_state if coord is not None else RunState.Uninitialized
-        rec = super()._send(ix, kp)
+        rec, block_hash = super()._send(ix, kp)
         self.sent.append((state, rec))
-        return rec
+        return rec, block_hash
 
     def __init__(self, *args, **kwargs):
         self.sent: list[tuple[RunState, ChainTx]] = []
