@@ -22,6 +22,12 @@ selected witness that did not report, leaves at the end of the round and earns
 no points for the epoch; it may Join again for the next one. At a pause every
 client is withdrawn, so all join again after the resume.
 
+Work: each round's batch is cut among its trainers by :func:`~psyche.coordinator.shares.plan_round`
+(in proportion to their measured throughput, or equally); when a round closes it is
+settled: accepted trainers are credited their tokens and their estimates updated from
+the witnesses' arrival times, and the batch of every trainer no quorum saw is re-queued.
+At the end of an epoch the healthy members share ``epoch_reward`` by accepted tokens.
+
 Every handler starts with guard clauses that raise a named
 :class:`~psyche.coordinator.errors.CoordinatorError` before changing anything;
 ``apply`` returns that error, so a refused instruction leaves the state as it was.

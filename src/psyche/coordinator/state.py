@@ -101,9 +101,10 @@ class Round(msgspec.Struct, kw_only=True):
     step: int
     """The optimizer step this round trains (global, from 1)."""
     data_index: int
-    """First sample index of the round's global batch."""
+    """First sample index of the round's fresh samples."""
     batch_size: int
-    """Samples in the round's global batch: indices [data_index, data_index + batch_size)."""
+    """Samples in the round's global batch: the re-queued pieces in ``taken``, then fresh samples
+    from ``data_index`` on for the rest (all of it fresh when nothing was re-queued)."""
     random_seed: bytes
     """32-byte seed from the host; the shuffle that orders trainers and picks witnesses uses it."""
     started_at: int
