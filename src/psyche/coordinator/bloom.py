@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 MAX_BLOOM_BYTES = 4096
 """Largest filter the coordinator accepts (256 items at 1e-6 false positives fit)."""
@@ -26,11 +26,20 @@ DEFAULT_FALSE_POSITIVE_RATE = 0.01
 """1% (as the original): 256 items fit in ~310 bytes, small enough for a Solana transaction."""
 
 
-def _positions(item: bytes, m: int, k: int) -> list[int]:
+def _hashes(item: bytes) -> tuple[int, int]:
+    """The two hashes every filter derives an item's bit positions from (one sha256)."""
     d = hashlib.sha256(item).digest()
-    h1 = int.from_bytes(d[:8], "little")
-    h2 = int.from_bytes(d[8:16], "little") | 1  # odd, so k probes never collapse onto one bit
-    return [(h1 + i * h2) % m for i in range(k)]
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:16], "little") | 1  # odd: k probes never collapse
+
+
+def _probes(hashes: tuple[int, int], m: int, k: int) -> Iterator[int]:
+    """The ``k`` bit positions of an item with ``hashes`` in a filter of ``m`` bits (double hashing)."""
+    h1, h2 = hashes
+    return ((h1 + i * h2) % m for i in range(k))
+
+
+def _positions(item: bytes, m: int, k: int) -> list[int]:
+    return list(_probes(_hashes(item), m, k))
 
 
 class BloomFilter:
@@ -138,16 +147,6 @@ def count_members(filters: Sequence[BloomFilter], items: Iterable[bytes]) -> dic
     bodies = [(m, k, bits.to_bytes((m + 7) // 8, "little"), n) for (m, k, bits), n in distinct.items()]
     out: dict[bytes, int] = {}
     for item in items:
-        d = hashlib.sha256(item).digest()
-        h1 = int.from_bytes(d[:8], "little")
-        h2 = int.from_bytes(d[8:16], "little") | 1
-        votes = 0
-        for m, k, body, n in bodies:
-            for i in range(k):
-                p = (h1 + i * h2) % m
-                if not body[p >> 3] >> (p & 7) & 1:
-                    break
-            else:
-                votes += n
-        out[item] = votes
+        h = _hashes(item)
+        out[item] = sum(n for m, k, body, n in bodies if all(body[p >> 3] >> (p & 7) & 1 for p in _probes(h, m, k)))
     return out
