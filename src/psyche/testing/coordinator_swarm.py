@@ -143,17 +143,16 @@ class Swarm:
         witnesses = [w for w in round_witnesses(s) if w in ids and w not in reported]
         if not witnesses:
             return
-        received = [(b.client, result_commitment(r.step, b.client, b.start, b.end))
-                    for b in round_batches(s) if b.client in ids and ids[b.client] not in self.silent]
-        part = BloomFilter.for_items([c for c, _ in received]).to_bytes()
-        bcast = BloomFilter.for_items([h for _, h in received]).to_bytes()
-        merkle = hashlib.sha256(b"".join(sorted(h for _, h in received))).digest()
-        arrived = {c for c, _ in received}
         batches = {b.client: b for b in round_batches(s)}
+        received = {c: result_commitment(r.step, c, b.start, b.end)
+                    for c, b in batches.items() if c in ids and ids[c] not in self.silent}
+        part = BloomFilter.for_items(received).to_bytes()
+        bcast = BloomFilter.for_items(received.values()).to_bytes()
+        merkle = hashlib.sha256(b"".join(sorted(received.values()))).digest()
         arrivals = []
         for i in r.trainers:
             b = batches.get(s.clients[i].id)
-            arrivals.append(self.arrival_ms(ids[b.client], b.end - b.start) if b is not None and b.client in arrived
+            arrivals.append(self.arrival_ms(ids[b.client], b.end - b.start) if b is not None and b.client in received
                             else 0)
         for w in witnesses:
             self.submit(Witness(step=r.step, participant_bloom=part, broadcast_bloom=bcast, broadcast_merkle=merkle,
