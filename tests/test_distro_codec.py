@@ -142,12 +142,15 @@ def test_bf16_decode_matches_filtered_idct_of_rounded_values(shape, chunk, topk,
     assert full.indices.shape[1] == r.grid.tile_numel
 
 
-def test_decode_is_mean_per_coefficient_over_results_that_chose_it():
+def two_overlapping_results():
+    """Two hand-made results over one 8-coefficient tile: a chose 0 and 3, b chose 3 and 5."""
     shape = (8,)
-    grid = dct.tile_grid(shape, 8)
     mk = lambda idx, val: SparseResult(shape, torch.float32, 8, 2, False, torch.tensor([idx]), torch.tensor([val]))
-    a = mk([0, 3], [2.0, 4.0])
-    b = mk([3, 5], [8.0, -1.0])
+    return shape, dct.tile_grid(shape, 8), mk([0, 3], [2.0, 4.0]), mk([3, 5], [8.0, -1.0])
+
+
+def test_decode_is_mean_per_coefficient_over_results_that_chose_it():
+    shape, grid, a, b = two_overlapping_results()
     got = DCTCodec(8).decode([a, b], shape)
     coeffs = torch.zeros(1, 8)
     coeffs[0, 0], coeffs[0, 3], coeffs[0, 5] = 2.0, 6.0, -1.0  # 3 chosen twice: mean; 0 and 5 once
@@ -181,11 +184,7 @@ def test_decode_without_or_with_equal_weights_is_the_plain_mean_bit_for_bit(shap
 
 
 def test_decode_with_weights_is_the_weighted_mean_over_results_that_chose_it():
-    shape = (8,)
-    grid = dct.tile_grid(shape, 8)
-    mk = lambda idx, val: SparseResult(shape, torch.float32, 8, 2, False, torch.tensor([idx]), torch.tensor([val]))
-    a = mk([0, 3], [2.0, 4.0])
-    b = mk([3, 5], [8.0, -1.0])
+    shape, grid, a, b = two_overlapping_results()
     got = DCTCodec(8).decode([a, b], shape, weights=[6, 2])  # only the ratio 3:1 matters
     coeffs = torch.zeros(1, 8)
     # 3 chosen by both: (3·4 + 1·8) / 4; 0 and 5 chosen by one result keep its value, however light.
