@@ -120,9 +120,9 @@ def test_even_rule_ignores_speeds():
 
 def test_delivery_is_the_upper_median_and_measured_moves_half_way():
     # One witness saying its friend was fast does not make it fast.
-    assert delivery_ms([[500], [520], [3]], 0) == 500
-    assert delivery_ms([[0], [0]], 0) is None
-    assert delivery_ms([[], [40]], 0) == 40
+    assert delivery_ms([[500], [520], [3]], 1)[0] == 500
+    assert delivery_ms([[0], [0]], 1)[0] is None
+    assert delivery_ms([[], [40]], 1)[0] == 40
     assert measured(0, 3000, 1000) == 3000
     assert measured(3000, 1000, 1000) == 2000
 

@@ -623,7 +623,7 @@ class Coordinator:
         s = self.state
         need = quorum(max(1, r.witnesses))
         judged = len(r.reports) >= need  # without a quorum nobody can be told slow from unlucky
-        arrivals = [rep.arrivals_ms for rep in r.reports]
+        delays = delivery_ms([rep.arrivals_ms for rep in r.reports], len(r.trainers))
         position = {idx: p for p, idx in enumerate(r.trainers)}
         batches = batch_split(r)
         votes = participant_votes(r, [s.clients[idx].id for idx, _, _ in batches]) if judged else {}
@@ -632,7 +632,7 @@ class Coordinator:
             if judged and votes[c.id] >= need:
                 tokens = (end - start) * s.settings.seq_len
                 c.tokens += tokens
-                delay = delivery_ms(arrivals, position[idx])
+                delay = delays[position[idx]]
                 if delay is not None:
                     c.throughput = measured(c.throughput, tokens, delay)
                 continue

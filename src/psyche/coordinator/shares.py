@@ -187,15 +187,20 @@ def plan_round(total: int, estimates: Sequence[int], queue: Sequence[Piece], *, 
     return RoundPlan(sizes=sizes, taken=taken)
 
 
-def delivery_ms(arrivals: Sequence[Sequence[int]], position: int) -> int | None:
-    """The delay the round's witnesses saw for the trainer at ``position``: the upper median of
-    their positive reports (0 means "not received"), or None when no witness reported one.
+def delivery_ms(arrivals: Sequence[Sequence[int]], trainers: int) -> list[int | None]:
+    """The delay the round's witnesses saw for each of its ``trainers`` positions: the upper median
+    of their positive reports (0 means "not received"), or None where no witness reported one.
+    Each report is read once (a round's close asks this of every trainer).
 
-    >>> delivery_ms([[10, 900], [12, 0], [11, 700]], 1)
-    900
+    >>> delivery_ms([[10, 900], [12, 0], [11, 700]], 2)
+    [11, 900]
     """
-    seen = sorted(a[position] for a in arrivals if position < len(a) and a[position] > 0)
-    return seen[len(seen) // 2] if seen else None
+    seen: list[list[int]] = [[] for _ in range(trainers)]
+    for report in arrivals:
+        for position, ms in enumerate(report[:trainers]):
+            if ms > 0:
+                seen[position].append(ms)
+    return [sorted(ms)[len(ms) // 2] if ms else None for ms in seen]
 
 
 def measured(estimate: int, tokens: int, delay_ms: int) -> int:
