@@ -52,6 +52,9 @@ class CoordinatorConfig(_Section):
     checkpointers: int = Field(1, ge=0, description="How many clients write a checkpoint at cooldown (0 = none).")
     shares: Literal["speed", "even"] = Field("speed", description="How each round's batch is cut among trainers: "
                                              "'speed' in proportion to the throughput the run measured, 'even' equally.")
+    verifiers: int = Field(3, ge=0, le=8, description="Witnesses that check each result against its trainer's assigned "
+                           "data each round; a result a majority of them finds wrong is applied by nobody and its "
+                           "trainer is dropped (0 = results are not checked).")
 
 
 class ModelConfig(_Section):

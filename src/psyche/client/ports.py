@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # types only: this module imports neither torch nor the trans
     from psyche.client.timing import PhaseTimer
     from psyche.client.trainer import TrainOutput
     from psyche.config import RunConfig
+    from psyche.distro.verify import Reference
     from psyche.p2p import Message
     from psyche.p2p.model import FetchedModel, ModelProvider, ModelSink
     from psyche.p2p.stats import PeerStats
@@ -84,6 +85,22 @@ class Trainer(Protocol):
 
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply ``step``'s agreed results, in the order given."""
+        ...
+
+    def check_sequences(self, own_samples: int, checks: int) -> int:
+        """Sequences of a checked trainer's batch each of ``checks`` references covers, for a
+        node that trains ``own_samples`` this round."""
+        ...
+
+    def references(self, picks: list[list[int]]) -> list[Reference]:
+        """The verification references of the training samples in each list of ``picks``, on the
+        current weights."""
+        ...
+
+    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes]) -> list[float]:
+        """Each ``(reference, trainer id)``'s verification score for ``step`` against the round's
+        other ``results`` (trainer id -> payload, this node's own left out); NaN where it cannot
+        be scored."""
         ...
 
     def evaluate(self, part: tuple[int, int] = (0, 1)) -> tuple[float, int]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -39,12 +40,14 @@ from psyche.coordinator import Checkpoint, Coordinator, HealthCheck, Instruction
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.instructions import MAX_ARRIVAL_MS
+from psyche.coordinator.verification import NO_SCORE, to_wire
 from psyche.coordinator.state import ClientState, CoordinatorState, RunState
 from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, MetricsReport
 from psyche.p2p import BlobUnavailable, ModelMismatch, ModelUnavailable, ResultCommitment
 
 if TYPE_CHECKING:
     from psyche.client.trainer import TrainOutput
+    from psyche.distro.verify import Reference
 
 log = logging.getLogger("psyche.client")
 
@@ -88,6 +91,8 @@ class StepBook:
     """Monotonic time at which this node first saw the step's round training."""
     arrived: dict[bytes, float] = field(default_factory=dict)
     """trainer id -> monotonic time its result was verified here (our own: when we finished it)."""
+    references: dict[bytes, Reference] | None = None
+    """trainer id -> this node's reference for checking its result (None: not prepared yet)."""
 
     def arrivals_ms(self, trainers: list[bytes]) -> list[int]:
         """What a witness reports of ``trainers`` (shuffle order): ms from the round's start to each
@@ -404,7 +409,9 @@ class ClientRuntime:
         me = q.member(s, self.me)
         if me is not None and me.state is not ClientState.Healthy and self.dropped_noted != s.epoch:
             self.dropped_noted = s.epoch
-            self.say(f"this client is {me.state.value} in epoch {s.epoch}; it will rejoin for the next epoch")
+            why = (f" (verification condemned its result of step {me.condemned_step}: it does not match "
+                   "its assigned data; nobody applied it)") if me.condemned_step else ""
+            self.say(f"this client is {me.state.value} in epoch {s.epoch}{why}; it will rejoin for the next epoch")
         match s.run_state:
             case RunState.WaitingForMembers | RunState.Uninitialized:
                 await self._ensure_joined(s)
@@ -569,6 +576,9 @@ class ClientRuntime:
                 await self._train(s.run_id, step, interval)
             else:
                 self.trained[step] = (None, None)
+        if step in self.trained:
+            # On the weights this step trained on (before any apply below), as its trainers did.
+            await self._prepare_checks(s, step)
         # Witness first: the round (everyone's next step) waits for it; evaluating and
         # applying only wait for us.
         await self._witness(s, step)
@@ -667,6 +677,42 @@ class ClientRuntime:
         finally:
             self._flushing = False
 
+    async def _prepare_checks(self, s: CoordinatorState, step: int) -> None:
+        """Compute the references for the results this node checks in the round of ``step``.
+
+        Which of a trainer's sequences are checked is drawn here, privately, so no trainer
+        can know which of its samples it could skip.
+        """
+        book = self.books[step]
+        if book.references is not None:
+            return
+        checks = q.verification_checks(s, self.me, step=step)
+        interval = q.assignment_for(s, self.me, step=step)
+        own = interval[1] - interval[0] if interval is not None else 0
+        per_check = self.trainer.check_sequences(own, len(checks))
+        draw = random.SystemRandom()
+        todo = [(c.trainer, sorted(draw.sample(range(c.start, c.end), min(per_check, c.end - c.start))))
+                for c in checks if c.end > c.start]
+        async with self._lock:
+            refs = await asyncio.to_thread(self.trainer.references, [picks for _, picks in todo])
+        references = {trainer: ref for (trainer, _), ref in zip(todo, refs)}
+        book.references = references
+        self._wake.set()
+
+    def _scores(self, s: CoordinatorState, step: int, trainers: set[bytes]) -> list[int]:
+        """This witness's verification scores for the round of ``step`` (empty: it checks nothing)."""
+        checks = q.verification_checks(s, self.me, step=step)
+        if not checks:
+            return []
+        book = self.books[step]
+        refs = book.references or {}
+        # Our own result is left out: our own gradient is the direction reference.
+        results = {t: self.blobs[h] for t, h in book.verified.items()
+                   if t in trainers and t != self.me and h in self.blobs}
+        todo = [(refs[c.trainer], c.trainer) for c in checks if c.trainer in refs]
+        z = dict(zip([t for _, t in todo], self.trainer.check_scores(step, todo, results)))
+        return [to_wire(z[c.trainer]) if c.trainer in z else NO_SCORE for c in checks]
+
     async def _witness(self, s: CoordinatorState, step: int) -> None:
         if step in self.witnessed or not q.is_witness(s, self.me, step=step):
             return
@@ -676,6 +722,9 @@ class ClientRuntime:
         complete = trainers <= set(book.verified) | book.bad
         if not complete and s.run_state is not RunState.RoundWitness:
             return
+        if book.references is None and s.run_state is not RunState.RoundWitness \
+                and q.verification_checks(s, self.me, step=step):
+            return  # our checks are still being prepared (_round sends the report when they are)
         valid = {t: c for t, c in book.commitments.items() if t in trainers}
         out = self.trained.get(step, (None, None))[0]
         instr = Witness(
@@ -688,6 +737,7 @@ class ClientRuntime:
             tokens_per_sec=float(out.tokens / max(out.seconds, 1e-9)) if out is not None else 0.0,
             bandwidth_bytes=book.bytes_received,
             arrivals_ms=book.arrivals_ms(order),
+            scores=self._scores(s, step, trainers),
         )
         self.witnessed.add(step)
         await self._submit(instr, quiet=True)
@@ -714,10 +764,11 @@ class ClientRuntime:
     async def _apply(self, s: CoordinatorState, step: int) -> None:
         book = self.books[step]
         batches = q.round_batches(s, step)
-        # Only results a witness quorum downloaded and verified: they can be fetched from those
-        # witnesses, and every node derives this same set from the state. (A trainer that died
-        # after broadcasting its commitment but before serving its blob is left out by all.)
-        verified = set(q.witnessed_trainers(s, step))
+        # Only results a witness quorum downloaded and verified, less those verification condemned:
+        # they can be fetched from those witnesses, and every node derives this same set from the
+        # state. (A trainer that died after broadcasting its commitment but before serving its
+        # blob is left out by all.)
+        verified = set(q.applied_trainers(s, step))
         candidates: dict[tuple[int, int], list[bytes]] = {}
         owner: dict[tuple[int, int], tuple[bytes, ResultCommitment]] = {}
         for b in batches:

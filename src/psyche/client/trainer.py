@@ -24,6 +24,7 @@ import torch
 from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
 from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
+from psyche.distro.verify import Reference, gradient_reference, output_parameter, output_references, score_checks
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained, weights_sha256
 from psyche.train.schedule import lr_at
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 
 PARSED_CACHE_BYTES = 256 << 20
 """Tensor bytes of parsed payloads kept between verifying a result and applying it."""
+
+CHECK_BUDGET = 0.1
+"""Verification may cost at most this share of a node's training work in a round."""
+FORWARD_SHARE = 1 / 3
+"""A forward pass's share of a forward and backward one: what a reference costs per sequence."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class LocalTrainer:
         self._parsed: OrderedDict[bytes, tuple[list[SparseResult], int]] = OrderedDict()
         self._parsed_bytes = 0
         self._parsed_lock = threading.Lock()  # verify runs on the event loop, apply in a worker thread
+        self._directions: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        """step -> the direction reference of this node's own gradient that step (the last few)."""
         self.lr_window: tuple[int, int] | None = None
         self.timer = PhaseTimer()
         """Seconds spent per kind of work (data, forward_backward, compress, verify, apply, ...)."""
@@ -117,6 +125,9 @@ class LocalTrainer:
         # Every peer builds it the same way (results travel in parameter-group order).
         self.optimizer = DisTrO.from_config(model, self.cfg.optimizer, self.cfg.lr)
         self.shapes = self.optimizer.parameter_shapes()
+        params = [(g, p) for g in self.optimizer.param_groups for p in g["params"]]
+        self._output_index = output_parameter(model, [p for _, p in params])
+        self._output_chunk = params[self._output_index][0]["chunk"]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the weights (what peers fetch at warmup)."""
@@ -170,6 +181,13 @@ class LocalTrainer:
         self.timer.add("forward_backward", fwd_bwd)
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
+        else:
+            with self.timer.phase("verify"):
+                # What every batch's gradient shares: the direction each peer's result is checked against.
+                self._directions[step] = gradient_reference(
+                    [(p, g["chunk"]) for g in self.optimizer.param_groups for p in g["params"]])
+                while len(self._directions) > 2:
+                    self._directions.popitem(last=False)
         with self.timer.phase("compress"):
             # The momentum warmup follows the run's step, not a local count: this node may
             # have joined late.
@@ -192,15 +210,46 @@ class LocalTrainer:
                 _, (_, dropped) = self._parsed.popitem(last=False)
                 self._parsed_bytes -= dropped
 
-    def _parsed_payload(self, payload: bytes) -> list[SparseResult]:
-        """``payload`` parsed: taken from what :meth:`check_payload` kept (and forgotten), or parsed now."""
+    def _parsed_payload(self, payload: bytes, *, keep: bool = False) -> list[SparseResult]:
+        """``payload`` parsed: taken from what :meth:`check_payload` kept (and forgotten unless
+        ``keep``), or parsed now."""
         key = hashlib.blake2b(payload, digest_size=16).digest()
         with self._parsed_lock:
-            hit = self._parsed.pop(key, None)
+            hit = self._parsed.get(key) if keep else self._parsed.pop(key, None)
             if hit is not None:
-                self._parsed_bytes -= hit[1]
+                if not keep:
+                    self._parsed_bytes -= hit[1]
                 return hit[0]
         return decode_payload(payload, self.shapes)
+
+    # -- verification --------------------------------------------------------
+
+    @staticmethod
+    def check_sequences(own_samples: int, checks: int) -> int:
+        """Sequences of each checked trainer's batch a reference covers, so that ``checks``
+        references cost at most :data:`CHECK_BUDGET` of training ``own_samples`` (at least 1)."""
+        if checks <= 0:
+            return 0
+        return max(1, int(CHECK_BUDGET * own_samples / (checks * FORWARD_SHARE)))
+
+    def references(self, picks: list[list[int]]) -> list[Reference]:
+        """The references (:func:`psyche.distro.verify.output_references`) of the training samples in
+        each list of ``picks``, on the current weights, from one forward pass; no gradient of a step
+        in progress is touched."""
+        assert self.model is not None
+        with self.timer.phase("verify"):
+            batches = [self.data.train.batch(p) for p in picks]
+            return output_references(self.model, batches, self._output_index, self._output_chunk)
+
+    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes]) -> list[float]:
+        """For each ``(reference, trainer id)``: the score of that trainer's result for ``step``
+        (:func:`psyche.distro.verify.score_checks`) against the round's other ``results``
+        (trainer id -> payload, the checked one among them, this node's own left out), its
+        tensors' directions checked against this node's own gradient of ``step`` when it
+        trained one. NaN when the result is missing or too few others compare with it."""
+        with self.timer.phase("verify"):
+            parsed = {t: self._parsed_payload(p, keep=True) for t, p in results.items()}
+            return score_checks(checks, parsed, self._directions.get(step))
 
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply the agreed results of ``step`` (in the order given: the same on every node)."""

@@ -25,6 +25,7 @@ MAX_ACCUSED = 256
 MAX_BLOOM_WIRE = 4096 + 5
 MAX_ARRIVAL_MS = 2**32 - 1
 MAX_TRAINERS = 256
+MIN_SCORE, MAX_SCORE = -(2**15), 2**15 - 1
 
 Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LEN)]
 Hash32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -69,6 +70,9 @@ class Witness(_Instr, frozen=True, tag="witness"):
     round in shuffle order, milliseconds from when the witness saw the round start
     until it held that trainer's verified result (0: never); the run learns each
     trainer's speed from these (empty: the witness measured nothing).
+    ``scores``: the witness's verification score of each result it was assigned to check
+    (:func:`~psyche.coordinator.verification.assignments`, in that order; see
+    :mod:`psyche.coordinator.verification`), empty when it checked none.
     """
 
     step: Step
@@ -80,6 +84,8 @@ class Witness(_Instr, frozen=True, tag="witness"):
     bandwidth_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     arrivals_ms: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_ARRIVAL_MS)]],
                            msgspec.Meta(max_length=MAX_TRAINERS)] = []
+    scores: Annotated[list[Annotated[int, msgspec.Meta(ge=MIN_SCORE, le=MAX_SCORE)]],
+                      msgspec.Meta(max_length=MAX_TRAINERS)] = []
 
 
 class HealthCheck(_Instr, frozen=True, tag="health_check"):

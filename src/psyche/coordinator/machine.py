@@ -61,6 +61,8 @@ from psyche.coordinator.instructions import (
     MAX_ADDRESS_LEN,
     MAX_ARRIVAL_MS,
     MAX_LOCATION_LEN,
+    MAX_SCORE,
+    MIN_SCORE,
     Checkpoint,
     HealthCheck,
     Instruction,
@@ -82,6 +84,7 @@ from psyche.coordinator.queries import (
     round_members,
     shuffle_order,
 )
+from psyche.coordinator import verification
 from psyche.coordinator.shares import MAX_REQUEUED, Piece, delivery_ms, measured, missed, plan_round
 from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, CoordinatorSettings, settings_problems
 from psyche.coordinator.state import (
@@ -345,11 +348,19 @@ class Coordinator:
                                      f"({len(r.trainers)}) or none")
         if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a <= MAX_ARRIVAL_MS for a in arrivals):
             raise InvalidInstruction(f"every arrivals_ms entry must be an integer in 0..{MAX_ARRIVAL_MS}")
+        scores = instr.scores
+        checks = len(verification.assignments(len(r.trainers), r.witnesses, r.verifiers)[r.trainers.index(i)])
+        if not isinstance(scores, list) or len(scores) not in (0, checks):
+            raise InvalidInstruction(f"scores must list one score per result this witness checks in step {r.step} "
+                                     f"({checks}) or none")
+        if any(not isinstance(x, int) or isinstance(x, bool) or not MIN_SCORE <= x <= MAX_SCORE for x in scores):
+            raise InvalidInstruction(f"every score must be an integer in {MIN_SCORE}..{MAX_SCORE}")
         # --- valid: apply
         r.reports.append(WitnessReport(
             client=i, participant_bloom=instr.participant_bloom, broadcast_bloom=instr.broadcast_bloom,
             broadcast_merkle=instr.broadcast_merkle, loss=float(instr.loss),
-            tokens_per_sec=float(instr.tokens_per_sec), bandwidth_bytes=bw, arrivals_ms=list(arrivals)))
+            tokens_per_sec=float(instr.tokens_per_sec), bandwidth_bytes=bw, arrivals_ms=list(arrivals),
+            scores=list(scores)))
         if s.run_state is RunState.RoundTrain and len(r.reports) >= quorum(r.witnesses):
             self._change_state(now, RunState.RoundWitness)
 
@@ -518,7 +529,7 @@ class Coordinator:
     def _wait_for_members(self, now: int) -> None:
         """Enter WaitingForMembers (or Finished) keeping only the Healthy clients."""
         s = self.state
-        s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput)
+        s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput, suspicion=c.suspicion)
                      for c in s.clients if c.state is ClientState.Healthy]
         self._clear_epoch()
         self._change_state(now, RunState.WaitingForMembers if s.step <= s.settings.total_steps else RunState.Finished)
@@ -548,7 +559,8 @@ class Coordinator:
         carried = [c for c in s.clients if c.state is ClientState.Healthy]
         room = MAX_CLIENTS - len(carried)
         newcomers, s.pending = s.pending[:room], s.pending[room:]
-        s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput) for c in carried]
+        s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput, suspicion=c.suspicion)
+                     for c in carried]
         for cid in newcomers:
             account = self._account(cid)
             s.clients.append(Client(id=cid, p2p_address=account.p2p_address if account else ""))
@@ -570,7 +582,8 @@ class Coordinator:
                           speed_aware=s.settings.shares == "speed")
         r = Round(height=height, step=s.step, data_index=s.next_data_index, batch_size=sum(plan.sizes),
                   random_seed=seed, started_at=now, trainers=trainers,
-                  witnesses=s.settings.witness_count(len(members)), sizes=plan.sizes, taken=plan.taken)
+                  witnesses=s.settings.witness_count(len(members)), sizes=plan.sizes, taken=plan.taken,
+                  verifiers=s.settings.verifiers)
         del s.requeued[: len(plan.taken)]
         s.next_data_index += plan.fresh  # every sample index is handed out once in the whole run
         s.rounds.append(r)
@@ -618,8 +631,9 @@ class Coordinator:
         return {idx for idx, _, _ in batch_split(r)}
 
     def _settle(self, r: Round) -> None:
-        """At the close of round ``r``: credit accepted work, learn each trainer's speed from when the
-        witnesses held its result, and re-queue every batch no witness quorum saw."""
+        """At the close of round ``r``: condemn the results verification found wrong, credit accepted
+        work, learn each trainer's speed from when the witnesses held its result, and re-queue every
+        batch no witness quorum saw or that was condemned."""
         s = self.state
         need = quorum(max(1, r.witnesses))
         judged = len(r.reports) >= need  # without a quorum nobody can be told slow from unlucky
@@ -627,8 +641,14 @@ class Coordinator:
         position = {idx: p for p, idx in enumerate(r.trainers)}
         batches = batch_split(r)
         votes = participant_votes(r, [s.clients[idx].id for idx, _, _ in batches]) if judged else {}
+        if judged:
+            self._verify(r)
         for idx, start, end in batches:
             c = s.clients[idx]
+            if position[idx] in r.condemned:
+                if len(s.requeued) < MAX_REQUEUED:
+                    s.requeued.append(Piece(start, end))
+                continue
             if judged and votes[c.id] >= need:
                 tokens = (end - start) * s.settings.seq_len
                 c.tokens += tokens
@@ -641,6 +661,32 @@ class Coordinator:
             if len(s.requeued) < MAX_REQUEUED:
                 s.requeued.append(Piece(start, end))
 
+    def _verify(self, r: Round) -> None:
+        """Score every checked result of round ``r`` from its verifiers' reports, move each trainer's
+        suspicion, and condemn (drop) the trainers whose suspicion reached the limit."""
+        s = self.state
+        if r.verifiers <= 0:
+            return
+        n = len(r.trainers)
+        checks = verification.assignments(n, r.witnesses, r.verifiers)
+        given: dict[int, list[int]] = {p: [] for p in range(n)}
+        for rep in r.reports:
+            for p, given_score in zip(checks[r.trainers.index(rep.client)], rep.scores):
+                given[p].append(given_score)
+        for p, idx in enumerate(r.trainers):
+            verifiers = len(verification.verifiers_of(p, n, r.witnesses, r.verifiers))
+            score = verification.round_score(given[p], verifiers)
+            if score is None:
+                continue
+            c = s.clients[idx]
+            c.suspicion = verification.suspicion_after(c.suspicion, score)
+            if verification.condemned(c.suspicion):
+                r.condemned.append(p)
+                c.condemned_step = r.step
+                c.tokens = 0
+                if c.state is ClientState.Healthy:
+                    self._leave(idx, ClientState.Dropped)
+
     def _record_stats(self, r: Round, now: int) -> None:
         s = self.state
         reps = r.reports
@@ -649,5 +695,5 @@ class Coordinator:
             epoch=s.epoch, step=r.step, ended_at=now, trainers=len(r.trainers), witnesses=r.witnesses, reports=n,
             loss=sum(x.loss for x in reps) / n if n else None,
             tokens_per_sec=sum(x.tokens_per_sec for x in reps) / n if n else None,
-            bandwidth_bytes=sum(x.bandwidth_bytes for x in reps) // n if n else None))
+            bandwidth_bytes=sum(x.bandwidth_bytes for x in reps) // n if n else None, condemned=len(r.condemned)))
         del s.stats[:-NUM_STORED_STATS]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from psyche.coordinator import verification
 from psyche.coordinator.bloom import BloomFilter, count_members
 from psyche.coordinator.shares import Taken
 from psyche.coordinator.shuffle import shuffled_position, shuffled_positions
@@ -97,6 +98,19 @@ def witnessed_trainers(state: CoordinatorState, step: int) -> list[bytes]:
     batches = _batches(state, round_)
     votes = participant_votes(round_, [c.id for c, _, _ in batches])
     return [c.id for c, _, _ in batches if votes[c.id] >= need]
+
+
+def condemned_trainers(state: CoordinatorState, step: int) -> list[bytes]:
+    """Ids of the round's trainers whose results verification condemned when it closed (nobody applies them)."""
+    round_ = _require_round(state, step)
+    return [state.clients[round_.trainers[p]].id for p in round_.condemned]
+
+
+def applied_trainers(state: CoordinatorState, step: int) -> list[bytes]:
+    """Ids of the trainers whose results every node applies for the closed round of ``step``:
+    those a witness quorum saw (:func:`witnessed_trainers`), less those verification condemned."""
+    condemned = set(condemned_trainers(state, step))
+    return [t for t in witnessed_trainers(state, step) if t not in condemned]
 
 
 def accusable_trainers(state: CoordinatorState, step: int) -> list[bytes]:
@@ -268,6 +282,30 @@ def round_shares(state: CoordinatorState, step: int | None = None) -> list[Share
     total = max(1, r.batch_size)
     return [Share(state.clients[idx].id, got.get(idx, 0), got.get(idx, 0) / total, state.clients[idx].throughput)
             for idx in r.trainers]
+
+
+class Check(NamedTuple):
+    """A result a verifier must score: the trainer at shuffle ``position`` and its interval."""
+
+    position: int
+    trainer: bytes
+    start: int
+    end: int
+
+
+def verification_checks(state: CoordinatorState, client_id: bytes, *, step: int | None = None) -> list[Check]:
+    """The results ``client_id`` checks in the round, in the order its witness report lists their
+    scores (empty when it is not a witness or the round checks nothing). A trainer left without
+    samples is listed with an empty interval: its score is :data:`~psyche.coordinator.verification.NO_SCORE`."""
+    r = current_round(state) if step is None else round_for_step(state, step)
+    if r is None or r.verifiers <= 0:
+        return []
+    mine = [p for p, idx in enumerate(r.trainers[: r.witnesses]) if state.clients[idx].id == client_id]
+    if not mine:
+        return []
+    intervals = {idx: (start, end) for idx, start, end in batch_split(r)}
+    checks = verification.assignments(len(r.trainers), r.witnesses, r.verifiers)[mine[0]]
+    return [Check(p, state.clients[r.trainers[p]].id, *intervals.get(r.trainers[p], (0, 0))) for p in checks]
 
 
 def round_trainers(state: CoordinatorState, step: int | None = None) -> list[bytes]:

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from psyche.coordinator.verification import MAX_VERIFIERS
+
 MAX_CLIENTS = 256
 """Most clients in one epoch (as the original's Solana account)."""
 MAX_WITNESSES = 32
@@ -44,6 +46,8 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     checkpointers: int = 1
     shares: str = "speed"
     """How a round's batch is cut: ``"speed"`` in proportion to measured throughput, ``"even"`` equally."""
+    verifiers: int = 3
+    """Witnesses that check each result against its trainer's data (0: results are not checked)."""
     seq_len: int = 128
     """Tokens per sample: the batch-size ramp counts tokens = samples * seq_len."""
 
@@ -108,5 +112,6 @@ def settings_problems(s: CoordinatorSettings) -> list[str]:
     rule(s.global_batch_size_start <= s.global_batch_size_end,
          "global_batch_size_start must be <= global_batch_size_end")
     rule(s.shares in SHARE_RULES, f"shares must be one of {', '.join(SHARE_RULES)} (got {s.shares!r})")
+    rule(0 <= s.verifiers <= MAX_VERIFIERS, f"verifiers must be in 0..{MAX_VERIFIERS} (got {s.verifiers})")
     rule(s.checkpointers <= s.min_clients, f"checkpointers must be <= min_clients ({s.checkpointers} > {s.min_clients})")
     return out

@@ -68,6 +68,10 @@ class Client(msgspec.Struct, kw_only=True):
     its share of each round's batch follows it (see :mod:`psyche.coordinator.shares`)."""
     tokens: int = 0
     """Tokens it trained this epoch whose results a witness quorum accepted (its points follow)."""
+    suspicion: int = 0
+    """Accumulated shortfall of its verification scores (<= 0; see :mod:`psyche.coordinator.verification`)."""
+    condemned_step: int = 0
+    """The step whose result verification condemned (its state is then Dropped); 0: none."""
 
 
 class Account(msgspec.Struct, kw_only=True):
@@ -91,6 +95,8 @@ class WitnessReport(msgspec.Struct, kw_only=True):
     arrivals_ms: list[int] = msgspec.field(default_factory=list)
     """Per trainer in the round's shuffle order: ms from the witness seeing the round start to it
     holding that trainer's verified result (0: not received)."""
+    scores: list[int] = msgspec.field(default_factory=list)
+    """Verification scores of the results this witness was assigned to check (empty: none)."""
 
 
 class Round(msgspec.Struct, kw_only=True):
@@ -118,6 +124,10 @@ class Round(msgspec.Struct, kw_only=True):
     taken: list[Taken] = msgspec.field(default_factory=list)
     """Re-queued pieces trained whole in this round, and by which position; the other positions
     share the fresh samples from ``data_index`` on."""
+    verifiers: int = 0
+    """Verifiers per result this round (the setting when the round began; 0: no verification)."""
+    condemned: list[int] = msgspec.field(default_factory=list)
+    """Shuffle positions whose results verification condemned when the round closed: nobody applies them."""
 
 
 class RoundStats(msgspec.Struct, kw_only=True):
@@ -133,6 +143,8 @@ class RoundStats(msgspec.Struct, kw_only=True):
     """Mean over the reports (None when no witness reported)."""
     tokens_per_sec: float | None
     bandwidth_bytes: int | None
+    condemned: int = 0
+    """Results verification condemned in this round."""
 
 
 class CheckpointRecord(msgspec.Struct, kw_only=True):

@@ -21,6 +21,7 @@ from typing_extensions import TypedDict  # pydantic reads field types from it on
 
 from psyche.coordinator import queries as q
 from psyche.coordinator.state import ClientState, CoordinatorState, RunState
+from psyche.coordinator.verification import CONDEMN_AT
 
 if TYPE_CHECKING:
     from psyche.config import RunConfig
@@ -113,6 +114,12 @@ class ClientRow(TypedDict):
     accepted_tokens: int
     """Tokens it trained this epoch whose results a witness quorum accepted (its points at the
     epoch's end follow them)."""
+    suspicion: int
+    """Accumulated shortfall of its verification scores (0: none; it is condemned at
+    ``-verification_limit``; see ``psyche.coordinator.verification``)."""
+    condemned_step: int | None
+    """The step whose result verification condemned (its state is then Dropped: nobody applied that
+    result, and it earns nothing this epoch); null if none."""
 
 
 @_documented
@@ -145,6 +152,8 @@ class WitnessRound(TypedDict):
     loss: float | None
     tokens_per_sec: float | None
     bandwidth_bytes: int | None
+    condemned: int
+    """Results verification condemned in this round (applied by nobody)."""
 
 
 @_documented
@@ -200,6 +209,11 @@ class RunStatus(TypedDict):
     or equally (the config's ``coordinator.shares``)."""
     requeued_samples: int
     """Samples of batches whose trainer missed its round, waiting to be trained whole by a later one."""
+    verifiers: int
+    """Witnesses that check each result against its trainer's data each round (0: no verification;
+    the config's ``coordinator.verifiers``)."""
+    verification_limit: int
+    """The suspicion at which a trainer's result is condemned (its negative)."""
     phase_time_left: int | None
     """Seconds left in the current phase (null where the phase has no deadline)."""
     round: RoundInfo | None
@@ -357,6 +371,8 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "share_fraction": share.fraction if share is not None else None,
             "throughput": c.throughput or None,
             "accepted_tokens": c.tokens,
+            "suspicion": c.suspicion,
+            "condemned_step": c.condemned_step or None,
         })
     if history is None:
         history = history_rows(coord, store, cfg)
@@ -365,6 +381,8 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         "clients": clients,  # listed here, counted in the summary (the key keeps the summary's place)
         "shares": cfg.coordinator.shares,
         "requeued_samples": sum(p.size for p in s.requeued),
+        "verifiers": cfg.coordinator.verifiers,
+        "verification_limit": CONDEMN_AT,
         "phase_time_left": q.time_left(s, now_i),
         "round": {"height": cur.height, "step": cur.step, "data_index": cur.data_index,
                   "batch_size": cur.batch_size, "witnesses": cur.witnesses} if cur else None,
@@ -373,7 +391,7 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         "witness_rounds": [
             {"epoch": r.epoch, "step": r.step, "trainers": r.trainers, "witnesses": r.witnesses,
              "reports": r.reports, "loss": r.loss, "tokens_per_sec": r.tokens_per_sec,
-             "bandwidth_bytes": r.bandwidth_bytes}
+             "bandwidth_bytes": r.bandwidth_bytes, "condemned": r.condemned}
             for r in q.round_stats(s)
         ],
         "checkpoints": [{"epoch": c.epoch, "step": c.step, "location": c.location,

@@ -9,7 +9,10 @@ hosts. Results are simulated: a trainer's result commitment is a hash of its
 step and batch; ``silent`` trainers produce none, ``offline`` clients send nothing.
 Each client trains at a simulated speed (``speeds``, tokens per second; 1000 unless
 set), and witnesses report when each result "arrived": ``overhead_ms`` (0 unless set) plus the
-batch's tokens at that speed, as a real witness would measure it.
+batch's tokens at that speed, as a real witness would measure it. Witnesses also send the
+verification scores of the results they check: ``scores`` (client -> the wire score its results
+get, :data:`HONEST_SCORE` unless set) stands for how its results compare with its data, and a
+``liars`` witness reports the lowest score for every result it checks.
 
 Every applied instruction is logged as a :class:`~psyche.coordinator.log.LogEntry`,
 so :func:`psyche.coordinator.log.replay` rebuilds the same state elsewhere.
@@ -34,7 +37,9 @@ from psyche.coordinator.instructions import (
 )
 from psyche.coordinator.machine import Coordinator
 from psyche.coordinator.queries import (
+    Check,
     accusable_trainers,
+    verification_checks,
     current_round,
     is_checkpointer,
     is_warmup_witness,
@@ -45,6 +50,10 @@ from psyche.coordinator.queries import (
 )
 from psyche.coordinator.log import LogEntry
 from psyche.coordinator.state import ClientState, RunState
+from psyche.coordinator.verification import NO_SCORE
+
+HONEST_SCORE = 500
+"""The wire score an honest result gets from an honest verifier in the swarm (a z-score of 5)."""
 
 
 def client_key(i: int) -> bytes:
@@ -75,6 +84,12 @@ class Swarm:
         """Client -> simulated training speed in tokens per second (default 1000)."""
         self.overhead_ms = 0
         """Simulated per-round time every result takes besides training (apply, network)."""
+        self.scores: dict[int, int] = {}
+        """Client -> the verification score honest verifiers give its results (default HONEST_SCORE)."""
+        self.liars: set[int] = set()
+        """Witnesses that score every result they check as low as the wire allows."""
+        self.scorer: Callable[[int, Check], int] | None = None
+        """When set: the wire score witness ``i`` reports for a check (a harness that really verifies)."""
         self.log: list[LogEntry] = []
         self.refused: list[tuple[Instruction, bytes, CoordinatorError]] = []
         self.joined: set[int] = set()
@@ -155,9 +170,14 @@ class Swarm:
             arrivals.append(self.arrival_ms(ids[b.client], b.end - b.start) if b is not None and b.client in received
                             else 0)
         for w in witnesses:
+            scores = [NO_SCORE if c.trainer not in received
+                      else NO_SCORE + 1 if ids[w] in self.liars
+                      else self.scorer(ids[w], c) if self.scorer is not None
+                      else self.scores.get(ids[c.trainer], HONEST_SCORE)
+                      for c in verification_checks(s, w)]
             self.submit(Witness(step=r.step, participant_bloom=part, broadcast_bloom=bcast, broadcast_merkle=merkle,
                                 loss=2.0 + 1.0 / r.step, tokens_per_sec=1000.0, bandwidth_bytes=4096,
-                                arrivals_ms=arrivals), w)
+                                arrivals_ms=arrivals, scores=scores), w)
 
     def arrival_ms(self, i: int, samples: int) -> int:
         """When a witness holds client ``i``'s result for ``samples`` samples, in ms after the round began."""

@@ -111,6 +111,8 @@
     [`<span class="pill-bad">N not seen</span>`, "a quorum reported, but N trainers' results reached fewer than a quorum of witnesses: " +
       "a member's health check can then drop those trainers from the epoch, without points"],
     [`<span class="pill-bad">no quorum</span>`, "fewer reports than the quorum: nobody can be judged, and the epoch ends after this round"],
+    [`<span class="pill-bad">N condemned</span>`, "verification found N results that do not match their trainers' assigned data: " +
+      "nobody applied them, and their trainers were dropped from the epoch without points"],
     [`<span class="faint">waiting for witnesses</span>`, "the round still takes reports"],
     [`<span class="faint">details not kept</span>`, "an older round: only its counts are kept (the coordinator stores who was seen " +
       "for the last 4 rounds of an epoch, and this page keeps those it saw live)"],
@@ -120,6 +122,10 @@
     "With shares = speed the batch is cut in proportion to each client's estimated speed; with shares = even, equally.";
   const SPEED_HELP = "The coordinator's estimate of the client's speed, in tokens per second of round time: learnt " +
     "from when witnesses received its results, never from what the client says about itself (– until measured).";
+  // Verified results (psyche/coordinator/verification.py).
+  const CONDEMNED_HELP = "Verification condemned this client's result of that step: it did not match the client's " +
+    "assigned data (a majority of its verifiers scored it low, round after round). Nobody applied it, and the client " +
+    "was dropped from the epoch without points.";
   const CKPT_SHA_HELP = "sha256 of the checkpoint's weights (its .safetensors files, in name order): check a copy against it";
 
   // -- the live connection ---------------------------------------------------
@@ -404,10 +410,12 @@
       const pending = doc.pending || [];
       $("#clients-note").textContent = `${clients.length} this epoch` + (pending.length ? `, ${pending.length} waiting for the next` : "") +
         (doc.shares ? ` · batch cut ${doc.shares === "even" ? "evenly" : "by speed"}` : "") +
-        (doc.requeued_samples ? ` · ${fmtInt(doc.requeued_samples)} missed samples re-queued` : "");
+        (doc.requeued_samples ? ` · ${fmtInt(doc.requeued_samples)} missed samples re-queued` : "") +
+        (isNum(doc.verifiers) ? (doc.verifiers ? ` · each result checked by ${doc.verifiers} verifiers` : " · results not checked") : "");
       const rows = clients.map((c) => `<tr>
           <td class="mono" title="${esc(c.id)}">${swatch(c.id)}${esc(shortId(c.id))}</td>
-          <td><span class="health ${esc(c.state)}">${esc(c.state)}</span></td>
+          <td><span class="health ${esc(c.state)}">${esc(c.state)}</span>${isNum(c.condemned_step) ?
+            ` <span class="pill-bad" title="${esc(CONDEMNED_HELP)}">condemned at step ${fmtInt(c.condemned_step)}</span>` : ""}</td>
           <td>${c.role ? `<span class="role ${esc(c.role)}">${esc(c.role)}</span>` : `<span class="faint">${dash}</span>`}</td>
           <td class="num" title="${fmtInt(c.accepted_tokens)} tokens accepted this epoch">${fmtInt(c.points)}</td>
           <td class="num">${fmtShare(c)}</td>
@@ -459,6 +467,7 @@
           seen = `<span class="faint">${fmtInt(stats.trainers)} trainers</span>`;
           outcome = stats.reports > 0 ? `<span class="faint">details not kept</span>` : `<span class="pill-bad">no reports</span>`;
         }
+        if (stats && stats.condemned) outcome += ` <span class="pill-bad">${fmtInt(stats.condemned)} condemned</span>`;
         return `<tr><td class="mono">${fmtInt(r.step)}${r.epoch ? ` <span class="faint">e${r.epoch}</span>` : ""}</td>
           <td class="num">${reports}</td><td>${seen}</td><td>${outcome}</td></tr>`;
       }).join("") : `<tr><td colspan="4" class="muted">No rounds witnessed yet.</td></tr>`;
