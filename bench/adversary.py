@@ -161,8 +161,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
                      for c in checks if c.end > c.start]
             refs = output_references(model, [train.batch(ix) for _, ix in picks], out_index, out_chunk)
             todo = [(ref, peer) for ref, (peer, _) in zip(refs, picks)]
-            others = {p: r for p, r in results.items() if p != w}
-            z = dict(zip([k for _, k in todo], score_checks(todo, others, directions[w])))
+            z = dict(zip([k for _, k in todo], score_checks(todo, results, directions[w], w)))
             scores[w] = {c.position: to_wire(z.get(keys[c.trainer], float("nan"))) for c in checks}
             if w >= bad:
                 outcome.verify_seconds += time.perf_counter() - t0

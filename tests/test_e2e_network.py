@@ -7,6 +7,7 @@ each on a 2-core machine.
 
 from __future__ import annotations
 
+import re
 import signal
 
 import msgspec
@@ -177,3 +178,44 @@ def test_pause_and_resume_with_live_clients(network):
 
 
 # Two processes with one key: tests/test_newcomer_client.py (the live node keeps it).
+
+
+def test_a_client_publishing_negated_results_is_condemned_and_never_applied(network):
+    """Five real client processes; client 4 trains honestly but publishes its results negated
+    (``python -m psyche.testing.adversaries negate client ...``). Its verifiers condemn its first
+    result: nobody applies it, it is dropped, the run finishes, and the honest four end with
+    bit-identical weights."""
+    steps = 6
+    net = network("e2e-cheat", total_steps=steps, init_min_clients=5, min_clients=3,
+                  global_batch_size_start=20, global_batch_size_end=20)
+    net.start_server()
+    for i in range(4):
+        net.start_client(i)
+    net.start_client(4, cheat="negate")
+    net.wait(lambda: (net.root / "client-4.key").exists(), 60, "the cheat's key")
+    cheat = net.client_id(4)
+    seen: dict = {}
+
+    def condemned(s: dict) -> bool:
+        row = next((c for c in s["clients"] if c["id"] == cheat), None)
+        if row is not None and row["condemned_step"] is not None:
+            seen.update(row=row, witness=s["witness_rounds"])
+        return bool(seen)
+
+    net.wait_state(condemned, 300, "the cheat to be condemned")
+    row = seen["row"]
+    assert row["state"] == "Dropped" and row["accepted_tokens"] == 0 and row["suspicion"] <= -500, row
+    # Its first result was the one condemned: none of its results was ever applied.
+    first = min(int(m) for m in re.findall(r"step (\d+): trained samples", net.log("client-4", 200_000)))
+    assert row["condemned_step"] == first, (row, first)
+    final = net.wait_state(lambda s: s["state"] == "Finished", 300, "the run to finish")
+    assert [h["step"] for h in final["history"]] == list(range(1, steps + 1))
+    assert sum(r["condemned"] for r in final["witness_rounds"]) == 1
+    honest = [c for c in final["clients"] if c["id"] != cheat]
+    assert all(c["state"] == "Healthy" and c["condemned_step"] is None for c in honest), honest
+    for i in range(4):
+        assert net.wait_exit(f"client-{i}", 120) == 0, net.log(f"client-{i}")
+    profiles = [net.profile(i) for i in range(4)]
+    assert {p["applied_step"] for p in profiles} == {steps}
+    assert len({p["weights_sha256"] for p in profiles}) == 1
+    assert "verification condemned its result" in net.log("client-4", 200_000)

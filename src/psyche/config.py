@@ -54,7 +54,8 @@ class CoordinatorConfig(_Section):
                                              "'speed' in proportion to the throughput the run measured, 'even' equally.")
     verifiers: int = Field(3, ge=0, le=8, description="Witnesses that check each result against its trainer's assigned "
                            "data each round; a result a majority of them finds wrong is applied by nobody and its "
-                           "trainer is dropped (0 = results are not checked).")
+                           "trainer is dropped (0 = results are not checked). Rounds of fewer than 5 trainers are not "
+                           "checked: too few results to compare.")
 
 
 class ModelConfig(_Section):

@@ -97,9 +97,10 @@ class Trainer(Protocol):
         current weights."""
         ...
 
-    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes]) -> list[float]:
+    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes],
+                     own: bytes | None = None) -> list[float]:
         """Each ``(reference, trainer id)``'s verification score for ``step`` against the round's
-        other ``results`` (trainer id -> payload, this node's own left out); NaN where it cannot
+        other ``results`` (trainer id -> payload; ``own``: this node's id); NaN where it cannot
         be scored."""
         ...
 

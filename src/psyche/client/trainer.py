@@ -241,15 +241,17 @@ class LocalTrainer:
             batches = [self.data.train.batch(p) for p in picks]
             return output_references(self.model, batches, self._output_index, self._output_chunk)
 
-    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes]) -> list[float]:
+    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes],
+                     own: bytes | None = None) -> list[float]:
         """For each ``(reference, trainer id)``: the score of that trainer's result for ``step``
         (:func:`psyche.distro.verify.score_checks`) against the round's other ``results``
-        (trainer id -> payload, the checked one among them, this node's own left out), its
-        tensors' directions checked against this node's own gradient of ``step`` when it
-        trained one. NaN when the result is missing or too few others compare with it."""
+        (trainer id -> payload, the checked one among them; ``own``: this node's id, whose
+        result the direction test leaves out), its tensors' directions checked against this
+        node's own gradient of ``step`` when it trained one. NaN when the result is missing or
+        too few others compare with it."""
         with self.timer.phase("verify"):
             parsed = {t: self._parsed_payload(p, keep=True) for t, p in results.items()}
-            return score_checks(checks, parsed, self._directions.get(step))
+            return score_checks(checks, parsed, self._directions.get(step), own)
 
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply the agreed results of ``step`` (in the order given: the same on every node)."""

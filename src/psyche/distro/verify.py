@@ -100,6 +100,10 @@ def output_references(model: torch.nn.Module, batches: Sequence[torch.Tensor], i
     return out
 
 
+MIN_OTHERS = 4
+"""Other results a comparison needs: with fewer, their spread is too easily tiny by chance. So a
+round is checked when it has at least 5 trainers (the direction test: 6, as it leaves out the
+verifier's own result)."""
 CLEAR = 3.0
 """A tensor counts in the direction test when the other results' median agreement is this many
 of their robust standard deviations above 0 (else chance alone could swing its fraction)."""
@@ -138,7 +142,7 @@ def direction_fractions(candidate: Sequence[float], others: Sequence[Sequence[fl
     out = []
     for i, a in enumerate(candidate):
         values = [o[i] for o in others]
-        if len(values) < 3:
+        if len(values) < MIN_OTHERS:
             continue
         med = statistics.median(values)
         spread = 1.4826 * statistics.median(abs(v - med) for v in values)
@@ -163,21 +167,23 @@ K = TypeVar("K", bound=Hashable)
 
 
 def score_checks(checks: Sequence[tuple[Reference, K]], results: Mapping[K, Sequence[SparseResult]],
-                 direction: Sequence[torch.Tensor] | None = None) -> list[float]:
+                 direction: Sequence[torch.Tensor] | None = None, own: K | None = None) -> list[float]:
     """A verifier's score (:func:`check_score`) of each ``(reference, key)`` in ``checks``: the result
-    ``results[key]`` against every other result of its round in ``results`` (the verifier's own
-    left out when it trained: its gradient is ``direction``, the direction reference). NaN where
+    ``results[key]`` against every other result of its round in ``results``. ``direction``: the
+    verifier's own gradient reference, when it trained this round; ``own``: the key of its own
+    result, which the direction test leaves out (it was made from that very gradient). NaN where
     the result is missing or too few others compare with it."""
-    directions = {k: tensor_agreements(r, direction) for k, r in results.items()} if direction is not None else {}
+    directions = ({k: tensor_agreements(r, direction) for k, r in results.items() if k != own}
+                  if direction is not None else {})
     out = []
     for ref, key in checks:
         if key not in results:
             out.append(math.nan)
             continue
         data = {k: agreement(r, ref) for k, r in results.items()}
-        others = [k for k in results if k != key]
-        z = z_score(data[key], [data[k] for k in others])
-        fractions = direction_fractions(directions[key], [directions[k] for k in others]) if directions else []
+        z = z_score(data[key], [v for k, v in data.items() if k != key])
+        fractions = (direction_fractions(directions[key], [v for k, v in directions.items() if k != key])
+                     if key in directions else [])
         out.append(check_score(z, fractions))
     return out
 
@@ -195,8 +201,8 @@ def agreement(results: Sequence[SparseResult], ref: Reference) -> float:
 def z_score(candidate: float, others: Sequence[float]) -> float:
     """How far ``candidate`` lies above the median of ``others``, in their robust standard deviations
     (1.4826 × the median absolute deviation, so a few wild results among the others do not widen
-    it). NaN with fewer than three others, or when they do not vary."""
-    if len(others) < 3:
+    it). NaN with fewer than :data:`MIN_OTHERS` others, or when they do not vary."""
+    if len(others) < MIN_OTHERS:
         return math.nan
     med = statistics.median(others)
     spread = 1.4826 * statistics.median(abs(o - med) for o in others)

@@ -83,12 +83,14 @@ class Network:
         host = self.bed.ip("server") if self.bed is not None else "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    def _spawn(self, name: str, args: list[str], *, node: str = "server") -> subprocess.Popen:
-        """Start ``psyche ARGS`` as process ``name`` (on testbed node ``node``), logging to ``logs/NAME.log``."""
+    def _spawn(self, name: str, args: list[str], *, node: str = "server",
+               program: tuple[str, ...] = ("psyche.cli",)) -> subprocess.Popen:
+        """Start ``psyche ARGS`` as process ``name`` (on testbed node ``node``), logging to ``logs/NAME.log``.
+        ``program``: the module (and its own leading arguments) that runs ``ARGS``."""
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         log = self.root / "logs" / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        argv = [sys.executable, "-m", "psyche.cli", *args]
+        argv = [sys.executable, "-m", *program, *args]
         if self.bed is not None:
             proc = self.bed.spawn(node, argv, log=log, env=env)
         else:
@@ -107,13 +109,15 @@ class Network:
                                "--port", str(self.port), "--host", host, "--key", str(self.root / "server.key")])
         self.wait(lambda: self._healthy(), wait, "server up")
 
-    def start_client(self, i: int, *extra: str) -> None:
-        """Start client ``i`` (key ``client-i.key``; its profile is written to ``profiles/client-i.json`` on exit)."""
+    def start_client(self, i: int, *extra: str, cheat: str | None = None) -> None:
+        """Start client ``i`` (key ``client-i.key``; its profile is written to ``profiles/client-i.json`` on exit).
+        ``cheat``: a kind of :mod:`psyche.testing.adversaries` whose client publishes results that way."""
         bind = [] if self.bed is None else ["--bind", f"{self.bed.ip(client_node(i))}:0"]
+        program = ("psyche.cli",) if cheat is None else ("psyche.testing.adversaries", cheat)
         self._spawn(f"client-{i}", [
             "client", "--server", self.client_url, "--key", str(self.root / f"client-{i}.key"),
             "--checkpoint-dir", str(self.root / "checkpoint"), "--profile", str(self.profile_path(i)), *bind, *extra],
-            node=client_node(i))
+            node=client_node(i), program=program)
 
     def profile_path(self, i: int) -> Path:
         return self.root / "profiles" / f"client-{i}.json"
