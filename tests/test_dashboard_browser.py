@@ -180,6 +180,8 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path, start_c
                            "N not seen", "a quorum reported, but N trainers' results reached fewer than a quorum of "
                            "witnesses: a member's health check can then drop those trainers from the epoch, without points"]
         assert key[4:] == ["no quorum", "fewer reports than the quorum: nobody can be judged, and the epoch ends after this round",
+                           "N condemned", "verification found N results that do not match their trainers' assigned "
+                           "data: nobody applied them, and their trainers were dropped from the epoch without points",
                            "waiting for witnesses", "the round still takes reports",
                            "details not kept", "an older round: only its counts are kept (the coordinator stores who was "
                            "seen for the last 4 rounds of an epoch, and this page keeps those it saw live)"]

@@ -441,6 +441,38 @@ def test_status_shows_each_clients_share_and_the_speed_the_run_learnt(authority)
     assert run_status(host, cfg, None)["requeued_samples"] == 12
 
 
+def test_status_shows_a_condemned_client_and_the_round_that_condemned_it(authority):
+    """A trainer whose results verification finds wrong: its row says at which step it was
+    condemned and its suspicion, and the round's witness stats count the condemned result."""
+    from psyche.coordinator import queries as q
+    from psyche.coordinator.state import RunState
+    from psyche.coordinator.verification import CONDEMN_AT
+    from psyche.ledger.host import RunHost
+    from psyche.ledger.status import run_status
+    from psyche.testing.coordinator_swarm import Swarm, client_key
+
+    cfg = parse_config({
+        "name": "verify-status",
+        "coordinator": {"init_min_clients": 5, "min_clients": 2, "warmup_time": 2, "cooldown_time": 2,
+                        "max_round_train_time": 6, "round_witness_time": 1, "epoch_time": 10_000, "total_steps": 20,
+                        "global_batch_size_start": 20, "global_batch_size_end": 20, "checkpointers": 0},
+        "model": {"seq_len": 64},
+    })
+    swarm = Swarm(Coordinator.new(cfg.run_id, cfg, authority=authority.public_key, now=0))
+    host = RunHost(swarm.coord)
+    swarm.join(range(5))
+    swarm.scores[3] = -3000  # its results point the wrong way
+    swarm.run_until(lambda c: c.state.run_state is RunState.RoundTrain and c.state.step == 3)
+    status = run_status(host, cfg, None)
+    assert status["verifiers"] == 3 and status["verification_limit"] == CONDEMN_AT
+    rows = {r["id"]: r for r in status["clients"]}
+    bad = rows[client_key(3).hex()]
+    assert bad["state"] == "Dropped" and bad["condemned_step"] == 1 and bad["suspicion"] <= -CONDEMN_AT
+    assert all(r["condemned_step"] is None and r["suspicion"] == 0 for i, r in rows.items() if i != client_key(3).hex())
+    assert [r["condemned"] for r in status["witness_rounds"]][:2] == [1, 0]
+    assert client_key(3) in q.condemned_trainers(swarm.coord.state, 1)
+
+
 def test_openapi_documents_the_status_api_and_its_refusals(tmp_path, authority):
     """/docs shows what each endpoint returns: the status documents and the error body are schemas."""
     server = make_server(tmp_path / "run.sqlite", authority)
@@ -467,6 +499,8 @@ def test_openapi_documents_the_status_api_and_its_refusals(tmp_path, authority):
     assert {"share", "share_fraction", "throughput", "accepted_tokens"} <= set(row)
     assert "tokens per second" in row["throughput"]["description"]
     assert status["shares"]["enum"] == ["speed", "even"] and "requeued_samples" in status
+    assert {"suspicion", "condemned_step"} <= set(row) and "verification" in row["condemned_step"]["description"]
+    assert {"verifiers", "verification_limit"} <= set(status)
     # An unknown run is a 404 whose body is the same ErrorBody every refusal has.
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "UnknownRun", "message": "no run 'nope' here; GET /api/runs lists them"}
