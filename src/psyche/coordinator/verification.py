@@ -2,7 +2,8 @@
 
 Pure integer arithmetic, so every machine reaches the same verdicts.
 
-**Who checks.** A round's witnesses are its verifiers. The trainer at shuffle
+**Who checks.** A round's witnesses are its verifiers (in rounds of at least
+:data:`MIN_TRAINERS` trainers). The trainer at shuffle
 position ``p`` is checked by the first ``verifiers`` witnesses met going round
 the shuffle order from ``p + 1`` (never by itself); the shuffle is fresh each
 round, so nobody picks who checks it. A verifier scores each result it was given
@@ -55,15 +56,20 @@ CONDEMN_AT = 500
 """Suspicion at which a result is condemned (5 standard deviations of accumulated shortfall)."""
 MAX_VERIFIERS = 8
 """Most verifiers one result can have (the ``verifiers`` setting's ceiling)."""
+MIN_TRAINERS = 5
+"""Rounds with fewer trainers check nothing: a verifier compares a result with at least 4 others
+(:data:`psyche.distro.verify.MIN_OTHERS`), and fewer are too easily alike by chance."""
 
 
 def verifiers_of(position: int, trainers: int, witnesses: int, per_result: int) -> list[int]:
     """Shuffle positions of the witnesses that check the result of the trainer at ``position``.
 
-    >>> verifiers_of(0, 8, 8, 3), verifiers_of(6, 8, 8, 3), verifiers_of(1, 8, 3, 3)
-    ([1, 2, 3], [7, 0, 1], [2, 0])
+    >>> verifiers_of(0, 8, 8, 3), verifiers_of(6, 8, 8, 3), verifiers_of(1, 8, 3, 3), verifiers_of(0, 4, 4, 3)
+    ([1, 2, 3], [7, 0, 1], [2, 0], [])
     """
     out: list[int] = []
+    if trainers < MIN_TRAINERS:
+        return out
     for offset in range(1, trainers):
         if len(out) >= per_result:
             break

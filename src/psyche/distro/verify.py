@@ -101,9 +101,9 @@ def output_references(model: torch.nn.Module, batches: Sequence[torch.Tensor], i
 
 
 MIN_OTHERS = 4
-"""Other results a comparison needs: with fewer, their spread is too easily tiny by chance. So a
-round is checked when it has at least 5 trainers (the direction test: 6, as it leaves out the
-verifier's own result)."""
+"""Other results a comparison needs: with fewer, their spread is too easily tiny by chance. So the
+coordinator checks rounds of at least 5 trainers (``psyche.coordinator.verification.MIN_TRAINERS``;
+the direction test needs 6, as it leaves out the verifier's own result)."""
 CLEAR = 3.0
 """A tensor counts in the direction test when the other results' median agreement is this many
 of their robust standard deviations above 0 (else chance alone could swing its fraction)."""
