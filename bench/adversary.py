@@ -69,7 +69,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
     from psyche.coordinator import queries as q
     from psyche.coordinator.verification import to_wire
     from psyche.distro import decode_payload, encode_payload
-    from psyche.distro.verify import gradient_reference, output_parameter, output_references, score_checks
+    from psyche.distro.verify import output_parameter, output_references, score_checks
     from psyche.testing import adversaries
     from psyche.testing.coordinator_swarm import Swarm, client_key
     from psyche.testing.distro_sim import SimConfig, _data, _lr_cfg, _model_cfg, build_distro
@@ -115,23 +115,18 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
         lr = lr_at(step - 1, lr_cfg, setup.steps)
         batches = {keys[b.client]: b for b in q.round_batches(s)}
         results: dict[int, list] = {}
-        directions: dict[int, list[torch.Tensor]] = {}
         for peer, b in batches.items():
             cheating = peer < bad and step >= setup.bad_from
             t0 = time.perf_counter()
             first = b.start + (adversaries.OTHER_DATA_OFFSET if cheating and kind == "other_data" else 0)
             compute_gradients(model, train.batch(range(first, first + b.end - b.start)),
                               micro_batch_size=setup.per_peer, grad_clip=cfg.grad_clip)
-            t1 = time.perf_counter()
-            directions[peer] = gradient_reference(params)
-            t2 = time.perf_counter()
             for g in opts[peer].param_groups:
                 g["lr"] = lr
             results[peer] = decode_payload(encode_payload(opts[peer].generate(steps_done=step - 1)), shapes)
             model.zero_grad(set_to_none=True)
             if peer >= bad:
-                outcome.train_seconds += (t1 - t0) + (time.perf_counter() - t2)
-                outcome.verify_seconds += t2 - t1
+                outcome.train_seconds += time.perf_counter() - t0
         honest_now = [p for p in results if not (p < bad and step >= setup.bad_from)]
         for peer in list(results):
             if not (peer < bad and step >= setup.bad_from):
@@ -146,8 +141,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
             elif kind == "stale":
                 results[peer] = kept[peer]
             elif kind == "adaptive":
-                results[peer] = adversaries.adaptive(results[peer], [results[p] for p in honest_now],
-                                                     directions[peer], out_index)
+                results[peer] = adversaries.adaptive(results[peer], [results[p] for p in honest_now], out_index)
         # Every witness verifies what the coordinator assigned it, on the weights the round trained on.
         scores: dict[int, dict[int, int]] = {}
         for w in batches:
@@ -161,7 +155,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
                      for c in checks if c.end > c.start]
             refs = output_references(model, [train.batch(ix) for _, ix in picks], out_index, out_chunk)
             todo = [(ref, peer) for ref, (peer, _) in zip(refs, picks)]
-            z = dict(zip([k for _, k in todo], score_checks(todo, results, directions[w], w)))
+            z = dict(zip([k for _, k in todo], score_checks(todo, results)))
             scores[w] = {c.position: to_wire(z.get(keys[c.trainer], float("nan"))) for c in checks}
             if w >= bad:
                 outcome.verify_seconds += time.perf_counter() - t0

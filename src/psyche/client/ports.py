@@ -97,11 +97,9 @@ class Trainer(Protocol):
         current weights."""
         ...
 
-    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes],
-                     own: bytes | None = None) -> list[float]:
-        """Each ``(reference, trainer id)``'s verification score for ``step`` against the round's
-        other ``results`` (trainer id -> payload; ``own``: this node's id); NaN where it cannot
-        be scored."""
+    def check_scores(self, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes]) -> list[float]:
+        """Each ``(reference, trainer id)``'s verification score against the round's other
+        ``results`` (trainer id -> payload); NaN where it cannot be scored."""
         ...
 
     def evaluate(self, part: tuple[int, int] = (0, 1)) -> tuple[float, int]:

@@ -708,7 +708,7 @@ class ClientRuntime:
         refs = book.references or {}
         results = {t: self.blobs[h] for t, h in book.verified.items() if t in trainers and h in self.blobs}
         todo = [(refs[c.trainer], c.trainer) for c in checks if c.trainer in refs]
-        z = dict(zip([t for _, t in todo], self.trainer.check_scores(step, todo, results, self.me)))
+        z = dict(zip([t for _, t in todo], self.trainer.check_scores(todo, results)))
         return [to_wire(z[c.trainer]) if c.trainer in z else NO_SCORE for c in checks]
 
     async def _witness(self, s: CoordinatorState, step: int) -> None:

@@ -24,7 +24,7 @@ import torch
 from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
 from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
-from psyche.distro.verify import Reference, gradient_reference, output_parameter, output_references, score_checks
+from psyche.distro.verify import Reference, output_parameter, output_references, score_checks
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained, weights_sha256
 from psyche.train.schedule import lr_at
@@ -81,8 +81,6 @@ class LocalTrainer:
         self._parsed: OrderedDict[bytes, tuple[list[SparseResult], int]] = OrderedDict()
         self._parsed_bytes = 0
         self._parsed_lock = threading.Lock()  # verify runs on the event loop, apply in a worker thread
-        self._directions: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
-        """step -> the direction reference of this node's own gradient that step (the last few)."""
         self.lr_window: tuple[int, int] | None = None
         self.timer = PhaseTimer()
         """Seconds spent per kind of work (data, forward_backward, compress, verify, apply, ...)."""
@@ -181,13 +179,6 @@ class LocalTrainer:
         self.timer.add("forward_backward", fwd_bwd)
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
-        else:
-            with self.timer.phase("verify"):
-                # What every batch's gradient shares: the direction each peer's result is checked against.
-                self._directions[step] = gradient_reference(
-                    [(p, g["chunk"]) for g in self.optimizer.param_groups for p in g["params"]])
-                while len(self._directions) > 2:
-                    self._directions.popitem(last=False)
         with self.timer.phase("compress"):
             # The momentum warmup follows the run's step, not a local count: this node may
             # have joined late.
@@ -241,17 +232,14 @@ class LocalTrainer:
             batches = [self.data.train.batch(p) for p in picks]
             return output_references(self.model, batches, self._output_index, self._output_chunk)
 
-    def check_scores(self, step: int, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes],
-                     own: bytes | None = None) -> list[float]:
-        """For each ``(reference, trainer id)``: the score of that trainer's result for ``step``
+    def check_scores(self, checks: list[tuple[Reference, bytes]], results: dict[bytes, bytes]) -> list[float]:
+        """For each ``(reference, trainer id)``: the score of that trainer's result
         (:func:`psyche.distro.verify.score_checks`) against the round's other ``results``
-        (trainer id -> payload, the checked one among them; ``own``: this node's id, whose
-        result the direction test leaves out), its tensors' directions checked against this
-        node's own gradient of ``step`` when it trained one. NaN when the result is missing or
-        too few others compare with it."""
+        (trainer id -> payload, the checked one and this node's own among them). NaN when the
+        result is missing or too few others compare with it."""
         with self.timer.phase("verify"):
             parsed = {t: self._parsed_payload(p, keep=True) for t, p in results.items()}
-            return score_checks(checks, parsed, self._directions.get(step), own)
+            return score_checks(checks, parsed)
 
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply the agreed results of ``step`` (in the order given: the same on every node)."""

@@ -10,9 +10,9 @@ process that cheats (``python -m psyche.testing.adversaries negate client ...``)
 - ``other_data``: the result of training on data other than the assigned batch;
 - ``copy``: another trainer's result of the same round, republished;
 - ``stale``: the adversary's own result of an earlier round, republished;
-- ``adaptive``: the honest result with signs flipped only where no other peer sent
+- ``adaptive``: the honest result with signs flipped wherever no other peer sent
   that coefficient (so its vote alone decides it), in every tensor but the one the
-  data test reads, and only as far as it expects to pass the direction test.
+  verifiers' data test reads (kept honest, so the result passes it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 import torch
 
 from psyche.distro.codec import SparseResult
-from psyche.distro.verify import MEAN_FLOOR
 
 KINDS = ("negate", "random", "other_data", "copy", "stale", "adaptive")
 
@@ -46,43 +45,22 @@ def random_signs(results: Sequence[SparseResult], generator: torch.Generator) ->
             for r in results]
 
 
-def adaptive(results: Sequence[SparseResult], others: Sequence[Sequence[SparseResult]],
-             direction: Sequence[torch.Tensor], spare: int, *, keep_fraction: float = MEAN_FLOOR + 0.25
-             ) -> list[SparseResult]:
-    """The honest ``results`` with signs flipped where no result in ``others`` chose the coefficient,
-    in every tensor but ``spare`` (the data test's), most harmful first (where the sign agrees
-    most with ``direction``, the adversary's own gradient reference), and only while the tensor's
-    agreement with ``direction`` stays at least ``keep_fraction`` of the median other's: what it
-    expects the verifiers' direction test to let through."""
+def adaptive(results: Sequence[SparseResult], others: Sequence[Sequence[SparseResult]], spare: int) -> list[SparseResult]:
+    """The honest ``results`` with every sign flipped where no result in ``others`` chose the
+    coefficient (there its vote alone is the update), in every tensor but ``spare``: the one the
+    verifiers' data test reads, kept honest so that the result passes it."""
     out = []
     for i, r in enumerate(results):
         if i == spare:
             out.append(r)
             continue
-        ref = direction[i]
-        tiles, n = ref.shape
-        chosen = torch.zeros(tiles, n, dtype=torch.bool)
+        chosen = torch.zeros(r.grid.num_tiles, r.grid.tile_numel, dtype=torch.bool)
+        idx = r.indices.to(torch.int64)
         for o in others:
             chosen.scatter_(1, o[i].indices.to(torch.int64), True)
-        idx = r.indices.to(torch.int64)
-        signs = torch.sign(r.values.to(torch.float32))
-        contrib = ref.gather(1, idx) * signs  # each coefficient's part of the agreement
         alone = ~chosen.gather(1, idx)
-        count = idx.numel()
-        mine = float(contrib.sum()) / count
-        medians = sorted(float((ref.gather(1, o[i].indices.to(torch.int64))
-                                * torch.sign(o[i].values.to(torch.float32))).sum()) / count for o in others)
-        target = keep_fraction * medians[len(medians) // 2] if medians else mine
-        # Flipping coefficient j lowers the agreement by 2·contrib[j]/count: flip the largest first.
-        flat = torch.where(alone, contrib, torch.zeros_like(contrib)).flatten()
-        order = torch.argsort(flat, descending=True)
-        drop = 2 * flat[order].clamp_min(0).cumsum(0) / count
-        budget = max(0.0, mine - target)
-        k = int((drop <= budget).sum())
-        flip = torch.zeros(flat.numel(), dtype=torch.bool)
-        flip[order[:k]] = True
-        flipped = torch.where(flip.view_as(signs) & alone, -signs, signs)
-        out.append(_with_values(r, flipped))
+        signs = torch.sign(r.values.to(torch.float32))
+        out.append(_with_values(r, torch.where(alone, -signs, signs)))
     return out
 
 
