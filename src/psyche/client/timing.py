@@ -1,8 +1,8 @@
 """Where a node's time goes: wall seconds per phase of its work, summed over a run.
 
 The client's trainer wraps each kind of work (data, forward/backward, compressing,
-verifying, applying, evaluating, checkpointing) in :meth:`PhaseTimer.phase`; the
-runtime turns the totals into a profile at the end of the run (``psyche client
+verifying, checking results against their data, applying, evaluating, checkpointing) in
+:meth:`PhaseTimer.phase`; the runtime turns the totals into a profile at the end of the run (``psyche client
 --profile FILE``, read by ``bench/run.py``). Phases run in worker threads, so the
 totals are kept under a lock.
 

@@ -83,7 +83,8 @@ class LocalTrainer:
         self._parsed_lock = threading.Lock()  # verify runs on the event loop, apply in a worker thread
         self.lr_window: tuple[int, int] | None = None
         self.timer = PhaseTimer()
-        """Seconds spent per kind of work (data, forward_backward, compress, verify, apply, ...)."""
+        """Seconds spent per kind of work (data, forward_backward, compress, verify: decoding peers'
+        results, check: scoring them against their data, apply, ...)."""
 
     # -- the model -----------------------------------------------------------
 
@@ -228,7 +229,7 @@ class LocalTrainer:
         each list of ``picks``, on the current weights, from one forward pass; no gradient of a step
         in progress is touched."""
         assert self.model is not None
-        with self.timer.phase("verify"):
+        with self.timer.phase("check"):
             batches = [self.data.train.batch(p) for p in picks]
             return output_references(self.model, batches, self._output_index, self._output_chunk)
 
@@ -237,7 +238,7 @@ class LocalTrainer:
         (:func:`psyche.distro.verify.score_checks`) against the round's other ``results``
         (trainer id -> payload, the checked one and this node's own among them). NaN when the
         result is missing or too few others compare with it."""
-        with self.timer.phase("verify"):
+        with self.timer.phase("check"):
             parsed = {t: self._parsed_payload(p, keep=True) for t, p in results.items()}
             return score_checks(checks, parsed)
 

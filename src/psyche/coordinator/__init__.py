@@ -9,6 +9,7 @@ point. Modules, one idea each:
 - :mod:`~psyche.coordinator.instructions` — instruction structs and their wire form.
 - :mod:`~psyche.coordinator.queries` — pure questions: roles, batches, consensus, deadlines.
 - :mod:`~psyche.coordinator.shares` — speed-aware shares: the cut of each batch, learning speeds, re-queues.
+- :mod:`~psyche.coordinator.verification` — verified results: who checks whom, verdicts by majority, condemning.
 - :mod:`~psyche.coordinator.log` — :class:`LogEntry` and :func:`replay`, how every host rebuilds a state.
 - :mod:`~psyche.coordinator.settings` — :class:`CoordinatorSettings` and their rules.
 - :mod:`~psyche.coordinator.shuffle` — the swap-or-not shuffle behind committees.

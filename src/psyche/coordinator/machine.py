@@ -28,6 +28,12 @@ settled: accepted trainers are credited their tokens and their estimates updated
 the witnesses' arrival times, and the batch of every trainer no quorum saw is re-queued.
 At the end of an epoch the healthy members share ``epoch_reward`` by accepted tokens.
 
+Verification: each round's witnesses score the results assigned to them
+(:mod:`~psyche.coordinator.verification`); at the round's close a trainer whose
+accumulated suspicion reaches the limit has that round's result condemned: nobody
+applies it (:func:`~psyche.coordinator.queries.applied_trainers`), its batch is
+re-queued, and the trainer is dropped without points.
+
 Every handler starts with guard clauses that raise a named
 :class:`~psyche.coordinator.errors.CoordinatorError` before changing anything;
 ``apply`` returns that error, so a refused instruction leaves the state as it was.
@@ -40,6 +46,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from psyche.coordinator import verification
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.errors import (
     CoordinatorError,
@@ -84,7 +91,6 @@ from psyche.coordinator.queries import (
     round_members,
     shuffle_order,
 )
-from psyche.coordinator import verification
 from psyche.coordinator.shares import MAX_REQUEUED, Piece, delivery_ms, measured, missed, plan_round
 from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, CoordinatorSettings, settings_problems
 from psyche.coordinator.state import (
@@ -669,13 +675,16 @@ class Coordinator:
             return
         n = len(r.trainers)
         checks = verification.assignments(n, r.witnesses, r.verifiers)
+        verifiers = [0] * n
+        for positions in checks.values():
+            for p in positions:
+                verifiers[p] += 1
         given: dict[int, list[int]] = {p: [] for p in range(n)}
         for rep in r.reports:
             for p, given_score in zip(checks[r.trainers.index(rep.client)], rep.scores):
                 given[p].append(given_score)
         for p, idx in enumerate(r.trainers):
-            verifiers = len(verification.verifiers_of(p, n, r.witnesses, r.verifiers))
-            score = verification.round_score(given[p], verifiers)
+            score = verification.round_score(given[p], verifiers[p])
             if score is None:
                 continue
             c = s.clients[idx]
