@@ -333,3 +333,46 @@ def test_an_unexpected_error_beside_the_main_loop_ends_the_runtime(tokens):
             assert isinstance(a.task.exception(), RuntimeError)
 
     _run(scenario)
+
+
+@pytest.mark.parametrize("overlapped", [True, False], ids=["overlapped", "apply-first"])
+def test_a_node_publishing_negated_results_is_condemned_by_its_verifiers_and_never_applied(tokens, overlapped):
+    """Five nodes; one trains honestly but publishes its results negated. The witnesses check the
+    results they were given against their trainers' data and report scores; the coordinator
+    condemns the cheat's first result by its verifiers' majority: nobody applies it, the cheat is
+    dropped, and the four honest nodes finish the run with identical weights."""
+    from psyche.client.trainer import TrainOutput
+    from psyche.distro import decode_payload, encode_payload
+    from psyche.testing.adversaries import negate
+
+    async def scenario():
+        cfg = tiny_config(tokens, init_min_clients=5, min_clients=3, total_steps=4, overlapped=overlapped,
+                          global_batch_size_start=20, global_batch_size_end=20)
+        async with RuntimeSwarm(cfg) as swarm:
+            clients = [swarm.add(start=False) for _ in range(5)]
+            cheat = clients[4]
+            honest_train = cheat.trainer.train
+
+            def train(step: int, start: int, end: int) -> TrainOutput:
+                out = honest_train(step, start, end)
+                bad = encode_payload(negate(decode_payload(out.payload, cheat.trainer.shapes)))
+                return TrainOutput(bad, out.loss, out.tokens, out.seconds, out.finite, out.forward_backward_seconds)
+
+            cheat.trainer.train = train  # type: ignore[method-assign]
+            for c in clients:
+                swarm.start(c)
+            await swarm.until(lambda: swarm.state.step > 1, pace=1.0, what="step 1 closed")
+            s = swarm.state
+            bad = q.member(s, cheat.id)
+            assert bad.state is ClientState.Dropped and bad.condemned_step == 1
+            assert q.condemned_trainers(s, 1) == [cheat.id] and cheat.id not in q.applied_trainers(s, 1)
+            scores = [rep.scores for rep in q.round_for_step(s, 1).reports]
+            assert all(len(x) == 3 for x in scores), "every witness scored the 3 results it checks"
+            await swarm.finish()
+            honest = clients[:4]
+            assert all(c.task.result() == 0 for c in honest)
+            assert _identical(honest)
+            assert cheat.saw("verification condemned its result of step 1")
+            assert all(q.member(swarm.state, c.id).condemned_step == 0 for c in honest)
+
+    _run(scenario)
