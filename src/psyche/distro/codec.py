@@ -297,5 +297,5 @@ class DCTCodec:
         # (for None the smallest vote is 1.0: the plain mean's own clamp).
         if not min_votes >= 1.0:
             raise ValueError(f"min_votes must be >= 1, got {min_votes}")
-        mean = sums / counts.clamp_min(max(min(votes), min_votes))
+        mean = sums / counts.clamp_min(min(votes) if min_votes == 1.0 else min_votes)
         return dct.inverse(mean, grid).to(dtype)
