@@ -67,6 +67,7 @@ bench: install $(BENCH_DEB_STAMP)
 	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/convergence.py --quick
 	$(BIN)/python bench/convergence_matrix.py --quick
+	$(BIN)/python bench/adversary.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
