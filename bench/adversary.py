@@ -24,7 +24,7 @@ with the share of forward-pass work it stands for.
 
     python bench/adversary.py                 # every run (about 45 minutes on 2 cores)
     python bench/adversary.py --quick         # all honest, 2 negate, 2 other_data, the liar (60 steps)
-    python bench/adversary.py --min-votes 2 --only "1x adaptive,2x adaptive"   # a robust apply
+    python bench/adversary.py --only "liar,2x copy"   # the all-honest run and those
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run_name(*, kind: str | None = None, bad: int = 0, liar: bool = False, name:
 
 
 def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = False,
-        verify: bool = True, name: str = "", min_votes: float = 1.0) -> Outcome:
+        verify: bool = True, name: str = "") -> Outcome:
     """One run; peers ``0 .. bad-1`` are the adversaries (``kind``), peer ``peers-1`` the liar."""
     from psyche.client.trainer import LocalTrainer
     from psyche.coordinator import Coordinator, CoordinatorSettings, RunState
@@ -178,7 +178,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
         order = sorted((b for b in q.round_batches(s, step) if b.client in applied), key=lambda b: b.start)
         for g in opts[0].param_groups:
             g["lr"] = lr
-        opts[0].apply([results[keys[b.client]] for b in order], min_votes=min_votes)
+        opts[0].apply([results[keys[b.client]] for b in order])
     outcome.val_loss = evaluate(model, val, batches=cfg.eval_batches, batch_size=cfg.eval_batch_size)
     return outcome
 
@@ -188,8 +188,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CI size: 60 steps, a few runs")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument("--min-votes", type=float, default=1.0,
-                    help="DisTrO apply's min_votes for every run (1: the plain mean; 2: a lone voice counts half)")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (e.g. 'honest,1x adaptive')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -212,7 +210,7 @@ def main() -> None:
     t0 = time.perf_counter()
     outcomes = []
     for p in plan:
-        o = run(setup, **p, min_votes=args.min_votes)
+        o = run(setup, **p)
         outcomes.append((p, o))
         print(f"{o.name}: val {o.val_loss:.4f} excluded {o.excluded_at} honest excluded {o.honest_excluded} "
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -242,7 +240,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "adversary",
         "peers": setup.peers, "sequences_per_peer": setup.per_peer, "seq_len": setup.seq_len, "steps": setup.steps,
-        "bad_from_step": setup.bad_from, "verifiers_per_result": setup.verifiers, "min_votes": args.min_votes,
+        "bad_from_step": setup.bad_from, "verifiers_per_result": setup.verifiers,
         "honest_val_loss": round(base, 4),
         "runs": runs,
         "worst_penalty_1": round(worst[1], 4) if not args.quick else None,

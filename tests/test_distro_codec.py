@@ -192,18 +192,6 @@ def test_decode_with_weights_is_the_weighted_mean_over_results_that_chose_it():
     torch.testing.assert_close(got, dct.inverse(coeffs, grid))
 
 
-def test_decode_with_min_votes_damps_coefficients_fewer_results_chose():
-    shape, grid, a, b = two_overlapping_results()
-    codec = DCTCodec(8)
-    assert torch.equal(codec.decode([a, b], shape, min_votes=1.0), codec.decode([a, b], shape))
-    coeffs = torch.zeros(1, 8)
-    # 3, chosen by both, keeps its mean; 0 and 5, chosen by one, count as if a second voted 0.
-    coeffs[0, 0], coeffs[0, 3], coeffs[0, 5] = 1.0, 6.0, -0.5
-    torch.testing.assert_close(codec.decode([a, b], shape, min_votes=2.0), dct.inverse(coeffs, grid))
-    with pytest.raises(ValueError, match="min_votes must be >= 1"):
-        codec.decode([a, b], shape, min_votes=0.5)
-
-
 @pytest.mark.parametrize(("weights", "message"), [
     ([1.0], r"need one per result \(2\), got 1"),
     ([1.0, 0.0], r"weights\[1\] is 0.0; every weight must be finite and > 0"),

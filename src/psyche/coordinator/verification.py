@@ -49,8 +49,8 @@ SCORE_SCALE = 100
 NO_SCORE = -(2**15)
 """What a verifier reports for a result it was assigned but could not check."""
 MAX_SCORE = 2**15 - 1
-ALLOWANCE = 300
-"""What each round's score is measured against (3 standard deviations of the others): an honest
+ALLOWANCE = 250
+"""What each round's score is measured against (2.5 standard deviations of the others): an honest
 result scores above it, one that does not hold its own data's gradient about 0, far below it."""
 CONDEMN_AT = 500
 """Suspicion at which a result is condemned (5 standard deviations of accumulated shortfall)."""

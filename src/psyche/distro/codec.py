@@ -258,12 +258,8 @@ class DCTCodec:
         dtype: torch.dtype = torch.float32,
         *,
         weights: Sequence[float] | None = None,
-        min_votes: float = 1.0,
     ) -> torch.Tensor:
         """The inverse DCT of the per-coefficient mean over ``results`` (zeros for none).
-
-        ``min_votes``: a coefficient that fewer votes chose is divided by this many instead,
-        so that one lone voice moves it less than a consensus does (1.0: the plain mean).
 
         With ``weights`` the mean is weighted: a coefficient is
         ``Σ wᵢ·vᵢ / Σ wᵢ`` over the results ``i`` that chose it (:func:`vote_weights`
@@ -295,7 +291,5 @@ class DCTCodec:
         # (T, n): unchosen coefficients (count 0, sum 0) stay 0. A chosen one's count is a
         # sum of votes, so it is at least the smallest vote and the clamp leaves it alone
         # (for None the smallest vote is 1.0: the plain mean's own clamp).
-        if not min_votes >= 1.0:
-            raise ValueError(f"min_votes must be >= 1, got {min_votes}")
-        mean = sums / counts.clamp_min(min(votes) if min_votes == 1.0 else min_votes)
+        mean = sums / counts.clamp_min(min(votes))
         return dct.inverse(mean, grid).to(dtype)

@@ -239,26 +239,19 @@ class DisTrO(torch.optim.Optimizer):
         self,
         results_from_all_peers: Sequence[Sequence[SparseResult]],
         weights: Sequence[float] | None = None,
-        *,
-        min_votes: float = 1.0,
     ) -> None:
         """Step the weights with every peer's results (outer list: peers, inner: parameters).
 
         ``weights``: one per peer (e.g. the tokens it trained), finite and > 0, only their
         ratios mattering; each coefficient is then the weighted mean over the peers that
         chose it (:meth:`DCTCodec.decode`). ``None`` (and equal weights, bit for bit) gives
-        every peer an equal vote. ``min_votes`` (>= 1): a coefficient fewer votes chose counts
-        as if that many had, the missing ones at 0, so a lone voice moves it less than a
-        consensus (1.0: the plain mean; see ``bench/adversary.py``). Deterministic: the same
-        results and weights in the same order give bit-identical parameters. An empty outer
-        list is a no-op. ``ValueError`` if ``weights`` breaks a rule of
-        :func:`~psyche.distro.codec.vote_weights`, ``min_votes`` is below 1 or a peer's list
-        has the wrong length (all checked before anything changes), or a result's shape does
-        not match its parameter.
+        every peer an equal vote. Deterministic: the same results and weights in the same
+        order give bit-identical parameters. An empty outer list is a no-op. ``ValueError`` if
+        ``weights`` breaks a rule of :func:`~psyche.distro.codec.vote_weights` or a peer's
+        list has the wrong length (both checked before anything changes), or a result's
+        shape does not match its parameter.
         """
         votes = vote_weights(weights, len(results_from_all_peers))
-        if not min_votes >= 1.0:
-            raise ValueError(f"min_votes must be >= 1, got {min_votes}")
         if not results_from_all_peers:
             return
         params = self._params()
@@ -267,8 +260,7 @@ class DisTrO(torch.optim.Optimizer):
                 raise ValueError(f"peer {peer} sent {len(results)} results for {len(params)} parameters")
         for i, (group, p) in enumerate(params):
             codec = self._codec(group["chunk"])
-            update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape, weights=votes,
-                                  min_votes=min_votes)
+            update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape, weights=votes)
             lr, wd = group["lr"] * group.get("lr_scale", 1.0), group["weight_decay"]
             if wd != 0.0:
                 p.mul_(1.0 - lr * wd)
