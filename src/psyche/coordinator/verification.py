@@ -16,8 +16,11 @@ not check.
 **One round's score.** A result's score in a round is the ``need``-th smallest of
 its verifiers' scores, where ``need`` is a majority of its verifiers and at
 least two (:func:`verdicts_needed`): it is low only if that many verifiers found
-it low. So one verifier, lying or unlucky, can never make an honest result look
-bad, and (with three or more verifiers) cannot make a bad one look good either.
+it low. So one verifier, lying or unlucky, can never by itself make an honest
+result look bad, and (with three or more verifiers) cannot by itself make a bad
+one look good either. It does tilt the odds: a liar among an honest result's
+three verifiers leaves it the lower of the two honest scores, which the
+allowance below is chosen to absorb.
 
 **Evidence over rounds.** Each trainer keeps a ``suspicion`` (≤ 0): a one-sided
 CUSUM of its round scores, ``min(0, suspicion + score − ALLOWANCE)``. An honest
@@ -33,11 +36,12 @@ tokens, 3 verifiers each checking 3 of a trainer's sequences, 120 steps; 960 hon
 round scores): an honest result's round score had mean 5.2, sd 1.9, and its lowest
 was 0.17 (1 % were below 1.6). A result computed on other data scored 0.2 (sd 0.95),
 a copy of another peer's result 0.0 (sd 0.7); negated, random or stale results far
-below 0. With an allowance of 3 and a limit of 5, an honest trainer's suspicion
-never fell below −2.9 in those runs: to be condemned, it would need a round scoring
-below −2 (more than 3.8 of its standard deviations below its mean, beyond anything
-seen), or two rounds in a row below 0.5. Replayed on the same scores, every kind
-of cheat reached the limit within 4 of its results (other data: 2 rounds on average).
+below 0. Replayed on those scores with an allowance of 2.5 and a limit of 5, an
+honest suspicion never fell below −2.3, and −4.3 in the worst case a lying verifier
+can make (every round scored by the lowest of the three verifiers); a cheat reached
+the limit within 4 of its results in 294 of 296 tries (copies and stale results:
+all). An allowance of 3 caught cheats a little sooner, but in ``bench/adversary.py``
+a lying verifier then got one honest node condemned.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ NO_SCORE = -(2**15)
 MAX_SCORE = 2**15 - 1
 ALLOWANCE = 250
 """What each round's score is measured against (2.5 standard deviations of the others): an honest
-result scores above it, one that does not hold its own data's gradient about 0, far below it."""
+result scores well above it, one that does not hold its own data's gradient about 0."""
 CONDEMN_AT = 500
 """Suspicion at which a result is condemned (5 standard deviations of accumulated shortfall)."""
 MAX_VERIFIERS = 8
