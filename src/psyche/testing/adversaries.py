@@ -65,8 +65,10 @@ def adaptive(results: Sequence[SparseResult], others: Sequence[Sequence[SparseRe
 
 
 def _negating_client(argv: list[str]) -> None:
-    """``psyche`` with every result this node publishes negated (it trains honestly, then lies)."""
-    from psyche.cli import main
+    """The ``psyche`` program, run in this process (as ``python -m psyche.cli`` would run it), with
+    every result this node publishes negated: it trains honestly, then lies."""
+    import runpy
+
     from psyche.client import trainer as trainer_module
     from psyche.distro import decode_payload, encode_payload
 
@@ -80,7 +82,7 @@ def _negating_client(argv: list[str]) -> None:
 
     trainer_module.LocalTrainer.train = train  # type: ignore[method-assign]
     sys.argv = ["psyche", *argv]
-    main()
+    runpy.run_module("psyche.cli", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
