@@ -693,10 +693,12 @@ class ClientRuntime:
         draw = random.SystemRandom()
         todo = [(c.trainer, sorted(draw.sample(range(c.start, c.end), min(per_check, c.end - c.start))))
                 for c in checks if c.end > c.start]
+        if not todo:
+            book.references = {}
+            return
         async with self._lock:
             refs = await asyncio.to_thread(self.trainer.references, [picks for _, picks in todo])
-        references = {trainer: ref for (trainer, _), ref in zip(todo, refs)}
-        book.references = references
+        book.references = {trainer: ref for (trainer, _), ref in zip(todo, refs)}
         self._wake.set()
 
     def _scores(self, s: CoordinatorState, step: int, trainers: set[bytes]) -> list[int]:
