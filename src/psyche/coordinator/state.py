@@ -6,7 +6,9 @@ canonical, and every list is capped (rings of rounds, stats and checkpoints;
 at most ``MAX_CLIENTS`` clients per epoch and ``MAX_ACCOUNTS`` accounts), because
 the server and Solana hosts store it.
 
-Client indices (``Round.trainers``, ``WitnessReport.client``, ...) index
+Structs repeated per client, round and report leave out fields at their defaults, so the
+state the server pushes on every change stays small (a node on a slow link gets every
+push). Client indices (``Round.trainers``, ``WitnessReport.client``, ...) index
 ``CoordinatorState.clients``, which is fixed for the whole epoch: a client that
 leaves stays listed with a non-Healthy state until the next epoch starts.
 """
@@ -53,7 +55,7 @@ class ClientState(str, enum.Enum):
     """Reserved for slashing (nothing ejects yet)."""
 
 
-class Client(msgspec.Struct, kw_only=True):
+class Client(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A member of the current epoch."""
 
     id: bytes
@@ -82,7 +84,7 @@ class Account(msgspec.Struct, kw_only=True):
     points: int = 0
 
 
-class WitnessReport(msgspec.Struct, kw_only=True):
+class WitnessReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One selected witness's report on a round."""
 
     client: int
@@ -99,7 +101,7 @@ class WitnessReport(msgspec.Struct, kw_only=True):
     """Verification scores of the results this witness was assigned to check (empty: none)."""
 
 
-class Round(msgspec.Struct, kw_only=True):
+class Round(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One training step of the current epoch."""
 
     height: int
@@ -130,7 +132,7 @@ class Round(msgspec.Struct, kw_only=True):
     """Shuffle positions whose results verification condemned when the round closed: nobody applies them."""
 
 
-class RoundStats(msgspec.Struct, kw_only=True):
+class RoundStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Witness metadata of one finished round, for the dashboard."""
 
     epoch: int
