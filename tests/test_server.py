@@ -398,26 +398,36 @@ def test_each_step_records_when_its_round_started_and_ended(tmp_path, authority)
     assert Store(old).step_times("r") == {1: (5.0, None)}
 
 
+def swarm_on_a_host(authority, name: str, *, clients: int, min_clients: int, total_steps: int, batch: int):
+    """A run of ``clients`` simulated members (the coordinator swarm) on a :class:`RunHost`, for status tests:
+    its config, the swarm and the host."""
+    from psyche.ledger.host import RunHost
+    from psyche.testing.coordinator_swarm import Swarm
+
+    cfg = parse_config({
+        "name": name,
+        "coordinator": {"init_min_clients": clients, "min_clients": min_clients, "warmup_time": 2, "cooldown_time": 2,
+                        "max_round_train_time": 6, "round_witness_time": 1, "epoch_time": 10_000,
+                        "total_steps": total_steps, "global_batch_size_start": batch, "global_batch_size_end": batch,
+                        "checkpointers": 0},
+        "model": {"seq_len": 64},
+    })
+    swarm = Swarm(Coordinator.new(cfg.run_id, cfg, authority=authority.public_key, now=0))
+    return cfg, swarm, RunHost(swarm.coord)
+
+
 def test_status_shows_each_clients_share_and_the_speed_the_run_learnt(authority):
     """Each client's row: its share of the round's batch, the coordinator's estimate of its speed
     and the tokens it had accepted; the run's row: the shares rule and the samples re-queued."""
     from psyche.coordinator import queries as q
     from psyche.coordinator.shares import Piece
     from psyche.coordinator.state import RunState
-    from psyche.ledger.host import RunHost
     from psyche.ledger.status import run_status
-    from psyche.testing.coordinator_swarm import Swarm, client_key
+    from psyche.testing.coordinator_swarm import client_key
 
-    cfg = parse_config({
-        "name": "shares-status",
-        "coordinator": {"init_min_clients": 3, "min_clients": 1, "warmup_time": 2, "cooldown_time": 2,
-                        "max_round_train_time": 6, "round_witness_time": 1, "epoch_time": 10_000, "total_steps": 60,
-                        "global_batch_size_start": 28, "global_batch_size_end": 28, "checkpointers": 0},
-        "model": {"seq_len": 64},
-    })
-    swarm = Swarm(Coordinator.new(cfg.run_id, cfg, authority=authority.public_key, now=0))
+    cfg, swarm, host = swarm_on_a_host(authority, "shares-status", clients=3, min_clients=1, total_steps=60,
+                                       batch=28)
     swarm.speeds = {0: 3000.0, 1: 3000.0, 2: 1000.0}
-    host = RunHost(swarm.coord)
     swarm.join(range(3))
     swarm.run_until(lambda c: c.state.run_state is RunState.Warmup)
     rows = run_status(host, cfg, None)["clients"]
@@ -447,19 +457,11 @@ def test_status_shows_a_condemned_client_and_the_round_that_condemned_it(authori
     from psyche.coordinator import queries as q
     from psyche.coordinator.state import RunState
     from psyche.coordinator.verification import CONDEMN_AT
-    from psyche.ledger.host import RunHost
     from psyche.ledger.status import run_status
-    from psyche.testing.coordinator_swarm import Swarm, client_key
+    from psyche.testing.coordinator_swarm import client_key
 
-    cfg = parse_config({
-        "name": "verify-status",
-        "coordinator": {"init_min_clients": 5, "min_clients": 2, "warmup_time": 2, "cooldown_time": 2,
-                        "max_round_train_time": 6, "round_witness_time": 1, "epoch_time": 10_000, "total_steps": 20,
-                        "global_batch_size_start": 20, "global_batch_size_end": 20, "checkpointers": 0},
-        "model": {"seq_len": 64},
-    })
-    swarm = Swarm(Coordinator.new(cfg.run_id, cfg, authority=authority.public_key, now=0))
-    host = RunHost(swarm.coord)
+    cfg, swarm, host = swarm_on_a_host(authority, "verify-status", clients=5, min_clients=2, total_steps=20,
+                                       batch=20)
     swarm.join(range(5))
     swarm.scores[3] = -3000  # its results point the wrong way
     swarm.run_until(lambda c: c.state.run_state is RunState.RoundTrain and c.state.step == 3)

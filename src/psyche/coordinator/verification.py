@@ -48,11 +48,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from psyche.coordinator.instructions import MAX_SCORE, MIN_SCORE
+
 SCORE_SCALE = 100
 """A score on the wire is the verifier's z-score times this, rounded."""
-NO_SCORE = -(2**15)
+NO_SCORE = MIN_SCORE
 """What a verifier reports for a result it was assigned but could not check."""
-MAX_SCORE = 2**15 - 1
 ALLOWANCE = 250
 """What each round's score is measured against (2.5 standard deviations of the others): an honest
 result scores well above it, one that does not hold its own data's gradient about 0."""
