@@ -73,7 +73,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
     from psyche.client.trainer import LocalTrainer
     from psyche.coordinator import Coordinator, CoordinatorSettings, RunState
     from psyche.coordinator import queries as q
-    from psyche.coordinator.verification import to_wire
+    from psyche.coordinator.verification import draw_sequences, wire_scores
     from psyche.distro import decode_payload, encode_payload
     from psyche.distro.verify import output_parameter, output_references, score_checks
     from psyche.testing import adversaries
@@ -157,12 +157,11 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
             t0 = time.perf_counter()
             own = batches[w].end - batches[w].start
             per_check = LocalTrainer.check_sequences(own, len(checks))
-            picks = [(keys[c.trainer], sorted(draw.sample(range(c.start, c.end), min(per_check, c.end - c.start))))
-                     for c in checks if c.end > c.start]
+            picks = draw_sequences(checks, per_check, draw)
             refs = output_references(model, [train.batch(ix) for _, ix in picks], out_index, out_chunk)
-            todo = [(ref, peer) for ref, (peer, _) in zip(refs, picks)]
-            z = dict(zip([k for _, k in todo], score_checks(todo, results)))
-            scores[w] = {c.position: to_wire(z.get(keys[c.trainer], float("nan"))) for c in checks}
+            todo = [(ref, keys[c.trainer]) for ref, (c, _) in zip(refs, picks)]
+            z = dict(zip([c.trainer for c, _ in picks], score_checks(todo, results)))
+            scores[w] = dict(zip([c.position for c in checks], wire_scores(checks, z)))
             if w >= bad:
                 outcome.verify_seconds += time.perf_counter() - t0
                 outcome.forward_share.append(per_check * len(todo) / 3 / own)

@@ -341,9 +341,10 @@ def test_a_node_publishing_negated_results_is_condemned_by_its_verifiers_and_nev
     results they were given against their trainers' data and report scores; the coordinator
     condemns the cheat's first result by its verifiers' majority: nobody applies it, the cheat is
     dropped, and the four honest nodes finish the run with identical weights."""
+    import dataclasses
+
     from psyche.client.trainer import TrainOutput
-    from psyche.distro import decode_payload, encode_payload
-    from psyche.testing.adversaries import negate
+    from psyche.testing.adversaries import negate_payload
 
     async def scenario():
         cfg = tiny_config(tokens, init_min_clients=5, min_clients=3, total_steps=4, overlapped=overlapped,
@@ -355,8 +356,7 @@ def test_a_node_publishing_negated_results_is_condemned_by_its_verifiers_and_nev
 
             def train(step: int, start: int, end: int) -> TrainOutput:
                 out = honest_train(step, start, end)
-                bad = encode_payload(negate(decode_payload(out.payload, cheat.trainer.shapes)))
-                return TrainOutput(bad, out.loss, out.tokens, out.seconds, out.finite, out.forward_backward_seconds)
+                return dataclasses.replace(out, payload=negate_payload(out.payload, cheat.trainer.shapes))
 
             cheat.trainer.train = train  # type: ignore[method-assign]
             for c in clients:

@@ -40,7 +40,7 @@ from psyche.coordinator import Checkpoint, Coordinator, HealthCheck, Instruction
 from psyche.coordinator import queries as q
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.instructions import MAX_ARRIVAL_MS
-from psyche.coordinator.verification import NO_SCORE, to_wire
+from psyche.coordinator.verification import Check, draw_sequences, wire_scores
 from psyche.coordinator.state import ClientState, CoordinatorState, RunState
 from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, MetricsReport
 from psyche.p2p import BlobUnavailable, ModelMismatch, ModelUnavailable, ResultCommitment
@@ -689,29 +689,24 @@ class ClientRuntime:
         checks = q.verification_checks(s, self.me, step=step)
         interval = q.assignment_for(s, self.me, step=step)
         own = interval[1] - interval[0] if interval is not None else 0
-        per_check = self.trainer.check_sequences(own, len(checks))
-        draw = random.SystemRandom()
-        todo = [(c.trainer, sorted(draw.sample(range(c.start, c.end), min(per_check, c.end - c.start))))
-                for c in checks if c.end > c.start]
+        todo = draw_sequences(checks, self.trainer.check_sequences(own, len(checks)), random.SystemRandom())
         if not todo:
             book.references = {}
             return
         async with self._lock:
             refs = await asyncio.to_thread(self.trainer.references, [picks for _, picks in todo])
-        book.references = {trainer: ref for (trainer, _), ref in zip(todo, refs)}
+        book.references = {c.trainer: ref for (c, _), ref in zip(todo, refs)}
         self._wake.set()
 
-    def _scores(self, s: CoordinatorState, step: int, trainers: set[bytes]) -> list[int]:
-        """This witness's verification scores for the round of ``step`` (empty: it checks nothing)."""
-        checks = q.verification_checks(s, self.me, step=step)
+    def _scores(self, step: int, checks: list[Check], trainers: set[bytes]) -> list[int]:
+        """This witness's verification scores of its ``checks`` in the round of ``step`` (empty: it checks nothing)."""
         if not checks:
             return []
         book = self.books[step]
         refs = book.references or {}
         results = {t: self.blobs[h] for t, h in book.verified.items() if t in trainers and h in self.blobs}
         todo = [(refs[c.trainer], c.trainer) for c in checks if c.trainer in refs]
-        z = dict(zip([t for _, t in todo], self.trainer.check_scores(todo, results)))
-        return [to_wire(z[c.trainer]) if c.trainer in z else NO_SCORE for c in checks]
+        return wire_scores(checks, dict(zip([t for _, t in todo], self.trainer.check_scores(todo, results))))
 
     async def _witness(self, s: CoordinatorState, step: int) -> None:
         if step in self.witnessed or not q.is_witness(s, self.me, step=step):
@@ -722,8 +717,8 @@ class ClientRuntime:
         complete = trainers <= set(book.verified) | book.bad
         if not complete and s.run_state is not RunState.RoundWitness:
             return
-        if book.references is None and s.run_state is not RunState.RoundWitness \
-                and q.verification_checks(s, self.me, step=step):
+        checks = q.verification_checks(s, self.me, step=step)
+        if book.references is None and checks and s.run_state is not RunState.RoundWitness:
             return  # our checks are still being prepared (_round sends the report when they are)
         valid = {t: c for t, c in book.commitments.items() if t in trainers}
         out = self.trained.get(step, (None, None))[0]
@@ -737,7 +732,7 @@ class ClientRuntime:
             tokens_per_sec=float(out.tokens / max(out.seconds, 1e-9)) if out is not None else 0.0,
             bandwidth_bytes=book.bytes_received,
             arrivals_ms=book.arrivals_ms(order),
-            scores=self._scores(s, step, trainers),
+            scores=self._scores(step, checks, trainers),
         )
         self.witnessed.add(step)
         await self._submit(instr, quiet=True)

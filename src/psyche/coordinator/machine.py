@@ -118,8 +118,13 @@ def _hex(b: bytes) -> str:
     return b.hex()[:16]
 
 
+def _int_in(x: object, lo: int, hi: int) -> bool:
+    """Whether ``x`` is an integer (not a bool) in ``lo..hi``: instructions built in-process skip msgspec's checks."""
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
 def _check_step(step: object) -> None:
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= 2**32:
+    if not _int_in(step, 0, 2**32):
         raise InvalidInstruction(f"step must be an integer in 0..2**32 (got {step!r})")
 
 
@@ -195,7 +200,7 @@ class Coordinator:
                 raise InvalidInstruction(f"not a coordinator instruction: {type(instr).__name__}")
             if not isinstance(signer, bytes) or len(signer) != 32:
                 raise InvalidInstruction("signer must be a 32-byte public key")
-            if not isinstance(now, int) or isinstance(now, bool) or not 0 <= now < 2**63:
+            if not _int_in(now, 0, 2**63 - 1):
                 raise InvalidInstruction(f"now must be non-negative integer seconds (got {now!r})")
             if not isinstance(seed, bytes) or len(seed) != 32:
                 raise InvalidInstruction("seed must be 32 bytes")
@@ -346,20 +351,20 @@ class Coordinator:
         if instr.tokens_per_sec < 0:
             raise InvalidInstruction("tokens_per_sec must be >= 0")
         bw = instr.bandwidth_bytes
-        if not isinstance(bw, int) or isinstance(bw, bool) or not 0 <= bw < 2**63:
+        if not _int_in(bw, 0, 2**63 - 1):
             raise InvalidInstruction(f"bandwidth_bytes must be a non-negative integer (got {bw!r})")
         arrivals = instr.arrivals_ms
         if not isinstance(arrivals, list) or len(arrivals) not in (0, len(r.trainers)):
             raise InvalidInstruction(f"arrivals_ms must list one delay per trainer of step {r.step} "
                                      f"({len(r.trainers)}) or none")
-        if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a <= MAX_ARRIVAL_MS for a in arrivals):
+        if not all(_int_in(a, 0, MAX_ARRIVAL_MS) for a in arrivals):
             raise InvalidInstruction(f"every arrivals_ms entry must be an integer in 0..{MAX_ARRIVAL_MS}")
         scores = instr.scores
         checks = len(verification.assignments(len(r.trainers), r.witnesses, r.verifiers)[r.trainers.index(i)])
         if not isinstance(scores, list) or len(scores) not in (0, checks):
             raise InvalidInstruction(f"scores must list one score per result this witness checks in step {r.step} "
                                      f"({checks}) or none")
-        if any(not isinstance(x, int) or isinstance(x, bool) or not MIN_SCORE <= x <= MAX_SCORE for x in scores):
+        if not all(_int_in(x, MIN_SCORE, MAX_SCORE) for x in scores):
             raise InvalidInstruction(f"every score must be an integer in {MIN_SCORE}..{MAX_SCORE}")
         # --- valid: apply
         r.reports.append(WitnessReport(

@@ -32,6 +32,7 @@ from psyche.coordinator.state import (
     RoundStats,
     RunState,
 )
+from psyche.coordinator.verification import Check
 
 _SHUFFLE_DOMAIN = b"psyche/round-shuffle"
 
@@ -282,15 +283,6 @@ def round_shares(state: CoordinatorState, step: int | None = None) -> list[Share
     total = max(1, r.batch_size)
     return [Share(state.clients[idx].id, got.get(idx, 0), got.get(idx, 0) / total, state.clients[idx].throughput)
             for idx in r.trainers]
-
-
-class Check(NamedTuple):
-    """A result a verifier must score: the trainer at shuffle ``position`` and its interval."""
-
-    position: int
-    trainer: bytes
-    start: int
-    end: int
 
 
 def verification_checks(state: CoordinatorState, client_id: bytes, *, step: int | None = None) -> list[Check]:

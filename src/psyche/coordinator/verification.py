@@ -46,7 +46,10 @@ a lying verifier then got one honest node condemned.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from psyche.coordinator.instructions import MAX_SCORE, MIN_SCORE
 
@@ -64,6 +67,16 @@ MAX_VERIFIERS = 8
 MIN_TRAINERS = 5
 """Rounds with fewer trainers check nothing: a verifier compares a result with at least 4 others
 (:data:`psyche.distro.verify.MIN_OTHERS`), and fewer are too easily alike by chance."""
+
+
+class Check(NamedTuple):
+    """A result a verifier must score: the trainer at shuffle ``position`` and its interval
+    (see :func:`psyche.coordinator.queries.verification_checks`)."""
+
+    position: int
+    trainer: bytes
+    start: int
+    end: int
 
 
 def verifiers_of(position: int, trainers: int, witnesses: int, per_result: int) -> list[int]:
@@ -126,3 +139,17 @@ def to_wire(z: float) -> int:
     if z != z:  # NaN
         return NO_SCORE
     return max(NO_SCORE + 1, min(MAX_SCORE, round(z * SCORE_SCALE)))
+
+
+def draw_sequences(checks: Sequence[Check], per_check: int, rng: random.Random) -> list[tuple[Check, list[int]]]:
+    """For each of ``checks`` whose trainer had samples: ``per_check`` of them (all, if it had fewer),
+    drawn by ``rng``, ascending. A client draws with :class:`random.SystemRandom`, so no trainer can
+    know which of its samples will be checked."""
+    return [(c, sorted(rng.sample(range(c.start, c.end), min(per_check, c.end - c.start))))
+            for c in checks if c.end > c.start]
+
+
+def wire_scores(checks: Sequence[Check], z: Mapping[bytes, float]) -> list[int]:
+    """A witness report's ``scores``: each check's z-score (``z``, by trainer id) on the wire, in the
+    order of ``checks``; :data:`NO_SCORE` for a trainer without one."""
+    return [to_wire(z.get(c.trainer, math.nan)) for c in checks]

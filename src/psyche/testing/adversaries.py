@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from psyche.distro.codec import SparseResult
+from psyche.distro.payload import decode_payload, encode_payload
 
 KINDS = ("negate", "random", "other_data", "copy", "stale", "adaptive")
 
@@ -37,6 +38,11 @@ def _with_values(r: SparseResult, values: torch.Tensor) -> SparseResult:
 def negate(results: Sequence[SparseResult]) -> list[SparseResult]:
     """Every value's sign flipped."""
     return [_with_values(r, -r.values) for r in results]
+
+
+def negate_payload(payload: bytes, shapes: Sequence[Sequence[int]]) -> bytes:
+    """A result payload (parameters of ``shapes``) with every value's sign flipped."""
+    return encode_payload(negate(decode_payload(payload, shapes)))
 
 
 def random_signs(results: Sequence[SparseResult], generator: torch.Generator) -> list[SparseResult]:
@@ -67,18 +73,16 @@ def adaptive(results: Sequence[SparseResult], others: Sequence[Sequence[SparseRe
 def _negating_client(argv: list[str]) -> None:
     """The ``psyche`` program, run in this process (as ``python -m psyche.cli`` would run it), with
     every result this node publishes negated: it trains honestly, then lies."""
+    import dataclasses
     import runpy
 
     from psyche.client import trainer as trainer_module
-    from psyche.distro import decode_payload, encode_payload
 
     honest_train = trainer_module.LocalTrainer.train
 
     def train(self, step: int, start: int, end: int) -> trainer_module.TrainOutput:
         out = honest_train(self, step, start, end)
-        bad = encode_payload(negate(decode_payload(out.payload, self.shapes)))
-        return trainer_module.TrainOutput(bad, out.loss, out.tokens, out.seconds, out.finite,
-                                          out.forward_backward_seconds)
+        return dataclasses.replace(out, payload=negate_payload(out.payload, self.shapes))
 
     trainer_module.LocalTrainer.train = train  # type: ignore[method-assign]
     sys.argv = ["psyche", *argv]

@@ -37,7 +37,6 @@ from psyche.coordinator.instructions import (
 )
 from psyche.coordinator.machine import Coordinator
 from psyche.coordinator.queries import (
-    Check,
     accusable_trainers,
     verification_checks,
     current_round,
@@ -50,7 +49,7 @@ from psyche.coordinator.queries import (
 )
 from psyche.coordinator.log import LogEntry
 from psyche.coordinator.state import ClientState, RunState
-from psyche.coordinator.verification import NO_SCORE
+from psyche.coordinator.verification import NO_SCORE, Check
 
 HONEST_SCORE = 500
 """The wire score an honest result gets from an honest verifier in the swarm (a z-score of 5)."""
