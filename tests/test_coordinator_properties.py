@@ -23,16 +23,20 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from psyche.coordinator import (
+    MAX_ACCOUNTS,
     MAX_CLIENTS,
+    Authorize,
     BloomFilter,
     Checkpoint,
     ClientState,
     Coordinator,
     CoordinatorSettings,
+    Delegate,
     HealthCheck,
     Join,
     Pause,
     Resume,
+    Revoke,
     RunState,
     Tick,
     Round,
@@ -48,6 +52,7 @@ from psyche.coordinator import (
     round_closed,
     witnessed_trainers,
 )
+from psyche.coordinator import access
 from psyche.coordinator.shares import MAX_REQUEUED
 from psyche.coordinator.log import replay
 from psyche.testing.coordinator_swarm import Swarm, client_key, result_commitment
@@ -73,7 +78,7 @@ def coordinator_settings(draw) -> CoordinatorSettings:
         global_batch_size_warmup_tokens=draw(st.integers(0, 200)),
         waiting_for_members_extra_time=draw(st.integers(0, 3)), cold_start_warmup_steps=draw(st.integers(0, 3)),
         epoch_reward=draw(st.integers(0, 1000)), checkpointers=draw(st.integers(0, min_clients)),
-        seq_len=draw(st.integers(1, 4)))
+        seq_len=draw(st.integers(1, 4)), access=draw(st.sampled_from(["open", "open", "gated"])))
 
 
 who = st.integers(0, 5)
@@ -95,7 +100,10 @@ actions = st.one_of(
     st.tuples(st.just("witness"), who, delta, st.booleans()),
     st.tuples(st.just("health"), who, who, delta),
     st.tuples(st.just("checkpoint"), who, delta),
-    st.tuples(st.just("stranger"), st.integers(0, 7), st.integers(0, 1)),
+    st.tuples(st.just("stranger"), st.integers(0, 10), st.integers(0, 1)),
+    st.tuples(st.just("authorize"), who, st.booleans(), st.integers(-1, 20)),
+    st.tuples(st.just("delegate"), who, st.integers(-1, 20)),
+    st.tuples(st.just("revoke"), who, st.booleans()),
     st.tuples(st.just("tick")),
 )
 
@@ -117,8 +125,14 @@ def stranger_instruction(kind: int, coord: Coordinator):
     return [
         WarmupWitness(), witness_for(coord, step, True), HealthCheck(step=max(0, step - 1), accused=[client_key(0)]),
         Checkpoint(step=max(0, step - 1), location="x", sha256=bytes(32)), Pause(), Resume(), Withdraw(),
-        witness_for(coord, step, False),
+        witness_for(coord, step, False), Authorize(key=client_key(0)), Delegate(key=client_key(1)),
+        Revoke(key=client_key(0)),
     ][kind]
+
+
+def term(now: int, offset: int) -> int:
+    """A grant's ``expires_at`` ``offset`` seconds from ``now`` (-1: no end)."""
+    return 0 if offset < 0 else now + offset
 
 
 class Tracker:
@@ -180,6 +194,10 @@ class Tracker:
                        for i in r.trainers)
         assert len(s.rounds) <= NUM_STORED_ROUNDS and len(s.stats) <= NUM_STORED_STATS
         assert len(s.checkpoints) <= NUM_STORED_CHECKPOINTS and len(s.clients) <= MAX_CLIENTS
+        assert len(s.pending) <= access.MAX_PENDING and len(s.accounts) <= MAX_ACCOUNTS
+        assert len(s.grants) <= access.MAX_GRANTS and len(s.authorizers) <= access.MAX_AUTHORIZERS
+        if s.settings.access == "open":
+            assert s.grants == [] and s.authorizers == []
         ids = [c.id for c in s.clients]
         assert len(ids) == len(set(ids)) and len(s.pending) == len(set(s.pending))
         healthy = {c.id for c in s.clients if c.state is ClientState.Healthy}
@@ -205,6 +223,9 @@ class CheckedSwarm(Swarm):
 def test_random_instruction_sequences_keep_the_invariants(cfg, initial, script):
     coord = Coordinator.new("prop", cfg, authority=AUTH, now=1000)
     swarm = CheckedSwarm(coord, now=1000)
+    if cfg.access == "gated":
+        for i in range(initial):
+            swarm.submit(Authorize(key=client_key(i)), AUTH)
     swarm.join(range(initial))
     tracker = Tracker(coord)
     for action in script:
@@ -249,6 +270,16 @@ def test_random_instruction_sequences_keep_the_invariants(cfg, initial, script):
                 i, d = args
                 swarm.submit(Checkpoint(step=max(0, s.step - 1 + d), location="loc",
                                                  sha256=hashlib.sha256(b"c").digest()), client_key(i))
+            case "authorize":
+                i, by_authority, offset = args
+                swarm.submit(Authorize(key=client_key(i), expires_at=term(swarm.now, offset)),
+                             AUTH if by_authority else client_key((i + 1) % 6))
+            case "delegate":
+                i, offset = args
+                swarm.submit(Delegate(key=client_key(i), expires_at=term(swarm.now, offset)), AUTH)
+            case "revoke":
+                i, by_authority = args
+                swarm.submit(Revoke(key=client_key(i)), AUTH if by_authority else client_key((i + 1) % 6))
             case "stranger":
                 k, who_ = args
                 before = coord.to_bytes()
@@ -275,6 +306,9 @@ def test_refusals_never_change_state_even_mid_run(cfg, script):
     """Drive a run honestly, then fire every hand-made action at each point: refused ones change nothing."""
     coord = Coordinator.new("prop", cfg, authority=AUTH, now=0)
     swarm = Swarm(coord)
+    if cfg.access == "gated":
+        for i in range(4):
+            swarm.submit(Authorize(key=client_key(i)), AUTH)
     swarm.join(range(4))
     for action in script:
         swarm.act()
@@ -291,6 +325,9 @@ def test_refusals_never_change_state_even_mid_run(cfg, script):
             "pause": lambda: (Pause(), AUTH if args[0] else client_key(2)),
             "resume": lambda: (Resume(), AUTH if args[0] else client_key(2)),
             "withdraw": lambda: (Withdraw(), client_key(args[0])),
+            "authorize": lambda: (Authorize(key=client_key(args[0]), expires_at=term(swarm.now, args[2])),
+                                  AUTH if args[1] else client_key(2)),
+            "revoke": lambda: (Revoke(key=client_key(args[0])), AUTH if args[1] else client_key(2)),
         }.get(kind, lambda: (Tick(), bytes(32)))()
         before = probe.to_bytes()
         err = probe.apply(instr, signer, swarm.now, bytes(32))

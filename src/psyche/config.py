@@ -56,6 +56,9 @@ class CoordinatorConfig(_Section):
                            "data each round; a result a majority of them finds wrong is applied by nobody and its "
                            "trainer is dropped (0 = results are not checked). Rounds of fewer than 5 trainers are not "
                            "checked: too few results to compare.")
+    access: Literal["open", "gated"] = Field("open", description="Who may join: 'open' any key; 'gated' only keys the "
+                                             "run authority granted (psyche authorize), or an authorizer it delegated "
+                                             "to granted for a term.")
 
 
 class ModelConfig(_Section):

@@ -9,6 +9,7 @@ point. Modules, one idea each:
 - :mod:`~psyche.coordinator.instructions` — instruction structs and their wire form.
 - :mod:`~psyche.coordinator.queries` — pure questions: roles, batches, consensus, deadlines.
 - :mod:`~psyche.coordinator.shares` — speed-aware shares: the cut of each batch, learning speeds, re-queues.
+- :mod:`~psyche.coordinator.access` — who may join (open or gated runs), and who gets in under a flood of keys.
 - :mod:`~psyche.coordinator.verification` — verified results: who checks whom, verdicts by majority, condemning.
 - :mod:`~psyche.coordinator.log` — :class:`LogEntry` and :func:`replay`, how every host rebuilds a state.
 - :mod:`~psyche.coordinator.settings` — :class:`CoordinatorSettings` and their rules.
@@ -35,12 +36,15 @@ from psyche.coordinator.errors import (
     Unauthorized,
 )
 from psyche.coordinator.instructions import (
+    Authorize,
     Checkpoint,
+    Delegate,
     HealthCheck,
     Instruction,
     Join,
     Pause,
     Resume,
+    Revoke,
     Tick,
     WarmupWitness,
     Withdraw,
@@ -91,6 +95,7 @@ from psyche.coordinator.state import (
     Client,
     ClientState,
     CoordinatorState,
+    Grant,
     Round,
     RoundStats,
     RunState,
@@ -99,10 +104,10 @@ from psyche.coordinator.state import (
 
 __all__ = [
     "ERRORS", "MAX_ACCOUNTS", "MAX_CLIENTS", "MAX_WITNESSES",
-    "Account", "Batch", "BloomFilter", "Checkpoint", "CheckpointRecord", "Client", "ClientState", "Coordinator",
-    "CoordinatorError", "CoordinatorSettings", "CoordinatorState", "DuplicateCheckpoint", "DuplicateWitness",
-    "FalseAccusation", "Halted", "HealthCheck", "Instruction", "InvalidInstruction", "InvalidRunState", "Join",
-    "LogEntry", "NotACheckpointer", "NotAMember", "NotAWitness", "Pause", "Replayed", "Resume", "RoleProof",
+    "Account", "Authorize", "Batch", "BloomFilter", "Checkpoint", "CheckpointRecord", "Client", "ClientState", "Coordinator",
+    "CoordinatorError", "CoordinatorSettings", "CoordinatorState", "Delegate", "DuplicateCheckpoint", "DuplicateWitness",
+    "FalseAccusation", "Grant", "Halted", "HealthCheck", "Instruction", "InvalidInstruction", "InvalidRunState", "Join",
+    "LogEntry", "NotACheckpointer", "NotAMember", "NotAWitness", "Pause", "Replayed", "Resume", "Revoke", "RoleProof",
     "Round", "RoundStats", "RunFull", "RunState", "Share", "StaleStep", "Tick", "Unauthorized", "WarmupWitness", "Withdraw",
     "Witness", "WitnessReport",
     "accusable_trainers", "address_of", "apply_entry", "assignment_for", "batch_split", "consensus",

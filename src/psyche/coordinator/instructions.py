@@ -115,8 +115,38 @@ class Withdraw(_Instr, frozen=True, tag="withdraw"):
     """The signer leaves the run cleanly (at the end of the round, without points this epoch)."""
 
 
-Instruction = Union[Join, Tick, WarmupWitness, Witness, HealthCheck, Checkpoint, Pause, Resume, Withdraw]
-INSTRUCTION_TYPES: tuple[type, ...] = (Join, Tick, WarmupWitness, Witness, HealthCheck, Checkpoint, Pause, Resume, Withdraw)
+class Authorize(_Instr, frozen=True, tag="authorize"):
+    """Gated runs: grant ``key`` the right to join, until unix second ``expires_at`` (0: no end).
+
+    The run authority may grant any term; a delegated authorizer (:class:`Delegate`) only
+    expiring grants that end no later than its own delegation. Granting a key again sets
+    its new term.
+    """
+
+    key: Hash32
+    expires_at: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+
+
+class Delegate(_Instr, frozen=True, tag="delegate"):
+    """Gated runs, authority only: let ``key`` sign :class:`Authorize` (and :class:`Revoke` of
+    grants) until ``expires_at`` (0: until revoked)."""
+
+    key: Hash32
+    expires_at: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+
+
+class Revoke(_Instr, frozen=True, tag="revoke"):
+    """Gated runs: take back ``key``'s join right (authority or authorizer) and, authority only,
+    its delegation. A revoked key leaves the waiting list, and a member leaves at the end of
+    the round (Ejected, without points this epoch)."""
+
+    key: Hash32
+
+
+Instruction = Union[Join, Tick, WarmupWitness, Witness, HealthCheck, Checkpoint, Pause, Resume, Withdraw,
+                    Authorize, Delegate, Revoke]
+INSTRUCTION_TYPES: tuple[type, ...] = (Join, Tick, WarmupWitness, Witness, HealthCheck, Checkpoint, Pause, Resume,
+                                       Withdraw, Authorize, Delegate, Revoke)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Instruction)

@@ -20,7 +20,11 @@ starts (joins take effect at epoch boundaries; a member re-joining only updates
 its address). A client that withdraws, is accused successfully, or is a
 selected witness that did not report, leaves at the end of the round and earns
 no points for the epoch; it may Join again for the next one. At a pause every
-client is withdrawn, so all join again after the resume.
+client is withdrawn, so all join again after the resume. Who may join (open or
+gated runs: ``Authorize``, ``Delegate``, ``Revoke``) and who gets in when many keys
+ask at once are :mod:`~psyche.coordinator.access`'s rules: the waiting list is
+bounded, a join is good for the next epoch only, fresh keys enter in bounded
+numbers, and a member already training is never displaced.
 
 Work: each round's batch is cut among its trainers by :func:`~psyche.coordinator.shares.plan_round`
 (in proportion to their measured throughput, or equally); when a round closes it is
@@ -46,7 +50,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from psyche.coordinator import verification
+from psyche.coordinator import access, verification
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.errors import (
     CoordinatorError,
@@ -70,12 +74,15 @@ from psyche.coordinator.instructions import (
     MAX_LOCATION_LEN,
     MAX_SCORE,
     MIN_SCORE,
+    Authorize,
     Checkpoint,
+    Delegate,
     HealthCheck,
     Instruction,
     Join,
     Pause,
     Resume,
+    Revoke,
     Tick,
     WarmupWitness,
     Withdraw,
@@ -92,7 +99,7 @@ from psyche.coordinator.queries import (
     shuffle_order,
 )
 from psyche.coordinator.shares import MAX_REQUEUED, Piece, delivery_ms, measured, missed, plan_round
-from psyche.coordinator.settings import MAX_ACCOUNTS, MAX_CLIENTS, CoordinatorSettings, settings_problems
+from psyche.coordinator.settings import MAX_ACCOUNTS, CoordinatorSettings, settings_problems
 from psyche.coordinator.state import (
     NUM_STORED_CHECKPOINTS,
     NUM_STORED_ROUNDS,
@@ -218,18 +225,36 @@ class Coordinator:
         addr = instr.p2p_address
         if not isinstance(addr, str) or not 1 <= len(addr) <= MAX_ADDRESS_LEN:
             raise InvalidInstruction(f"p2p_address must be 1..{MAX_ADDRESS_LEN} characters")
+        if not access.may_join(s, signer, now):
+            raise Unauthorized(f"run {s.run_id} is gated and {_hex(signer)} holds no grant to join: ask the run's "
+                               "authority for one (psyche authorize)")
         account = self._account(signer)
+        recycle = None
         if account is None and len(s.accounts) >= MAX_ACCOUNTS:
-            raise RunFull(f"the run already has {MAX_ACCOUNTS} client accounts")
+            recycle = access.account_to_recycle(s)
+            if recycle is None:
+                raise RunFull(f"the run already has {MAX_ACCOUNTS} client accounts, all members, waiting or "
+                              "holding points")
+        i = member_index(s, signer)
+        rejoin = i is not None and s.clients[i].state is ClientState.Healthy
+        evict = None
+        if not rejoin and signer not in s.pending and len(s.pending) >= access.MAX_PENDING:
+            evict = access.pending_to_evict(s)
+            if evict is None:
+                raise RunFull(f"{access.MAX_PENDING} keys that earned points already wait for the next epoch")
         # --- valid: apply
+        if recycle is not None:
+            del s.accounts[recycle]
         if account is None:
-            s.accounts.append(Account(id=signer, p2p_address=addr))
+            s.accounts.append(Account(id=signer, p2p_address=addr, joined_at=now))
         else:
             account.p2p_address = addr
-        i = member_index(s, signer)
-        if i is not None and s.clients[i].state is ClientState.Healthy:
+            account.joined_at = now
+        if rejoin and i is not None:
             s.clients[i].p2p_address = addr  # a member re-joining only updates its address
         elif signer not in s.pending:
+            if evict is not None:
+                del s.pending[evict]
             s.pending.append(signer)
         self._refresh_ready(now)
 
@@ -247,6 +272,67 @@ class Coordinator:
         if signer in s.pending:
             s.pending.remove(signer)
         self._refresh_ready(now)
+
+    def _authorize(self, instr: Authorize, signer: bytes, now: int, seed: bytes) -> None:
+        s = self.state
+        self._check_granting(instr.key, instr.expires_at, now, "grant")
+        if signer != s.authority:
+            term = access.live(s.authorizers, signer, now)
+            if term is None:
+                raise Unauthorized(f"{_hex(signer)} is neither the run authority nor a live authorizer")
+            if instr.expires_at == 0 or (term.expires_at and instr.expires_at > term.expires_at):
+                raise Unauthorized("an authorizer's grant must expire, no later than its delegation "
+                                   f"({'no end' if term.expires_at == 0 else term.expires_at})")
+        # --- valid: apply (or refused for room, state untouched)
+        if not access.grant(s.grants, instr.key, instr.expires_at, now, access.MAX_GRANTS):
+            raise RunFull(f"the run holds {access.MAX_GRANTS} live grants; revoke some first")
+
+    def _delegate(self, instr: Delegate, signer: bytes, now: int, seed: bytes) -> None:
+        s = self.state
+        self._check_granting(instr.key, instr.expires_at, now, "delegation")
+        if signer != s.authority:
+            raise Unauthorized("only the run authority may delegate granting")
+        if instr.key == s.authority:
+            raise InvalidInstruction("the authority grants already; delegate to another key")
+        # --- valid: apply (or refused for room, state untouched)
+        if not access.grant(s.authorizers, instr.key, instr.expires_at, now, access.MAX_AUTHORIZERS):
+            raise RunFull(f"the run holds {access.MAX_AUTHORIZERS} live authorizers; revoke one first")
+
+    def _revoke(self, instr: Revoke, signer: bytes, now: int, seed: bytes) -> None:
+        s = self.state
+        self._check_granting(instr.key, 0, now, "revocation")
+        is_authority = signer == s.authority
+        if not is_authority and access.live(s.authorizers, signer, now) is None:
+            raise Unauthorized(f"{_hex(signer)} is neither the run authority nor a live authorizer")
+        key = instr.key
+        i = member_index(s, key)
+        member = i is not None and s.clients[i].state is ClientState.Healthy
+        delegated = is_authority and any(g.key == key for g in s.authorizers)
+        if not (any(g.key == key for g in s.grants) or delegated or member or key in s.pending):
+            raise NotAMember(f"{_hex(key)} holds no grant{' or delegation' if is_authority else ''}, "
+                             "and is neither a member nor waiting")
+        # --- valid: apply
+        access.remove(s.grants, key)
+        if is_authority:
+            access.remove(s.authorizers, key)
+        if key in s.pending:
+            s.pending.remove(key)
+        if member and i is not None:
+            self._leave(i, ClientState.Ejected)
+        self._refresh_ready(now)
+
+    def _check_granting(self, key: object, expires_at: object, now: int, what: str) -> None:
+        """Guards every grant, delegation and revocation shares."""
+        s = self.state
+        if s.run_state is RunState.Finished:
+            raise Halted("the run is Finished")
+        if not access.gated(s):
+            raise InvalidRunState(f"run {s.run_id} is open (anyone may join): a {what} applies to gated runs only")
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise InvalidInstruction("key must be a 32-byte public key")
+        if not isinstance(expires_at, int) or not _int_in(expires_at, 0, 2**63 - 1) or 0 < expires_at <= now:
+            raise InvalidInstruction(f"expires_at must be 0 (no end) or a unix second after now ({now}), "
+                                     f"got {expires_at!r}")
 
     def _pause(self, instr: Pause, signer: bytes, now: int, seed: bytes) -> None:
         s = self.state
@@ -451,6 +537,7 @@ class Coordinator:
     _handlers: dict[type, Callable[..., None]] = {
         Join: _join, Withdraw: _withdraw, Pause: _pause, Resume: _resume, Tick: _tick,
         WarmupWitness: _warmup_witness, Witness: _witness, HealthCheck: _health_check, Checkpoint: _checkpoint,
+        Authorize: _authorize, Delegate: _delegate, Revoke: _revoke,
     }
 
     # --- ticks, one per run state -------------------------------------------
@@ -568,8 +655,8 @@ class Coordinator:
     def _start_epoch(self, now: int, seed: bytes) -> None:
         s = self.state
         carried = [c for c in s.clients if c.state is ClientState.Healthy]
-        room = MAX_CLIENTS - len(carried)
-        newcomers, s.pending = s.pending[:room], s.pending[room:]
+        newcomers = access.admitted(s, carried, now)
+        s.pending = []  # a join is good for one epoch: who was not admitted joins again
         s.clients = [Client(id=c.id, p2p_address=c.p2p_address, throughput=c.throughput, suspicion=c.suspicion)
                      for c in carried]
         for cid in newcomers:

@@ -21,6 +21,8 @@ MAX_WITNESSES = 32
 """Most witnesses in one round; ``witness_nodes = 0`` means every client up to this."""
 SHARE_RULES = ("speed", "even")
 """The values of ``CoordinatorSettings.shares``."""
+ACCESS_RULES = ("open", "gated")
+"""The values of ``CoordinatorSettings.access``."""
 MAX_ACCOUNTS = 1024
 """Most client accounts (anyone who ever joined) a run keeps, with their points."""
 
@@ -48,6 +50,8 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     """How a round's batch is cut: ``"speed"`` in proportion to measured throughput, ``"even"`` equally."""
     verifiers: int = 3
     """Witnesses that check each result against its trainer's data (0: results are not checked)."""
+    access: str = "open"
+    """Who may join: ``"open"`` any key, ``"gated"`` only keys the authority (or an authorizer) granted."""
     seq_len: int = 128
     """Tokens per sample: the batch-size ramp counts tokens = samples * seq_len."""
 
@@ -112,6 +116,7 @@ def settings_problems(s: CoordinatorSettings) -> list[str]:
     rule(s.global_batch_size_start <= s.global_batch_size_end,
          "global_batch_size_start must be <= global_batch_size_end")
     rule(s.shares in SHARE_RULES, f"shares must be one of {', '.join(SHARE_RULES)} (got {s.shares!r})")
+    rule(s.access in ACCESS_RULES, f"access must be one of {', '.join(ACCESS_RULES)} (got {s.access!r})")
     rule(0 <= s.verifiers <= MAX_VERIFIERS, f"verifiers must be in 0..{MAX_VERIFIERS} (got {s.verifiers})")
     rule(s.checkpointers <= s.min_clients, f"checkpointers must be <= min_clients ({s.checkpointers} > {s.min_clients})")
     return out

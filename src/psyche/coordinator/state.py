@@ -52,7 +52,7 @@ class ClientState(str, enum.Enum):
     Withdrawn = "Withdrawn"
     """Left on its own (or everyone, at a pause): leaves at the end of the round, no points."""
     Ejected = "Ejected"
-    """Reserved for slashing (nothing ejects yet)."""
+    """Its join right was revoked (gated runs): leaves at the end of the round, no points."""
 
 
 class Client(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -77,11 +77,25 @@ class Client(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class Account(msgspec.Struct, kw_only=True):
-    """Anyone who ever joined the run: its address and reward points."""
+    """Anyone who joined the run: its address and reward points.
+
+    An account that never earned points and is neither a member nor waiting may be recycled
+    for a newcomer when the run holds ``MAX_ACCOUNTS`` (see :mod:`psyche.coordinator.access`).
+    """
 
     id: bytes
     p2p_address: str
     points: int = 0
+    joined_at: int = 0
+    """Unix second of its latest Join (the oldest idle account is recycled first)."""
+
+
+class Grant(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Gated runs: a key's right to join (or, among ``authorizers``, to grant it), for a term."""
+
+    key: bytes
+    expires_at: int = 0
+    """Unix second from which it no longer holds (0: until revoked)."""
 
 
 class WitnessReport(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -186,8 +200,13 @@ class CoordinatorState(msgspec.Struct, kw_only=True):
     clients: list[Client] = msgspec.field(default_factory=list)
     """This epoch's members (fixed for the epoch). While WaitingForMembers: those carried over."""
     pending: list[bytes] = msgspec.field(default_factory=list)
-    """Ids that joined for the next epoch, in join order."""
+    """Ids that joined for the next epoch, in join order (at most ``MAX_PENDING``). A join is good
+    for the next epoch only: who is not admitted then joins again (see :mod:`psyche.coordinator.access`)."""
     accounts: list[Account] = msgspec.field(default_factory=list)
+    grants: list[Grant] = msgspec.field(default_factory=list)
+    """Gated runs: the keys that may join, with their terms (at most ``MAX_GRANTS``)."""
+    authorizers: list[Grant] = msgspec.field(default_factory=list)
+    """Gated runs: the keys the authority delegated granting to (at most ``MAX_AUTHORIZERS``)."""
 
     epoch_started_at: int = 0
     carried: int = 0
