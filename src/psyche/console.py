@@ -71,3 +71,60 @@ def load_node_key(path: Path, *, create: bool = False) -> Identity:
         fail(f"--key {exc}")
     except OSError as exc:
         fail(f"--key {path}: {exc.strerror}")
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_term(text: str | None, now: int, *, option: str = "--expires") -> int:
+    """The unix second a grant given at ``now`` ends, from a term: ``None`` or ``never`` (0: no
+    end), seconds (``3600``), or a count of ``s``/``m``/``h``/``d``/``w`` (``30m``, ``7d``).
+    Exits with one line naming ``option`` and what is accepted."""
+    if text is None or text.strip().lower() == "never":
+        return 0
+    t = text.strip().lower()
+    unit = _SECONDS.get(t[-1:], None)
+    digits = t[:-1] if unit is not None else t
+    if not digits.isdigit() or int(digits) == 0:
+        fail(f"{option} {text!r}: give a term like 3600 (seconds), 30m, 12h, 7d or 2w, or never")
+    return now + int(digits) * (unit or 1)
+
+
+def parse_public_key(text: str, *, what: str = "KEY") -> bytes:
+    """A 32-byte public key from what a user pastes or points at: 64 hex digits (as the dashboard
+    and ``psyche keygen`` show it), a base58 Solana address, or a key file (a psyche node key, or
+    a Solana keypair JSON). Exits with one line saying what is accepted."""
+    t = text.strip()
+    try:
+        raw = bytes.fromhex(t)
+        if len(raw) == 32:
+            return raw
+    except ValueError:
+        pass
+    path = Path(t)
+    if path.is_file():
+        return _key_file_public_key(path, what)
+    try:
+        from solders.pubkey import Pubkey
+
+        return bytes(Pubkey.from_string(t))
+    except (ImportError, ValueError):
+        pass
+    fail(f"{what} {text!r}: give a public key as 64 hex digits or a Solana address, or a key file")
+
+
+def _key_file_public_key(path: Path, what: str) -> bytes:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, list) and len(data) == 64:  # a Solana keypair: secret then public key
+            return bytes(data[32:])
+    except (ValueError, UnicodeDecodeError, OSError):
+        pass
+    from psyche.identity import Identity, IdentityError
+
+    try:
+        return Identity.load(path).public_key
+    except IdentityError as exc:
+        fail(f"{what} {exc}")

@@ -38,6 +38,7 @@ from psyche.client import timing
 from psyche.client.ports import Node, NodeIdentity, Trainer
 from psyche.coordinator import Checkpoint, Coordinator, HealthCheck, Instruction, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
+from psyche.coordinator import access
 from psyche.coordinator.bloom import BloomFilter
 from psyche.coordinator.instructions import MAX_ARRIVAL_MS
 from psyche.coordinator.verification import Check, draw_sequences, wire_scores
@@ -193,6 +194,8 @@ class ClientRuntime:
         self._notice: str | None = None
         """The last wait this node told its user about."""
         self._epoch_told: int | None = None
+        self._told_gated = False
+        """Whether the user was told this key waits for a grant to join a gated run."""
         self.books: dict[int, StepBook] = defaultdict(StepBook)
         self.blobs: dict[bytes, bytes] = {}
         self.applied_step = 0
@@ -488,6 +491,13 @@ class ClientRuntime:
             return
         if self.joined_epoch == s.epoch and me is None and s.run_state is not RunState.WaitingForMembers:
             return  # already asked for the next epoch
+        if not access.may_join(s, self.me, int(time.time())):
+            if not self._told_gated:
+                self._told_gated = True
+                self.say(f"run {s.run_id} is gated and this key holds no grant to join; waiting for one "
+                         f"(the run's authority grants it with: psyche authorize {self.me.hex()})")
+            return
+        self._told_gated = False
         await self._refuse_a_live_twin(s)
         if await self._submit(Join(self.node.address)):
             self._registered.add(self.node.address)

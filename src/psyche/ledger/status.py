@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict  # pydantic reads field types from it on Python < 3.12
 
+from psyche.coordinator import access
 from psyche.coordinator import queries as q
-from psyche.coordinator.state import ClientState, CoordinatorState, RunState
+from psyche.coordinator.state import ClientState, CoordinatorState, Grant, RunState
 from psyche.coordinator.verification import CONDEMN_AT
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class RunSummary(TypedDict):
     """Clients that joined and wait for the next epoch to start (their ids: the full status's ``pending``)."""
     init_min_clients: int
     """Members needed to start the first epoch."""
+    access: Literal["open", "gated"]
+    """Who may join: any key, or only keys granted a join right (the config's ``coordinator.access``)."""
     tokens_trained: int
     tokens_per_sec: float | None
     """Of the last finished round, as its witnesses reported it."""
@@ -187,6 +190,15 @@ class RoundOutcome(TypedDict):
 
 
 @_documented
+class GrantRow(TypedDict):
+    """A key's join right (or delegation to grant) in a gated run."""
+
+    id: str
+    expires_at: int | None
+    """Unix second its term ends (null: until revoked)."""
+
+
+@_documented
 class RunStatus(TypedDict):
     """``GET /api/runs/{run_id}``: the fields of :class:`RunSummary` (``clients`` listed
     instead of counted) and the run's members, history, checkpoints and config."""
@@ -202,8 +214,13 @@ class RunStatus(TypedDict):
     clients: list[ClientRow]
     waiting: int
     init_min_clients: int
+    access: Literal["open", "gated"]
     tokens_trained: int
     tokens_per_sec: float | None
+    grants: list[GrantRow]
+    """Gated runs: the keys granted a join right, with their terms (open runs: empty)."""
+    authorizers: list[GrantRow]
+    """Gated runs: the keys the authority delegated granting to."""
     shares: Literal["speed", "even"]
     """How each round's batch is cut among its trainers: in proportion to each one's ``throughput``,
     or equally (the config's ``coordinator.shares``)."""
@@ -271,6 +288,7 @@ def run_summary(coord: Coordinator, cfg: RunConfig) -> RunSummary:
         "clients": healthy,
         "waiting": len(s.pending),
         "init_min_clients": s.settings.init_min_clients,
+        "access": "gated" if access.gated(s) else "open",
         "tokens_trained": tokens,
         "tokens_per_sec": last.tokens_per_sec if last else None,
     }
@@ -387,6 +405,8 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         "round": {"height": cur.height, "step": cur.step, "data_index": cur.data_index,
                   "batch_size": cur.batch_size, "witnesses": cur.witnesses} if cur else None,
         "pending": [client_id(p) for p in s.pending],
+        "grants": [{"id": client_id(g.key), "expires_at": g.expires_at or None} for g in s.grants],
+        "authorizers": [{"id": client_id(g.key), "expires_at": g.expires_at or None} for g in s.authorizers],
         "accounts": [{"id": client_id(a.id), "points": a.points} for a in s.accounts],
         "witness_rounds": [
             {"epoch": r.epoch, "step": r.step, "trainers": r.trainers, "witnesses": r.witnesses,
@@ -433,6 +453,16 @@ def _short(raw: bytes) -> str:
     return raw.hex()[:8]
 
 
+def _grant_events(before: list[Grant], after: list[Grant], what: str) -> list[str]:
+    """Lines for the grants (or delegations) given, renewed and taken back between two lists."""
+    old = {g.key: g.expires_at for g in before}
+    new = {g.key: g.expires_at for g in after}
+    out = [f"{what} for {_short(k)} {'renewed' if k in old else 'given'}, "
+           f"{'without end' if t == 0 else f'until {t}'}" for k, t in new.items() if old.get(k, -1) != t]
+    out += [f"{what} for {_short(k)} revoked (or lapsed)" for k in old if k not in new]
+    return out
+
+
 def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, origin: str | None = None) -> list[str]:
     """What happened to a run between two of its states, one line per event, for the server log.
 
@@ -459,9 +489,21 @@ def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, 
         else:
             out.append(f"client {_short(cid)} joined{where}; it waits for epoch {after.epoch} to end")
     started = after.run_state is RunState.Warmup and (before.run_state is not RunState.Warmup or before.epoch != after.epoch)
-    for cid in before.pending:
-        if cid not in after.pending and not (started and q.member(after, cid) is not None):
-            out.append(f"client {_short(cid)} withdrew before its epoch started")
+    gone = [cid for cid in before.pending if cid not in after.pending]
+    if started:
+        left_out = sum(1 for cid in gone if q.member(after, cid) is None)
+        if left_out:
+            out.append(f"{left_out} waiting client(s) not admitted to epoch {after.epoch} (fresh keys enter in "
+                       "bounded numbers); they join again for the next")
+    elif len(before.pending) >= access.MAX_PENDING and len(gone) == 1 and len(after.pending) == len(before.pending):
+        out.append(f"client {_short(gone[0])} left the full waiting list to a newer join")
+    else:
+        for cid in gone:
+            revoked = any(g.key == cid for g in before.grants) and not any(g.key == cid for g in after.grants)
+            out.append(f"client {_short(cid)} {'lost its join right' if revoked else 'withdrew'} before its epoch started")
+    if before.grants != after.grants or before.authorizers != after.authorizers:
+        out.extend(_grant_events(before.grants, after.grants, "join right"))
+        out.extend(_grant_events(before.authorizers, after.authorizers, "delegation to grant"))
     if accounts_changed:
         before_addr = {a.id: a.p2p_address for a in before.accounts}
         after_addr = {a.id: a.p2p_address for a in after.accounts}
@@ -475,7 +517,8 @@ def run_events(before: CoordinatorState, after: CoordinatorState, *, name: str, 
         for c in after.clients:
             old = members.get(c.id)
             if old is not None and old.state is ClientState.Healthy and c.state is not ClientState.Healthy:
-                what = {ClientState.Withdrawn: "withdrew", ClientState.Dropped: "was dropped"}.get(c.state, c.state.value)
+                what = {ClientState.Withdrawn: "withdrew", ClientState.Dropped: "was dropped",
+                        ClientState.Ejected: "was ejected (its join right revoked)"}.get(c.state, c.state.value)
                 out.append(f"client {_short(c.id)} {what} in epoch {after.epoch} "
                            f"({len(q.healthy_clients(after))} healthy members left)")
     last_before = (before.stats[-1].epoch, before.stats[-1].step) if before.stats else None

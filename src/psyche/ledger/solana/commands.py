@@ -15,7 +15,7 @@ import typer
 
 from psyche.console import fail, fail_config
 
-solana_app = typer.Typer(name="solana", help="Runs coordinated on Solana: create, inspect, pause, resume.",
+solana_app = typer.Typer(name="solana", help="Runs coordinated on Solana: create, inspect, pause, resume, authorize, revoke.",
                          no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 RpcOpt = Annotated[str, typer.Option("--rpc", metavar="URL", help="Solana JSON-RPC URL (psyche localnet: http://127.0.0.1:8899).")]
@@ -147,7 +147,9 @@ def _authority_cmd(instr, run_id: str, rpc: str, keypair: Path, program_id: str 
             await ledger.close()
 
     _run(go())
-    typer.echo(f"{type(instr).__name__.lower()}d run {run_id}")
+    whom = f" {instr.key.hex()[:16]}" if hasattr(instr, "key") else ""
+    typer.echo(f"{type(instr).__name__.lower()}d{whom} in run {run_id}" if whom else
+               f"{type(instr).__name__.lower()}d run {run_id}")
 
 
 @solana_app.command("pause")
@@ -164,6 +166,39 @@ def resume_cmd(run_id: RunIdOpt, rpc: RpcOpt, keypair: KeypairOpt, program_id: P
     from psyche.coordinator import Resume
 
     _authority_cmd(Resume(), run_id, rpc, keypair, program_id)
+
+
+GranteeArg = Annotated[str, typer.Argument(metavar="KEY", help="The key: a Solana address, 64 hex digits, or a key file.")]
+
+
+@solana_app.command("authorize")
+def authorize_cmd(grantee: GranteeArg, run_id: RunIdOpt, rpc: RpcOpt, keypair: KeypairOpt,
+                  expires: Annotated[str | None, typer.Option(metavar="TERM", help="When the right ends: 3600 "
+                                                              "(seconds), 30m, 12h, 7d, 2w or never (default: never; "
+                                                              "an authorizer must give one).")] = None,
+                  authorizer: Annotated[bool, typer.Option("--authorizer", help="Authority only: let KEY grant join "
+                                                           "rights itself, for terms no longer than this one.")] = False,
+                  program_id: ProgramOpt = None) -> None:
+    """Gated runs: let KEY join the run (or, with --authorizer, grant others that right)."""
+    import time
+
+    from psyche.console import parse_public_key, parse_term
+    from psyche.coordinator import Authorize, Delegate
+
+    who = parse_public_key(grantee)
+    until = parse_term(expires, int(time.time()))
+    instr = Delegate(key=who, expires_at=until) if authorizer else Authorize(key=who, expires_at=until)
+    _authority_cmd(instr, run_id, rpc, keypair, program_id)
+
+
+@solana_app.command("revoke")
+def revoke_cmd(grantee: GranteeArg, run_id: RunIdOpt, rpc: RpcOpt, keypair: KeypairOpt,
+               program_id: ProgramOpt = None) -> None:
+    """Gated runs: take back KEY's join right (and, by the authority, its delegation)."""
+    from psyche.console import parse_public_key
+    from psyche.coordinator import Revoke
+
+    _authority_cmd(Revoke(key=parse_public_key(grantee)), run_id, rpc, keypair, program_id)
 
 
 def run_localnet(*, host: str, port: int, slot_time: float) -> int:
