@@ -164,6 +164,27 @@ def check_coordinator(ctx: Context) -> list[Finding]:
     return [Finding("ok", "coordinator", detail)]
 
 
+def check_access(state: CoordinatorState, key: Path) -> list[Finding]:
+    """Whether this node's key may join the run: any key in an open run; in a gated one a key
+    holding a grant (a missing one fails, with the command the run's authority would run)."""
+    import time
+
+    from psyche.coordinator import access
+    from psyche.identity import Identity, IdentityError
+
+    if not access.gated(state):
+        return []
+    try:
+        me = Identity.load(key).public_key
+    except (IdentityError, OSError):
+        return [Finding("FAIL", "access", f"run {state.run_id} is gated: create the key first (psyche keygen "
+                        f"{key}) and ask the run's authority to grant it (psyche authorize KEY)")]
+    if access.may_join(state, me, int(time.time())):
+        return [Finding("ok", "access", f"run {state.run_id} is gated and {key} holds a grant to join")]
+    return [Finding("FAIL", "access", f"run {state.run_id} is gated and {key} holds no grant to join: ask the run's "
+                    f"authority to run `psyche authorize {me.hex()}`")]
+
+
 def check_config(path: Path, ctx: Context) -> list[Finding]:
     """Whether the local run config file is valid (and, with a coordinator, the one it runs)."""
     from psyche.config import ConfigError, load_config
@@ -357,6 +378,7 @@ def diagnose(*, server: str | None = None, run_id: str | None = None, config: Pa
     if config is not None:
         findings += check_config(config, ctx)
     if ctx.state is not None:
+        findings += check_access(ctx.state, key)
         findings += check_peers(ctx.state, key, bind)
     n_params = None
     if ctx.config is not None:

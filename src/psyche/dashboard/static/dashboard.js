@@ -411,7 +411,9 @@
       $("#clients-note").textContent = `${clients.length} this epoch` + (pending.length ? `, ${pending.length} waiting for the next` : "") +
         (doc.shares ? ` · batch cut ${doc.shares === "even" ? "evenly" : "by speed"}` : "") +
         (doc.requeued_samples ? ` · ${fmtInt(doc.requeued_samples)} missed samples re-queued` : "") +
-        (isNum(doc.verifiers) ? (doc.verifiers ? ` · each result checked by ${doc.verifiers} verifiers` : " · results not checked") : "");
+        (isNum(doc.verifiers) ? (doc.verifiers ? ` · each result checked by ${doc.verifiers} verifiers` : " · results not checked") : "") +
+        (doc.access === "gated" ? ` · gated: ${fmtInt((doc.grants || []).length)} keys may join` +
+          ((doc.authorizers || []).length ? `, ${fmtInt(doc.authorizers.length)} authorizers` : "") : "");
       const rows = clients.map((c) => `<tr>
           <td class="mono" title="${esc(c.id)}">${swatch(c.id)}${esc(shortId(c.id))}</td>
           <td><span class="health ${esc(c.state)}">${esc(c.state)}</span>${isNum(c.condemned_step) ?
