@@ -56,6 +56,14 @@ def test_verifiers_are_distinct_witnesses_other_than_the_trainer(n, w, v, p):
     assert sum(len(x) for x in table.values()) == sum(len(verifiers_of(t, n, w, v)) for t in range(n))
 
 
+@given(n=st.integers(1, 300), w=st.integers(0, 300), v=st.integers(0, 8), p=st.integers(0, 299))
+def test_verifiers_are_the_first_witnesses_met_going_round_from_the_trainer(n, w, v, p):
+    """The rule as first written, one position at a time, against the closed form that replaced it."""
+    p %= n
+    walk = [q for q in ((p + k) % n for k in range(1, n)) if q < w][:v] if n >= MIN_TRAINERS else []
+    assert verifiers_of(p, n, w, v) == walk
+
+
 @given(scores=st.lists(st.integers(NO_SCORE, 2**15 - 1), max_size=8), v=st.integers(1, 8))
 def test_a_round_score_is_low_only_when_a_majority_of_at_least_two_say_so(scores, v):
     got = round_score(scores, v)
