@@ -15,6 +15,7 @@ import typer
 import typer.core
 
 from psyche.console import console, err_console, fail, fail_config, load_node_key
+from psyche.httplimits import Limits, Rate, parse_rate
 
 # Commands in the order a newcomer meets them, in groups; `psyche --help` lists them so.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
@@ -53,13 +54,29 @@ app = typer.Typer(
 )
 
 
-def serve_http(app_, *, host: str, port: int, banner: str) -> None:
-    """Print ``banner`` and serve the ASGI ``app_`` with uvicorn until Ctrl-C."""
+def serve_http(app_, *, host: str, port: int, banner: str, limits: Limits | None = None) -> None:
+    """Print ``banner`` and serve the ASGI ``app_`` with uvicorn until Ctrl-C, uvicorn enforcing
+    its part of ``limits`` (the app's own; default: the defaults): WebSocket message size, keep-alive."""
     import uvicorn
+
+    from psyche.httplimits import uvicorn_options
 
     console.print(banner, highlight=False)
     # A feed a peer never closed must not keep Ctrl-C waiting: drop such connections after 5 s.
-    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                **uvicorn_options(limits or Limits()))
+
+
+def request_rate(option: str, value: str) -> Rate | None:
+    """The rate ``--option`` names (None for ``off``); exits with one line naming the option otherwise."""
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        fail(f"--{option}: {exc}")
+
+
+# What anyone may send a server of ours unless told otherwise (psyche.httplimits).
+DEFAULT_LIMITS = Limits()
 
 
 # The torch device option, the same on every command that computes.
@@ -501,16 +518,21 @@ def server_cmd(
     port: Annotated[int, typer.Option(metavar="PORT", help="TCP port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
     key: Annotated[Path, typer.Option(metavar="FILE", help="The server's ed25519 key (the run authority); created if missing.")] = Path("server.key"),
+    rate_limit_address: Annotated[str, typer.Option(metavar="N/SECONDS", help="Requests one client address may make in any SECONDS (HTTP and WebSocket together; over it: 429 with Retry-After), or off.")] = str(DEFAULT_LIMITS.address_rate),
+    rate_limit_key: Annotated[str, typer.Option(metavar="N/SECONDS", help="Signed instructions and reports one key may send in any SECONDS, or off.")] = str(DEFAULT_LIMITS.key_rate),
 ) -> None:
     """Host a run's coordinator over HTTP + WebSocket, persisted in SQLite, with the dashboard."""
     import logging
+    from dataclasses import replace
 
     from psyche.config import ConfigError, load_config
     from psyche.ledger.server import create_app, open_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # Check what was asked before creating anything: a bad config or a busy port leaves no key
-    # or database behind.
+    # Check what was asked before creating anything: bad options, a bad config or a busy port
+    # leave no key or database behind.
+    limits = replace(DEFAULT_LIMITS, address_rate=request_rate("rate-limit-address", rate_limit_address),
+                     key_rate=request_rate("rate-limit-key", rate_limit_key))
     require_port(host, port)
     cfg = None
     if config is not None:
@@ -529,8 +551,9 @@ def server_cmd(
         fail(f"{db} holds no run; pass --config RUN.toml to create one")
     from psyche.dashboard import mount_dashboard
 
-    app_ = create_app(server, extra_routes=mount_dashboard)
-    serve_http(app_, host=host, port=port, banner=f"psyche server: runs {sorted(server.hosts)} at http://{host}:{port}/")
+    app_ = create_app(server, extra_routes=mount_dashboard, limits=limits)
+    serve_http(app_, host=host, port=port, banner=f"psyche server: runs {sorted(server.hosts)} at http://{host}:{port}/",
+               limits=limits)
 
 
 def _authority_instruction(server: str, run_id: str | None, key: Path, instruction_name: str) -> None:
@@ -645,18 +668,22 @@ def data_server_cmd(
     data: Annotated[Path, typer.Option(metavar="DIR", help="Token folder (what `psyche tokenize` wrote).")] = Path("data/fortunes"),
     port: Annotated[int, typer.Option(metavar="PORT", help="TCP port.")] = 8100,
     host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
+    rate_limit_address: Annotated[str, typer.Option(metavar="N/SECONDS", help="Requests one client address may make in any SECONDS (over it: 429 with Retry-After), or off.")] = str(DEFAULT_LIMITS.address_rate),
 ) -> None:
     """Serve a token folder to remote clients (data.location = "psyche://HOST:PORT")."""
+    from dataclasses import replace
+
     from psyche.data.errors import DataError
     from psyche.data.server import create_data_app
 
+    limits = replace(DEFAULT_LIMITS, address_rate=request_rate("rate-limit-address", rate_limit_address))
     require_port(host, port)
 
     try:
-        app_ = create_data_app(data)
+        app_ = create_data_app(data, limits=limits)
     except DataError as exc:
         fail(str(exc))
-    serve_http(app_, host=host, port=port, banner=f"psyche data-server: {data} at psyche://{host}:{port}")
+    serve_http(app_, host=host, port=port, banner=f"psyche data-server: {data} at psyche://{host}:{port}", limits=limits)
 
 
 @app.command("doctor")

@@ -14,6 +14,13 @@ Routes:
 - ``WS  /api/live``                       the runs list, pushed on every change
 - ``WS  /api/runs/{run_id}/live``         a run's status: a snapshot, then deltas
   (see :mod:`psyche.dashboard.feed` for the messages)
+
+Limits (:mod:`psyche.httplimits`; README, "Limits"): the live feeds count among the server's
+WebSockets, at most 2048 open and 512 from one address (beyond: closed with 1013 "try again
+later"); a viewer sends nothing, so a message over 64 KiB closes its socket (1009). Mounted on
+the coordinator server, its limits apply; :func:`create_proxy_app` takes its own
+(``limits``), with the same defaults: 20000 requests per address in any 60 s, no request
+bodies (GET only: over 1 KiB is refused with 413).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psyche.dashboard.feed import Feed, encode
+from psyche.httplimits import Guard, Limits
 from psyche.wsutil import until_closed
 
 STATIC = Path(__file__).parent / "static"
@@ -158,8 +166,9 @@ def mount_dashboard(app: FastAPI) -> None:
     app.add_middleware(ReportWatch, on_report=hub.mark)
 
 
-def create_proxy_app(server_url: str, *, poll_interval: float = 2.0) -> FastAPI:
-    """A stand-alone dashboard following the coordinator server at ``server_url``.
+def create_proxy_app(server_url: str, *, poll_interval: float = 2.0, limits: Limits = Limits()) -> FastAPI:
+    """A stand-alone dashboard following the coordinator server at ``server_url``, refusing
+    beyond ``limits``.
 
     The page talks only to this app: the live feeds are relayed (one upstream
     connection each, whatever the number of viewers) and ``GET /api/runs[/{id}]``
@@ -194,4 +203,5 @@ def create_proxy_app(server_url: str, *, poll_interval: float = 2.0) -> FastAPI:
         return {"ok": True, "upstream": hub.url}
 
     add_dashboard_routes(app, hub)
+    app.add_middleware(Guard, limits=limits, body_caps={})  # every endpoint is a GET
     return app

@@ -11,6 +11,12 @@ Endpoints:
 A client normally reads it with the ``server`` provider (``data.location =
 "psyche://host:port"``), which maps sample indices to tokens with the very same
 code as a local file.
+
+Limits (:mod:`psyche.httplimits`; README, "Limits"): every endpoint is a GET, so a request
+body over 1 KiB is refused with 413 from its ``Content-Length`` before it is read; each
+client address may make 20000 requests in any 60 s (``psyche data-server
+--rate-limit-address``), beyond which it gets 429 with ``Retry-After``; a body that trickles
+is cut with 408. Refusals are ``{"error", "message"}``.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from fastapi.responses import FileResponse, Response
 from psyche.data.errors import DataError
 from psyche.data.provider import SampleProvider
 from psyche.data.tokens import TokenFile, open_token_folder_split, read_meta
+from psyche.httplimits import Guard, Limits
 
 MAX_TOKENS_PER_REQUEST = 1 << 22
 MAX_SAMPLES_PER_REQUEST = 4096
 
 
-def create_data_app(folder: str | Path) -> FastAPI:
-    """An app serving the token folder ``folder`` (checked once, at start)."""
+def create_data_app(folder: str | Path, *, limits: Limits = Limits()) -> FastAPI:
+    """An app serving the token folder ``folder`` (checked once, at start), refusing beyond ``limits``."""
     folder = Path(folder)
     meta = read_meta(folder)
     splits: dict[str, TokenFile] = {name: open_token_folder_split(folder, name) for name in meta["splits"]}
@@ -78,4 +85,5 @@ def create_data_app(folder: str | Path) -> FastAPI:
             return FileResponse(folder / name, media_type="application/json")
         raise HTTPException(404, f"no file {name!r}")
 
+    app.add_middleware(Guard, limits=limits, body_caps={})  # every endpoint is a GET
     return app

@@ -103,6 +103,23 @@ class Reachability:
 RETRY_MAX = 2.0
 """The longest wait, in seconds, between two attempts to reach a coordinator that does not answer."""
 
+RETRY_AFTER_MAX = 60.0
+"""The longest wait, in seconds, a 429's ``Retry-After`` may ask for (the server's windows are shorter)."""
+
+
+def retry_after(resp: httpx.Response) -> float:
+    """The seconds a 429 asks to wait: its ``Retry-After`` in whole seconds (1 when absent or a
+    date), at most :data:`RETRY_AFTER_MAX`.
+
+    >>> retry_after(httpx.Response(429, headers={"Retry-After": "3"}))
+    3.0
+    """
+    try:
+        wait = float(resp.headers.get("retry-after", "1"))
+    except ValueError:
+        wait = 1.0
+    return min(max(wait, 0.0), RETRY_AFTER_MAX)
+
 
 class ServerLedger(Ledger):
     """A participant talking to ``psyche server`` at ``url`` for run ``run_id``.
@@ -110,7 +127,9 @@ class ServerLedger(Ledger):
     ``watch()`` reconnects on its own (with back-off) when the server restarts,
     and yields the state the server holds once it is back. ``say``, if given, is
     told when the server stops answering and when it answers again (see
-    :class:`Reachability`), not at every retry.
+    :class:`Reachability`), not at every retry. A request the server refuses for its rate
+    limits (429) is sent again after the wait it asks for, rather than failing; ``say`` hears
+    of it once per spell of refusals.
     """
 
     def __init__(self, url: str, run_id: str, signer: Signer, *, timeout: float = 10.0,
@@ -125,16 +144,32 @@ class ServerLedger(Ledger):
         # once over several connections can arrive in any order: so one signed request at a
         # time, each signed when its turn comes.
         self._signed_post = asyncio.Lock()
+        self._throttled = False
+        """The last answer was a 429 (said once, not at every wait)."""
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The server's answer to one HTTP request, noting that it answered; ``LedgerUnavailable``
-        (noting that it did not) when it could not be reached."""
-        try:
-            resp = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise self._unavailable(exc) from exc
-        self._answered()
-        return resp
+        (noting that it did not) when it could not be reached.
+
+        A 429 is waited out (its ``Retry-After``) and the same request sent again: the server
+        refused it before anything else looked at it, so a signed request's nonce is still
+        unused (and, one signed request at a time, still above the signer's last one).
+        """
+        while True:
+            try:
+                resp = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise self._unavailable(exc) from exc
+            self._answered()
+            if resp.status_code != 429:
+                self._throttled = False
+                return resp
+            wait = retry_after(resp)
+            if not self._throttled and self.say is not None:
+                self.say(f"the coordinator at {self.url} refuses requests this fast ({resp.text[:200]}); "
+                         f"waiting {wait:g}s and sending again")
+            self._throttled = True
+            await asyncio.sleep(wait)
 
     async def _post_signed(self, path: str, kind: RequestKind, body: bytes) -> None:
         async with self._signed_post:

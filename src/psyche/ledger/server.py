@@ -15,6 +15,16 @@ The server ticks the coordinator on its own clock. Every applied instruction is
 written to SQLite with the state it produced in one transaction, so a server
 restarted with the same ``--db`` continues the run where it was.
 
+Limits (:mod:`psyche.httplimits`; README, "Limits"): a body is refused with 413 from its
+``Content-Length`` before a byte of it is read, or cut once it passes the cap: 64 KiB for
+instructions and reports (the largest instruction, a witness report over 256 trainers, is
+about 10 KB), 1 KiB elsewhere. A body with no byte for 10 s or not whole in 30 s is cut with
+408. Each client address may make 20000 requests in any 60 s (``--rate-limit-address``), each
+signer key 600 signed requests in any 60 s (``--rate-limit-key``, checked once the envelope is
+opened, before any coordinator sees it); over it, 429 with ``Retry-After``. At most 2048
+WebSockets are open, 512 from one address (beyond: closed with 1013), and a WebSocket message
+over 64 KiB closes its socket (1009). Each refusal is counted in ``psyche_requests_rejected``.
+
 In FastAPI's idiom: the routes get the run's host from a dependency
 (:func:`run_host`, a 404 for an unknown run), raise what they refuse
 (:class:`RequestRefused`, or the coordinator's own error) and return typed
@@ -44,6 +54,7 @@ from psyche.config import RunConfig, parse_config
 from psyche.coordinator import Coordinator, CoordinatorError, decode_instruction
 from psyche.coordinator import RunState
 from psyche.coordinator import queries as q
+from psyche.httplimits import Guard, Limits, RateLimiter
 from psyche.ledger.envelope import RequestKind, SignedRequest, open_request
 from psyche.ledger.host import RunHost
 from psyche.ledger.prometheus import render_metrics
@@ -143,7 +154,7 @@ class ErrorBody(BaseModel):
     """The JSON body of every refusal; clients (:class:`psyche.ledger.remote.ServerLedger`) read both fields."""
 
     error: str = Field(description="The refusal's name: a coordinator error (NotAMember, ...), BadRequest, "
-                                   "StaleNonce or UnknownRun.")
+                                   "StaleNonce, UnknownRun, PayloadTooLarge, RequestTimeout or RateLimited.")
     message: str = Field(description="What was wrong, for a person.")
 
 
@@ -154,7 +165,11 @@ class RequestRefused(Exception):
     ``RequestRefused``
      ├── ``MalformedRequest``      400 BadRequest: bad envelope, bad signature, undecodable body
      ├── ``ReportFromNonMember``   403 NotAMember: metrics from someone not training in the run
-     └── ``StaleNonce``            409 StaleNonce: a nonce not above the signer's last one (a replay)
+     ├── ``StaleNonce``            409 StaleNonce: a nonce not above the signer's last one (a replay)
+     └── ``KeyRateLimited``        429 RateLimited: the signer sent more than its key's rate (Retry-After)
+
+    Refused before the app reads a request (:class:`psyche.httplimits.Guard`): 413
+    PayloadTooLarge, 408 RequestTimeout, and 429 RateLimited for an address over its rate.
 
     What the coordinator itself refuses is a :class:`~psyche.coordinator.CoordinatorError`:
     409, named by its class.
@@ -168,6 +183,8 @@ class RequestRefused(Exception):
         self.reason = reason
         """The label it is counted under in ``CoordinatorServer.rejected``."""
         self.message = message
+        self.headers: dict[str, str] = {}
+        """Headers of the refusal (a 429's Retry-After)."""
 
 
 class MalformedRequest(RequestRefused):
@@ -189,6 +206,17 @@ class StaleNonce(RequestRefused):
 
     status_code = 409
     error = "StaleNonce"
+
+
+class KeyRateLimited(RequestRefused):
+    """The signer sent more signed requests than its key's rate; it may again in ``retry_after`` s."""
+
+    status_code = 429
+    error = "RateLimited"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__("rate_limited", message)
+        self.headers["Retry-After"] = str(retry_after)
 
 
 # --- the status API's other bodies ------------------------------------------------------------
@@ -215,10 +243,26 @@ class Accepted(BaseModel):
     ok: bool
 
 
+BODY_CAP = 64 * 1024
+"""The largest body of a signed request, in bytes: the largest instruction the coordinator
+decodes (a witness report over 256 trainers: two 4 KiB bloom filters, arrivals and scores) is
+about 10 KB, a report a few hundred bytes."""
+
+RATE_LIMITED: dict[str, Any] = {
+    "model": ErrorBody, "headers": {"Retry-After": {"description": "Whole seconds until it may again.",
+                                                    "schema": {"type": "integer"}}},
+    "description": "RateLimited: the client address (any request), or the signer key (signed requests), "
+                   "sent more than its rate."}
+
 REFUSALS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Malformed: bad envelope, bad signature or undecodable body."},
     404: {"model": ErrorBody, "description": "This server hosts no such run."},
+    408: {"model": ErrorBody, "description": "RequestTimeout: no byte of the body for 10 s, or not all of it in 30 s "
+                                             "(by default)."},
     409: {"model": ErrorBody, "description": "Refused by the coordinator (named by its error), or a replayed nonce."},
+    413: {"model": ErrorBody, "description": f"PayloadTooLarge: a body over {BODY_CAP // 1024} KiB, refused "
+                                             "from its Content-Length before it is read (or cut at the cap)."},
+    429: RATE_LIMITED,
 }
 """The refusals of a signed request, as ``/openapi.json`` documents them."""
 
@@ -252,10 +296,20 @@ Body = TypeVar("Body")
 async def signed_request(request: Request, run_id: str, kind: RequestKind, decode: Callable[[bytes], Body], *,
                          reason: str) -> tuple[SignedRequest, Body]:
     """The request's envelope, verified (for this run, of this kind, signed by its signer), and
-    its body as ``decode`` reads it. ``reason``: what a malformed one is counted as, an envelope
-    that does not verify or a body ``decode`` refuses with ``ValueError``."""
+    its body as ``decode`` reads it, once the signer is within its key's rate. ``reason``: what
+    a malformed one is counted as, an envelope that does not verify or a body ``decode``
+    refuses with ``ValueError``."""
     try:
         req = open_request(await request.body(), run_id=run_id, kind=kind)
+    except ValueError as exc:
+        raise MalformedRequest(reason, str(exc)) from None
+    # The signer is known now: its rate is checked before any coordinator or database sees it.
+    per_key: RateLimiter = request.app.state.per_key
+    if (wait := per_key.hit(req.signer.hex())) is not None:
+        assert per_key.rate is not None
+        raise KeyRateLimited(f"key {req.signer.hex()[:16]}... sent more than {per_key.rate.count} signed requests "
+                             f"in {per_key.rate.seconds} s; retry in {wait} s", wait)
+    try:
         return req, decode(req.body)
     except ValueError as exc:
         raise MalformedRequest(reason, str(exc)) from None
@@ -277,7 +331,7 @@ def require_fresh_nonce(server: CoordinatorServer, run_id: str, req: SignedReque
 
 # --- routes -----------------------------------------------------------------------------------
 
-router = APIRouter()
+router = APIRouter(responses={429: RATE_LIMITED})
 
 
 @router.get("/healthz")
@@ -380,8 +434,14 @@ def _refusal(status_code: int, error: str, message: str) -> JSONResponse:
     return JSONResponse(ErrorBody(error=error, message=message).model_dump(), status_code=status_code)
 
 
-def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], None] | None = None) -> FastAPI:
-    """The FastAPI application serving ``server``'s runs (``extra_routes(app)`` may add more, e.g. the dashboard)."""
+def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], None] | None = None,
+               limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI application serving ``server``'s runs (``extra_routes(app)`` may add more, e.g. the dashboard).
+
+    ``limits``: what anyone may send it (address and key rates, slow bodies, WebSockets); every
+    refusal is counted in ``server.rejected``. A load test sending more than a real run turns the
+    rates off: ``create_app(server, limits=Limits(address_rate=None, key_rate=None))``.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -393,12 +453,15 @@ def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], N
 
     app = FastAPI(title="Psyche coordinator", lifespan=lifespan)
     app.state.server = server
+    app.state.per_key = RateLimiter(limits.key_rate)
     app.include_router(router)
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
         server.rejected[exc.reason] += 1
-        return _refusal(exc.status_code, exc.error, exc.message)
+        response = _refusal(exc.status_code, exc.error, exc.message)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(CoordinatorError)
     async def coordinator_refused(request: Request, exc: CoordinatorError) -> JSONResponse:
@@ -412,6 +475,14 @@ def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], N
 
     if extra_routes is not None:
         extra_routes(app)
+
+    def count(reason: str) -> None:
+        server.rejected[reason] += 1
+
+    # Added last, so it is the outermost of our middleware: nothing runs for a refused request.
+    app.add_middleware(Guard, limits=limits, on_refusal=count,
+                       body_caps={"POST /api/runs/{run_id}/instructions": BODY_CAP,
+                                  "POST /api/runs/{run_id}/reports": BODY_CAP})
     return app
 
 
