@@ -9,7 +9,7 @@ them, so ``psyche --help`` and ``psyche validate-config`` stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import typer.core
@@ -17,10 +17,13 @@ import typer.core
 from psyche.console import console, err_console, fail, fail_config, load_node_key
 from psyche.httplimits import Limits, Rate, parse_rate
 
+if TYPE_CHECKING:
+    from psyche.coordinator import Instruction
+
 # Commands in the order a newcomer meets them, in groups; `psyche --help` lists them so.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "Start here": ("demo", "doctor"),
-    "Run a network": ("server", "client", "data-server", "dashboard", "pause", "resume"),
+    "Run a network": ("server", "client", "data-server", "dashboard", "pause", "resume", "authorize", "revoke"),
     "Data, models and keys": ("tokenize", "validate-config", "train", "generate", "keygen"),
     "On Solana": ("localnet", "solana"),
     "Measure": ("bench", "testbed"),
@@ -556,7 +559,10 @@ def server_cmd(
                limits=limits)
 
 
-def _authority_instruction(server: str, run_id: str | None, key: Path, instruction_name: str) -> None:
+def _authority_instruction(server: str, run_id: str | None, key: Path, instruction_name: str,
+                           instr: Instruction | None = None, *, done: str = "accepted") -> None:
+    """Sign ``instr`` (default: Pause or Resume, by ``instruction_name``) with ``key`` and send it
+    to ``server``'s run; exits with one line if the server is away or refuses it."""
     import asyncio
 
     from psyche.client.main import server_run_id
@@ -566,7 +572,8 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
 
     ident = load_node_key(key)
     rid = server_run_id(server, run_id)
-    instr = Pause() if instruction_name == "pause" else Resume()
+    if instr is None:
+        instr = Pause() if instruction_name == "pause" else Resume()
 
     async def send() -> None:
         ledger = ServerLedger(server, rid, ident)
@@ -581,7 +588,7 @@ def _authority_instruction(server: str, run_id: str | None, key: Path, instructi
         fail(str(exc))
     except InstructionRefused as exc:
         fail(f"run {rid}: {instruction_name} refused: {exc}")
-    console.print(f"run {rid}: {instruction_name} accepted", highlight=False)
+    console.print(f"run {rid}: {instruction_name} {done}", highlight=False)
 
 
 @app.command("pause")
@@ -602,6 +609,59 @@ def resume_cmd(
 ) -> None:
     """Resume a paused server-hosted run; clients rejoin and the LR warms up again (authority only)."""
     _authority_instruction(server, run_id, key, "resume")
+
+
+# The key a grant names, the same for the server and the Solana commands.
+GranteeArg = Annotated[str, typer.Argument(metavar="KEY", hidden=True, help="The key a right is for.")]
+
+
+@app.command("authorize")
+def authorize_cmd(
+    grantee: GranteeArg,
+    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")],
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key), or an "
+                                      "authorizer's.")] = Path("server.key"),
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="The run (default: the server's only run).")] = None,
+    expires: Annotated[str | None, typer.Option(metavar="TERM", help="When the right ends: 3600 (seconds), 30m, "
+                                                "12h, 7d, 2w or never (default: never; an authorizer must give one).")] = None,
+    authorizer: Annotated[bool, typer.Option("--authorizer", help="Authority only: let KEY grant join rights "
+                                             "itself, for terms no longer than this one.")] = False,
+) -> None:
+    """Gated runs: let KEY join the run (or, with --authorizer, grant others that right).
+
+    KEY: 64 hex digits (as `psyche keygen` and the dashboard show it), a Solana address, or a key file.
+    """
+    import time
+
+    from psyche.console import parse_public_key, parse_term
+    from psyche.coordinator import Authorize, Delegate
+
+    who = parse_public_key(grantee)
+    until = parse_term(expires, int(time.time()))
+    instr = Delegate(key=who, expires_at=until) if authorizer else Authorize(key=who, expires_at=until)
+    term = "without end" if until == 0 else f"until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))}"
+    _authority_instruction(server, run_id, key, "delegate" if authorizer else "authorize", instr,
+                           done=f"{who.hex()[:16]} may {'grant join rights' if authorizer else 'join'} {term}")
+
+
+@app.command("revoke")
+def revoke_cmd(
+    grantee: GranteeArg,
+    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")],
+    key: Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key), or an "
+                                      "authorizer's.")] = Path("server.key"),
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="The run (default: the server's only run).")] = None,
+) -> None:
+    """Gated runs: take back KEY's join right (and, by the authority, its delegation); a member leaves at the end of the round.
+
+    KEY: 64 hex digits, a Solana address, or a key file.
+    """
+    from psyche.console import parse_public_key
+    from psyche.coordinator import Revoke
+
+    who = parse_public_key(grantee)
+    _authority_instruction(server, run_id, key, "revoke", Revoke(key=who),
+                           done=f"{who.hex()[:16]} may no longer join")
 
 
 @app.command("client")

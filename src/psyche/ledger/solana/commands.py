@@ -168,7 +168,7 @@ def resume_cmd(run_id: RunIdOpt, rpc: RpcOpt, keypair: KeypairOpt, program_id: P
     _authority_cmd(Resume(), run_id, rpc, keypair, program_id)
 
 
-GranteeArg = Annotated[str, typer.Argument(metavar="KEY", help="The key: a Solana address, 64 hex digits, or a key file.")]
+GranteeArg = Annotated[str, typer.Argument(metavar="KEY", hidden=True, help="The key a right is for.")]
 
 
 @solana_app.command("authorize")
@@ -179,7 +179,10 @@ def authorize_cmd(grantee: GranteeArg, run_id: RunIdOpt, rpc: RpcOpt, keypair: K
                   authorizer: Annotated[bool, typer.Option("--authorizer", help="Authority only: let KEY grant join "
                                                            "rights itself, for terms no longer than this one.")] = False,
                   program_id: ProgramOpt = None) -> None:
-    """Gated runs: let KEY join the run (or, with --authorizer, grant others that right)."""
+    """Gated runs: let KEY join the run (or, with --authorizer, grant others that right).
+
+    KEY: a Solana address, 64 hex digits, or a key file.
+    """
     import time
 
     from psyche.console import parse_public_key, parse_term
@@ -194,7 +197,10 @@ def authorize_cmd(grantee: GranteeArg, run_id: RunIdOpt, rpc: RpcOpt, keypair: K
 @solana_app.command("revoke")
 def revoke_cmd(grantee: GranteeArg, run_id: RunIdOpt, rpc: RpcOpt, keypair: KeypairOpt,
                program_id: ProgramOpt = None) -> None:
-    """Gated runs: take back KEY's join right (and, by the authority, its delegation)."""
+    """Gated runs: take back KEY's join right (and, by the authority, its delegation).
+
+    KEY: a Solana address, 64 hex digits, or a key file.
+    """
     from psyche.console import parse_public_key
     from psyche.coordinator import Revoke
 
