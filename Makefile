@@ -65,6 +65,7 @@ bench: install $(BENCH_DEB_STAMP)
 	$(BIN)/python bench/p2p.py
 	$(BIN)/python bench/solana.py
 	$(BIN)/python bench/dashboard.py
+	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/convergence.py --quick
 	$(BIN)/python bench/convergence_matrix.py --quick
 	$(BIN)/python bench/adversary.py --quick
