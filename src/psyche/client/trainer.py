@@ -76,6 +76,8 @@ class LocalTrainer:
         self.model: PreTrainedModel | None = None
         self.optimizer: DisTrO | None = None
         self.shapes: list[tuple[int, ...]] = []
+        self.codecs: list[tuple[int, int]] = []
+        """Each parameter's ``(chunk, topk)``: a peer's result with others is refused from its header."""
         # Payloads parsed when verified, kept for the apply a step later: parsing (the
         # position codes) is most of the cost of both, and each result is needed twice.
         self._parsed: OrderedDict[bytes, tuple[list[SparseResult], int]] = OrderedDict()
@@ -124,6 +126,7 @@ class LocalTrainer:
         # Every peer builds it the same way (results travel in parameter-group order).
         self.optimizer = DisTrO.from_config(model, self.cfg.optimizer, self.cfg.lr)
         self.shapes = self.optimizer.parameter_shapes()
+        self.codecs = self.optimizer.result_codecs()
         params = [(g, p) for g in self.optimizer.param_groups for p in g["params"]]
         self._output_index = output_parameter(model, [p for _, p in params])
         self._output_chunk = params[self._output_index][0]["chunk"]
@@ -191,7 +194,7 @@ class LocalTrainer:
         """Raise ``ValueError`` unless ``payload`` decodes to results for our parameters."""
         with self.timer.phase("verify"):
             key = hashlib.blake2b(payload, digest_size=16).digest()
-            results = decode_payload(payload, self.shapes)
+            results = decode_payload(payload, self.shapes, expected_codecs=self.codecs)
         size = sum(r.indices.nbytes + r.values.nbytes for r in results)
         with self._parsed_lock:
             if key in self._parsed or size > PARSED_CACHE_BYTES:
@@ -212,7 +215,7 @@ class LocalTrainer:
                 if not keep:
                     self._parsed_bytes -= hit[1]
                 return hit[0]
-        return decode_payload(payload, self.shapes)
+        return decode_payload(payload, self.shapes, expected_codecs=self.codecs)
 
     # -- verification --------------------------------------------------------
 

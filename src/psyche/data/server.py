@@ -22,6 +22,7 @@ is cut with 408. Refusals are ``{"error", "message"}``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
@@ -34,6 +35,17 @@ from psyche.httplimits import Guard, Limits
 
 MAX_TOKENS_PER_REQUEST = 1 << 22
 MAX_SAMPLES_PER_REQUEST = 4096
+
+# What /openapi.json says the routes answer (schemathesis holds them to it, tests/test_fuzz_http.py):
+# raw bytes, or a refusal whose JSON body is FastAPI's {"detail": ...}.
+_DETAIL: dict[str, Any] = {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}
+_TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "Raw little-endian integers."},
+    400: {"content": _DETAIL, "description": "A count or range over the limits."},
+    404: {"content": _DETAIL, "description": "No such split."},
+    416: {"content": _DETAIL, "description": "Past the end of the split."},
+}
 
 
 def create_data_app(folder: str | Path, *, limits: Limits = Limits()) -> FastAPI:
@@ -52,7 +64,7 @@ def create_data_app(folder: str | Path, *, limits: Limits = Limits()) -> FastAPI
     def get_meta() -> dict:
         return meta
 
-    @app.get("/v1/{split}/tokens")
+    @app.get("/v1/{split}/tokens", response_class=Response, responses=_TOKEN_RESPONSES)
     def get_tokens(split: str, offset: int, count: int) -> Response:
         source = split_or_404(split)
         if not 0 <= count <= MAX_TOKENS_PER_REQUEST:
@@ -63,7 +75,7 @@ def create_data_app(folder: str | Path, *, limits: Limits = Limits()) -> FastAPI
             raise HTTPException(416, str(exc)) from None
         return Response(tokens.tobytes(), media_type="application/octet-stream")
 
-    @app.get("/v1/{split}/samples")
+    @app.get("/v1/{split}/samples", response_class=Response, responses=_TOKEN_RESPONSES)
     def get_samples(split: str, start: int, end: int, seq_len: int, shuffle_seed: int = 0) -> Response:
         source = split_or_404(split)
         if not 0 <= start <= end or end - start > MAX_SAMPLES_PER_REQUEST or seq_len < 1:
@@ -76,7 +88,10 @@ def create_data_app(folder: str | Path, *, limits: Limits = Limits()) -> FastAPI
         body = np.stack(rows).astype("<i4").tobytes() if rows else b""
         return Response(body, media_type="application/octet-stream")
 
-    @app.get("/{name}")
+    @app.get("/{name}", response_class=FileResponse, responses={
+        200: {"content": {"application/octet-stream": {}, "application/json": {}},
+              "description": "A split's token file, or tokenizer.json."},
+        404: {"content": _DETAIL, "description": "No such file."}})
     def get_file(name: str) -> FileResponse:
         for source in splits.values():
             if source.path.name == name:

@@ -128,7 +128,28 @@ def _get_uvarint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
     raise ValueError(f"varint for {what} is longer than 10 bytes")
 
 
-def _parse(data: memoryview) -> SparseResult:
+@dataclass(frozen=True)
+class ResultHeader:
+    """What the header of a result's wire form says, read without looking at its body."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunk: int
+    topk: int
+    one_bit: bool
+    size: int
+    """Bytes of the header: the body starts there."""
+
+
+def read_header(data: bytes | bytearray | memoryview) -> ResultHeader:
+    """The header of :meth:`SparseResult.to_bytes` output; ``ValueError`` naming what is malformed.
+
+    Cheap whatever the bytes claim (it allocates nothing by the claimed size), so a
+    receiver can compare the shape, chunk and topk with the ones it expects before
+    the body is decoded: tiling a hostile shape or building the index table of a
+    hostile ``(chunk, topk)`` is what costs (see :func:`psyche.distro.payload.decode_payload`).
+    """
+    data = memoryview(data)
     if len(data) < 3:
         raise ValueError(f"SparseResult too short: {len(data)} bytes")
     version, flags, code = data[0], data[1], data[2]
@@ -138,7 +159,6 @@ def _parse(data: memoryview) -> SparseResult:
         raise ValueError(f"unknown flag bits 0x{flags:02x}")
     if code not in _CODE_DTYPES:
         raise ValueError(f"unknown dtype code {code}")
-    dtype, one_bit = _CODE_DTYPES[code], bool(flags & _FLAG_ONE_BIT)
     pos = 3
     chunk, pos = _get_uvarint(data, pos, "chunk")
     topk, pos = _get_uvarint(data, pos, "topk")
@@ -147,7 +167,7 @@ def _parse(data: memoryview) -> SparseResult:
         raise ValueError(f"chunk and topk must be >= 1, got chunk={chunk}, topk={topk}")
     if ndim > _MAX_NDIM:
         raise ValueError(f"ndim {ndim} exceeds {_MAX_NDIM}")
-    shape = []
+    shape: list[int] = []
     for i in range(ndim):
         d, pos = _get_uvarint(data, pos, f"dim {i}")
         if d < 1:
@@ -155,7 +175,14 @@ def _parse(data: memoryview) -> SparseResult:
         shape.append(d)
         if math.prod(shape) > _MAX_NUMEL:
             raise ValueError(f"shape {shape} exceeds {_MAX_NUMEL} elements")
-    grid = dct.tile_grid(tuple(shape), chunk)
+    return ResultHeader(tuple(shape), _CODE_DTYPES[code], chunk, topk, bool(flags & _FLAG_ONE_BIT), pos)
+
+
+def _parse(data: memoryview) -> SparseResult:
+    header = read_header(data)
+    shape, dtype, chunk, topk, one_bit = header.shape, header.dtype, header.chunk, header.topk, header.one_bit
+    pos = header.size
+    grid = dct.tile_grid(shape, chunk)
     n, t = grid.tile_numel, grid.num_tiles
     k = min(topk, n)
     index_size = indexcode.packed_size(t, n, k)
@@ -163,7 +190,7 @@ def _parse(data: memoryview) -> SparseResult:
     if len(data) - pos != index_size + value_size:
         raise ValueError(
             f"body is {len(data) - pos} bytes, expected {index_size + value_size} "
-            f"for shape {tuple(shape)}, chunk {chunk}, topk {topk}"
+            f"for shape {shape}, chunk {chunk}, topk {topk}"
         )
     positions = indexcode.unpack(data[pos : pos + index_size], t, n, k)
     raw = np.frombuffer(data[pos + index_size :], dtype=np.uint8)
@@ -180,7 +207,7 @@ def _parse(data: memoryview) -> SparseResult:
         if not torch.isfinite(values).all():
             raise ValueError("non-finite coefficient value")
     return SparseResult(
-        shape=tuple(shape), dtype=dtype, chunk=chunk, topk=topk, one_bit=one_bit,
+        shape=shape, dtype=dtype, chunk=chunk, topk=topk, one_bit=one_bit,
         indices=torch.from_numpy(positions), values=values.reshape(t, k),
     )
 

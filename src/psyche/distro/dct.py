@@ -31,7 +31,20 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     """
     if n < 1 or limit < 1:
         raise ValueError(f"need n >= 1 and limit >= 1, got n={n}, limit={limit}")
-    for d in range(min(n, limit), 0, -1):
+    if limit >= n:
+        return n
+    # Divisors pair up as d * e = n around sqrt(n), so at most about 2·sqrt(n) candidates are
+    # tried whatever ``limit`` is (a peer's header chooses both: counting down from a limit
+    # just under a large prime would take as many steps as the prime).
+    root = math.isqrt(n)
+    if limit > root:
+        # A divisor d in (root, limit] is n // e for e = n // d in [ceil(n / limit), root]:
+        # the smallest such e gives the largest d.
+        for e in range(-(-n // limit), root + 1):
+            if n % e == 0:
+                return n // e
+        limit = root
+    for d in range(limit, 0, -1):
         if n % d == 0:
             return d
     return 1  # unreachable: 1 divides everything

@@ -197,6 +197,11 @@ class DisTrO(torch.optim.Optimizer):
         """Shapes of all parameters in the order results are produced and expected."""
         return [tuple(p.shape) for _, p in self._params()]
 
+    def result_codecs(self) -> list[tuple[int, int]]:
+        """The ``(chunk, topk)`` of every parameter's result, in :meth:`parameter_shapes` order:
+        what :func:`~psyche.distro.payload.decode_payload` checks a peer's headers against."""
+        return [(g["chunk"], g["topk"]) for g, _ in self._params()]
+
     @torch.no_grad()
     def generate(self, *, steps_done: int | None = None) -> list[SparseResult]:
         """This peer's results for all parameters, in parameter order; updates the momentum.

@@ -10,7 +10,7 @@ replayed at all (the host accepts only nonces above the signer's last one).
 from __future__ import annotations
 
 import time
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -29,13 +29,18 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
+MAX_NONCE = 2**63 - 1
+"""The largest nonce a host takes: hosts store the last one per signer as a signed 64-bit integer
+(SQLite), and a request whose nonce they could not store must be refused before it is applied."""
+
+
 class SignedRequest(msgspec.Struct, frozen=True):
     """What travels to the host: ``body`` is an encoded instruction or report."""
 
     run_id: str
     kind: str
     signer: bytes
-    nonce: int
+    nonce: Annotated[int, msgspec.Meta(ge=0, le=MAX_NONCE)]
     body: bytes
     signature: bytes
 
@@ -59,9 +64,9 @@ def sign_request(signer: Signer, run_id: str, kind: RequestKind, body: bytes, no
 def open_request(data: bytes, *, run_id: str, kind: RequestKind) -> SignedRequest:
     """Decode and verify a request for ``run_id`` of ``kind``.
 
-    Raises ``ValueError`` naming the problem: malformed bytes, wrong run, wrong
-    kind, bad key, or bad signature. Nonce freshness is the host's check (it
-    needs the stored last nonce).
+    Raises ``ValueError`` naming the problem: malformed bytes (a nonce outside
+    ``0..MAX_NONCE`` among them), wrong run, wrong kind, bad key, or bad signature.
+    Nonce freshness is the host's check (it needs the stored last nonce).
     """
     try:
         req = msgspec.msgpack.decode(data, type=SignedRequest)

@@ -133,13 +133,16 @@ class ServerLedger(Ledger):
     """
 
     def __init__(self, url: str, run_id: str, signer: Signer, *, timeout: float = 10.0,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, transport: httpx.AsyncBaseTransport | None = None):
         self.url = url.rstrip("/")
         self.run_id = run_id
         self.signer = signer
         self.say = say
         self.reachability = Reachability(self.url, retry_every=RETRY_MAX)
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.malformed_states = 0
+        """State messages on the feed that did not decode (each dropped, and the feed opened again)."""
+        # ``transport``: HTTP requests go there instead of the network (tests pass an in-process mock).
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         # The server takes a signer's nonces only in increasing order, and requests sent at
         # once over several connections can arrive in any order: so one signed request at a
         # time, each signed when its turn comes.
@@ -198,7 +201,7 @@ class ServerLedger(Ledger):
         try:
             detail = resp.json()
             raise InstructionRefused(str(detail.get("error", resp.status_code)), str(detail.get("message", "")))
-        except (json.JSONDecodeError, AttributeError):
+        except (ValueError, RecursionError, AttributeError):  # not JSON (or too deep for the parser), or no object
             raise InstructionRefused(str(resp.status_code), resp.text[:200]) from None
 
     async def submit(self, instruction: Instruction) -> None:
@@ -210,16 +213,20 @@ class ServerLedger(Ledger):
         await self._post_signed(f"/api/runs/{self.run_id}/reports", "report", json.dumps(report).encode())
 
     async def state(self) -> Coordinator:
+        """The state the server holds; ``ValueError`` if its answer is not a coordinator state."""
         resp = await self._request("GET", f"/api/runs/{self.run_id}/state")
         if resp.status_code != 200:
             self._raise_for(resp)
         return Coordinator.from_bytes(resp.content)
 
     async def status(self) -> dict:
-        """The run's JSON status (the same as ``GET /api/runs/{run_id}``)."""
+        """The run's JSON status (the same as ``GET /api/runs/{run_id}``); ``ValueError`` if the answer is not JSON."""
         resp = await self._request("GET", f"/api/runs/{self.run_id}")
         self._raise_for(resp)
-        return resp.json()
+        try:
+            return resp.json()
+        except RecursionError:
+            raise ValueError("the run's status is not JSON this parser reads (nested too deep)") from None
 
     async def watch(self) -> AsyncIterator[Coordinator]:
         ws_url = "ws" + self.url[len("http"):] + f"/api/runs/{self.run_id}/ws"
@@ -231,7 +238,14 @@ class ServerLedger(Ledger):
                     self._answered()
                     async for message in ws:
                         if isinstance(message, bytes):
-                            yield Coordinator.from_bytes(message)
+                            try:
+                                coord = Coordinator.from_bytes(message)
+                            except ValueError:
+                                # Dropped and counted, like any message that does not decode, and the
+                                # feed opened again below: the server starts a new one with its state.
+                                self.malformed_states += 1
+                                break
+                            yield coord
             except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
                 # A feed that closed is not yet news: the reconnect below tells whether the server is gone.
                 if not isinstance(exc, websockets.exceptions.ConnectionClosed):

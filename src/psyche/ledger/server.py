@@ -316,10 +316,15 @@ async def signed_request(request: Request, run_id: str, kind: RequestKind, decod
 
 
 def decode_report(body: bytes) -> dict[str, Any]:
-    """A report's body: a JSON object with an integer ``step`` (``ValueError`` otherwise)."""
-    report = json.loads(body)
-    if not isinstance(report, dict) or not isinstance(report.get("step"), int):
-        raise ValueError("a report is a JSON object with an integer 'step'")
+    """A report's body: a JSON object with an integer ``step`` in ``0..2**63-1``, what SQLite
+    stores (``ValueError`` otherwise)."""
+    try:
+        report = json.loads(body)
+    except RecursionError:  # arrays nested deeper than the parser goes: no report either
+        raise ValueError("a report is a JSON object, not values nested this deep") from None
+    step = report.get("step") if isinstance(report, dict) else None
+    if not isinstance(step, int) or not 0 <= step <= 2**63 - 1:
+        raise ValueError("a report is a JSON object with an integer 'step' in 0..2**63-1")
     return report
 
 

@@ -156,6 +156,8 @@ def parse_envelope(data: bytes) -> Envelope:
         return Envelope(kind, run, bytes(data[ENVELOPE:]))
     if kind != KIND_CREATE_RUN:
         raise ValueError(f"unknown kind {kind}")
+    if len(data) == ENVELOPE:
+        raise ValueError("create-run instruction data ends before its run id")
     n = data[ENVELOPE]
     if not 1 <= n <= MAX_RUN_ID or len(data) < ENVELOPE + 1 + n + 9:
         raise ValueError("bad run id in create-run")
