@@ -86,8 +86,14 @@ CFG = parse_config({
 
 @schemathesis.serializer("application/msgpack")
 def _msgpack(ctx: schemathesis.SerializationContext, value: object) -> bytes:
-    """A generated body as msgpack (random bytes, drawn beside it, go out as they are)."""
-    return value if isinstance(value, bytes) else msgspec.msgpack.encode(value)
+    """A generated body as msgpack (random bytes, drawn beside it, go out as they are; an integer
+    msgpack cannot hold goes out as the value's JSON text, garbage all the same)."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return msgspec.msgpack.encode(value)
+    except OverflowError:
+        return json.dumps(value).encode()
 
 
 @dataclass
