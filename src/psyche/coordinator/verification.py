@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from itertools import chain, islice
 from typing import NamedTuple
 
@@ -98,11 +99,18 @@ def verifiers_of(position: int, trainers: int, witnesses: int, per_result: int) 
 def assignments(trainers: int, witnesses: int, per_result: int) -> dict[int, list[int]]:
     """For each witness position, the shuffle positions of the trainers whose results it checks,
     in the order its report lists their scores (ascending)."""
-    out: dict[int, list[int]] = {w: [] for w in range(min(witnesses, trainers))}
+    return {w: list(checked) for w, checked in enumerate(_assignments(trainers, witnesses, per_result))}
+
+
+@lru_cache(maxsize=64)
+def _assignments(trainers: int, witnesses: int, per_result: int) -> tuple[tuple[int, ...], ...]:
+    # Asked for every witness report (to check its count of scores) with the same three numbers
+    # all round long: 0.5 ms each at 256 trainers, computed once here.
+    out: list[list[int]] = [[] for _ in range(min(witnesses, trainers))]
     for p in range(trainers):
         for w in verifiers_of(p, trainers, witnesses, per_result):
             out[w].append(p)
-    return out
+    return tuple(tuple(checked) for checked in out)
 
 
 def verdicts_needed(verifiers: int) -> int:

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from psyche.dashboard.feed import Feed, cancel_tasks
-from psyche.ledger.status import HistoryRow, RoundOutcome, RunSummary, history_rows, run_status, run_summary
+from psyche.ledger.status import RoundOutcome, RunSummary, run_summary
 
 if TYPE_CHECKING:
     from psyche.ledger.server import CoordinatorServer
@@ -23,22 +23,6 @@ log = logging.getLogger("psyche.dashboard")
 
 MAX_OUTCOMES = 64
 """Rounds of witness outcomes a run's document keeps (the coordinator stores only the last four)."""
-RECENT_STEPS = 16
-"""History rows this close to the current step are re-read on every build (late reports land there);
-older ones are kept from earlier builds."""
-FULL_REBUILD_S = 60.0
-"""Every so often the whole history is re-read anyway, so nothing stays stale for long."""
-
-
-class _HistoryCache:
-    """A run's older history rows (steps below ``cutoff``), kept between builds."""
-
-    def __init__(self) -> None:
-        self.rows: list[HistoryRow] = []
-        self.cutoff = 0
-        self.full_at = float("-inf")
-
-
 class LocalHub:
     """The runs list and each run's status as live feeds, built from a server in this process."""
 
@@ -49,7 +33,6 @@ class LocalHub:
         self._run_feeds: dict[str, Feed] = {}
         self._dirty: dict[str | None, asyncio.Event] = {}  # None: the runs list
         self._outcomes: dict[str, dict[tuple[int, int], RoundOutcome]] = {}
-        self._history: dict[str, _HistoryCache] = {}
         self._tasks: list[asyncio.Task] = []
         self.builds = 0
         """How many documents were built (the benchmark reads it)."""
@@ -95,8 +78,7 @@ class LocalHub:
         """One run's status now, with the witness outcomes of every round seen since startup
         (``witness_outcomes``, instead of the status's ``rounds``: the coordinator keeps only the last few)."""
         self.builds += 1
-        host = self.server.hosts[run_id]
-        status = run_status(host, self.server.configs[run_id], self.server.store, history=self._history_rows(run_id))
+        status = self.server.status(run_id)
         seen = self._outcomes.setdefault(run_id, {})
         for r in status["rounds"]:
             seen[(r["epoch"], r["step"])] = r
@@ -105,20 +87,6 @@ class LocalHub:
             del seen[key]
         doc["witness_outcomes"] = [seen[k] for k in sorted(seen)]
         return doc
-
-    def _history_rows(self, run_id: str) -> list[HistoryRow]:
-        """The run's history, re-reading only the reports of recent steps (a long run has many)."""
-        coord, cfg, store = self.server.hosts[run_id].coordinator, self.server.configs[run_id], self.server.store
-        cache = self._history.setdefault(run_id, _HistoryCache())
-        now = time.monotonic()
-        if now - cache.full_at > FULL_REBUILD_S or coord.state.step < cache.cutoff:
-            rows = history_rows(coord, store, cfg)
-            cache.full_at = now
-        else:
-            rows = cache.rows + history_rows(coord, store, cfg, since_step=cache.cutoff)
-        cache.cutoff = max(0, coord.state.step - RECENT_STEPS)
-        cache.rows = [r for r in rows if r["step"] < cache.cutoff]
-        return rows
 
     def _start(self, key: str | None, *, deltas: bool) -> Feed:
         dirty = self._dirty[key] = asyncio.Event()

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exception_handlers import http_exception_handler
@@ -54,11 +55,12 @@ from psyche.config import RunConfig, parse_config
 from psyche.coordinator import Coordinator, CoordinatorError, decode_instruction
 from psyche.coordinator import RunState
 from psyche.coordinator import queries as q
+from psyche.coordinator.state import decode_state_without_rounds
 from psyche.httplimits import Guard, Limits, RateLimiter
 from psyche.ledger.envelope import RequestKind, SignedRequest, open_request
 from psyche.ledger.host import RunHost
 from psyche.ledger.prometheus import render_metrics
-from psyche.ledger.status import RunStatus, RunSummary, run_events, run_status, run_summary
+from psyche.ledger.status import StatusCache, RunStatus, RunSummary, run_events, run_status, run_summary
 from psyche.ledger.store import Store
 from psyche.wsutil import until_closed
 
@@ -72,6 +74,13 @@ down, clients kept the reports and witness verdicts it could not take and resend
 past and drop every member whose report is still in flight, for the server's own outage."""
 
 
+PUSH_INTERVAL_S = 0.05
+"""The shortest time between two pushes of a run's state to one feed. Every change is pushed, but
+changes that come closer together than this go out together as the latest state: with 256 members
+a change costs a push to each of their feeds, and a round's 32 witness reports come within a
+fraction of a second."""
+
+
 class CoordinatorServer:
     """The runs a server hosts, their database, and counters of what it refused."""
 
@@ -82,6 +91,8 @@ class CoordinatorServer:
         self.hosts: dict[str, RunHost] = {}
         self.configs: dict[str, RunConfig] = {}
         self.rejected: Counter[str] = Counter()
+        self.status_caches: dict[str, StatusCache] = {}
+        """Per run: what its status keeps between builds (reports, history, round outcomes)."""
         self._logged: dict[str, tuple[int, Coordinator]] = {}
         """Per run: the seq and state the log last described (events are what changed since)."""
         self._clock_held_until: dict[str, float] = {}
@@ -100,7 +111,17 @@ class CoordinatorServer:
     def _add(self, cfg: RunConfig, host: RunHost) -> None:
         self.hosts[cfg.run_id] = host
         self.configs[cfg.run_id] = cfg
-        self._logged[cfg.run_id] = (host.seq, host.coordinator.copy())
+        self._logged[cfg.run_id] = (host.seq, Coordinator(decode_state_without_rounds(host.state_bytes())))
+
+    def status(self, run_id: str) -> RunStatus:
+        """The full status of a hosted run, built from what changed since the last one (:class:`StatusCache`)."""
+        cache = self.status_caches.setdefault(run_id, StatusCache())
+        return run_status(self.hosts[run_id], self.configs[run_id], self.store, cache=cache)
+
+    def add_report(self, run_id: str, signer: bytes, step: int, report: dict, nonce: int) -> None:
+        """Store a member's metrics report (checked and cleaned by the caller)."""
+        received = self.store.add_report(run_id, signer, step, report, nonce)
+        self.status_caches.setdefault(run_id, StatusCache()).added(signer, step, report, received)
 
     def log_changes(self, host: RunHost, *, origin: str | None = None) -> None:
         """Log (INFO) what happened to ``host``'s run since the last call: joins, departures,
@@ -108,7 +129,7 @@ class CoordinatorServer:
         seq, before = self._logged[host.run_id]
         if host.seq == seq:
             return
-        after = host.coordinator.copy()
+        after = Coordinator(decode_state_without_rounds(host.state_bytes()))  # a copy; the events need no rounds
         self._logged[host.run_id] = (host.seq, after)
         for line in run_events(before.state, after.state, name=self.configs[host.run_id].name, origin=origin):
             log.info("%s: %s", host.run_id, line)
@@ -270,7 +291,9 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
 # --- dependencies -----------------------------------------------------------------------------
 
 
-def coordinator_server(conn: HTTPConnection) -> CoordinatorServer:
+# Both are ``async``: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per
+# request that cost more than the dependency itself under load.
+async def coordinator_server(conn: HTTPConnection) -> CoordinatorServer:
     """The server whose runs the app serves (``app.state.server``), for HTTP and WebSocket routes."""
     return conn.app.state.server
 
@@ -278,7 +301,7 @@ def coordinator_server(conn: HTTPConnection) -> CoordinatorServer:
 Server = Annotated[CoordinatorServer, Depends(coordinator_server)]
 
 
-def run_host(run_id: str, server: Server) -> RunHost:
+async def run_host(run_id: str, server: Server) -> RunHost:
     """The host of run ``run_id``, or a 404 naming the run and where the runs are listed."""
     host = server.hosts.get(run_id)
     if host is None:
@@ -354,7 +377,7 @@ async def list_runs(server: Server) -> list[RunSummary]:
 @router.get("/api/runs/{run_id}", responses={404: REFUSALS[404]})
 async def get_run(run_id: str, host: Host, server: Server) -> RunStatus:
     """A run's full status: its state, members, history, checkpoints and config."""
-    return run_status(host, server.configs[run_id], server.store)
+    return server.status(run_id)
 
 
 @router.get("/api/runs/{run_id}/state", response_class=Response,
@@ -364,25 +387,40 @@ async def get_run(run_id: str, host: Host, server: Server) -> RunStatus:
                        404: REFUSALS[404]})
 async def get_state(host: Host) -> Response:
     """The coordinator state as msgpack bytes, for clients."""
-    return Response(host.coordinator.to_bytes(), media_type="application/msgpack",
+    return Response(host.state_bytes(), media_type="application/msgpack",
                     headers={"x-psyche-seq": str(host.seq)})
 
 
 @router.websocket("/api/runs/{run_id}/ws")
-async def state_feed(ws: WebSocket, run_id: str, server: Server) -> None:
-    """The coordinator state (msgpack bytes), pushed on every change; closed with 4404 for an unknown run."""
+async def state_feed(ws: WebSocket, run_id: str, server: Server,
+                     encoding: Literal["msgpack", "zlib"] = "msgpack") -> None:
+    """The coordinator state (msgpack bytes), pushed on every change; closed with 4404 for an unknown run.
+
+    ``?encoding=zlib``: each message is the state zlib-compressed (``zlib.decompress`` gives the
+    msgpack), compressed once per change for every feed; clients then leave the connection's own
+    compression off. Without it, the plain msgpack (which permessage-deflate, if negotiated,
+    compresses again for each feed)."""
     host = server.hosts.get(run_id)
     if host is None:
         await ws.close(code=4404)
         return
     await ws.accept()
+    message = host.compressed_state if encoding == "zlib" else host.state_bytes
     closed = asyncio.ensure_future(until_closed(ws))
+    loop = asyncio.get_running_loop()
     try:
-        seq = -1
+        seq, sent_at = -1, float("-inf")
         while not closed.done():
             if host.seq != seq:
-                seq = host.seq
-                await ws.send_bytes(host.coordinator.to_bytes())
+                # A burst of changes (a round's witnesses report together) goes out as a few pushes
+                # of the latest state, not one per change to every feed: the first change after a
+                # quiet spell at once, the rest at most every PUSH_INTERVAL_S.
+                hold = sent_at + PUSH_INTERVAL_S - loop.time()
+                if hold > 0:
+                    await asyncio.wait({closed}, timeout=hold)
+                    continue
+                seq, sent_at = host.seq, loop.time()
+                await ws.send_bytes(message())
             # Since the seq just sent: a change applied during the send, or before this
             # waiter starts, must not wait for a later one (clients would miss a round).
             changed = asyncio.ensure_future(host.wait_changed(seq, timeout=10))
@@ -421,7 +459,7 @@ async def post_report(run_id: str, request: Request, host: Host, server: Server)
     if q.member(host.coordinator.state, req.signer) is None:
         raise ReportFromNonMember("non_member_report", "only members of the run may report metrics")
     require_fresh_nonce(server, run_id, req)
-    server.store.add_report(run_id, req.signer, report["step"], _clean_report(report), req.nonce)
+    server.add_report(run_id, req.signer, report["step"], _clean_report(report), req.nonce)
     return Accepted(ok=True)
 
 
@@ -450,6 +488,11 @@ def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # What the process holds once started (the libraries, the runs) lives as long as it does:
+        # kept out of the collector's full passes, which otherwise walk it all every few seconds
+        # under load (65-130 ms each with 256 members, every request waiting behind them).
+        gc.collect()
+        gc.freeze()
         clock = asyncio.create_task(server.run_clocks())
         try:
             yield

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, with_config
@@ -21,7 +22,7 @@ from typing_extensions import TypedDict  # pydantic reads field types from it on
 
 from psyche.coordinator import access
 from psyche.coordinator import queries as q
-from psyche.coordinator.state import ClientState, CoordinatorState, Grant, RunState
+from psyche.coordinator.state import ClientState, CoordinatorState, Grant, Round, RunState
 from psyche.coordinator.verification import CONDEMN_AT
 
 if TYPE_CHECKING:
@@ -300,10 +301,12 @@ def round_seconds(spans: dict[int, tuple[float, float | None]], step: int) -> fl
     return ended - started if started is not None and ended is not None and ended > started else None
 
 
-def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, since_step: int = 0) -> list[HistoryRow]:
-    """Per finished step from ``since_step`` on: loss, val_loss, tokens/s, bytes per step, clients.
+def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, since_step: int = 0,
+                 steps: Collection[int] | None = None) -> list[HistoryRow]:
+    """Per finished step from ``since_step`` on (or of ``steps`` only): loss, val_loss, tokens/s,
+    bytes per step, clients.
 
-    A caller that keeps older rows asks only for the recent ones (the dashboard
+    A caller that keeps older rows asks only for the ones that changed (:class:`StatusCache`
     does, so a long run's status is not rebuilt from every report each time).
     """
     if store is None:
@@ -311,7 +314,7 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
     run_id = coord.state.run_id
     spans = store.step_times(run_id, since_step=since_step)
     by_step: dict[int, list[dict]] = defaultdict(list)
-    for _, step, report, _ in store.reports(run_id, since_step=since_step):
+    for _, step, report, _ in store.reports(run_id, since_step=since_step, steps=steps):
         by_step[step].append(report)
     out: list[HistoryRow] = []
     last_step = coord.state.step - 1 if coord.state.run_state is not RunState.Finished else coord.state.settings.total_steps
@@ -346,11 +349,83 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
     return out
 
 
+MAX_STALE_STEPS = 512
+"""Past this many changed steps, :class:`StatusCache` reads the whole history again (one query)."""
+
+
+class StatusCache:
+    """What building a run's status computes that does not change with every build.
+
+    Each member's latest report, the history rows by step, and each stored round's witness
+    outcome. The host tells it of every report it stores (:meth:`added`); a build then
+    re-reads from the store only the steps that got reports or whose round span changed
+    since the last build, and tests Bloom filters only for rounds that got reports since. So
+    a status of 256 members costs the same at step 10 and at step 10,000 (it used to decode
+    every stored report, and test every trainer against every witness's filter, each time).
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[bytes, tuple[int, dict, float]] | None = None
+        self._rows: dict[int, HistoryRow] | None = None
+        self._spans: dict[int, tuple[float, float | None]] = {}
+        self._touched: set[int] = set()
+        self._last_step = 0
+        self._outcomes: dict[tuple[int, int, int, bool], RoundOutcome] = {}
+
+    def added(self, signer: bytes, step: int, report: dict, received: float) -> None:
+        """A report the store just took (it replaces the signer's report of that step, if any)."""
+        if self._latest is not None:
+            seen = self._latest.get(signer)
+            if seen is None or step >= seen[0]:
+                self._latest[signer] = (step, report, received)
+        self._touched.add(step)
+
+    def latest(self, store: Store, run_id: str) -> dict[bytes, tuple[int, dict, float]]:
+        """Each signer's report of its highest step: (step, report, received)."""
+        if self._latest is None:
+            self._latest = {}
+            for signer, step, report, received in store.reports(run_id):  # by step: the highest wins
+                self._latest[signer] = (step, report, received)
+        return self._latest
+
+    def history(self, coord: Coordinator, store: Store, cfg: RunConfig) -> list[HistoryRow]:
+        """:func:`history_rows` of the whole run, rebuilding only the rows that changed."""
+        s = coord.state
+        spans = store.step_times(s.run_id)
+        last_step = s.step - 1 if s.run_state is not RunState.Finished else s.settings.total_steps
+        stale = self._touched | {k for k, span in spans.items() if self._spans.get(k) != span}
+        stale |= set(range(self._last_step + 1, last_step + 1))  # steps finished since: rows now due
+        if self._rows is None or last_step < self._last_step or len(stale) > MAX_STALE_STEPS:
+            self._rows = {r["step"]: r for r in history_rows(coord, store, cfg)}
+        else:
+            if stale:
+                for k in stale:
+                    self._rows.pop(k, None)
+                self._rows.update((r["step"], r) for r in history_rows(coord, store, cfg, steps=stale))
+        self._spans, self._touched, self._last_step = spans, set(), last_step
+        return [self._rows[k] for k in sorted(self._rows)]
+
+
+    def outcomes(self, s: CoordinatorState) -> list[RoundOutcome]:
+        """:func:`round_outcomes`, each round's computed again only once it got another report or closed."""
+        out: list[RoundOutcome] = []
+        keys = []
+        for r in s.rounds:
+            key = (s.epoch, r.step, len(r.reports), q.round_closed(s, r.step))
+            if key not in self._outcomes:
+                self._outcomes[key] = round_outcome(s, r)
+            keys.append(key)
+            out.append(self._outcomes[key])
+        self._outcomes = {k: self._outcomes[k] for k in keys}
+        return out
+
+
 def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float | None = None,
-               history: list[HistoryRow] | None = None) -> RunStatus:
+               cache: StatusCache | None = None) -> RunStatus:
     """The full status of a run (its fields: :class:`RunStatus`).
 
-    ``history``, if given, is used instead of reading every report again."""
+    ``cache``, if given, keeps what does not change between builds (the server keeps one per
+    run); without it everything is read and computed again."""
     coord = host.coordinator
     s = coord.state
     now_i = int(now if now is not None else time.time())
@@ -360,10 +435,19 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
     witnesses = set(q.round_witnesses(s)) if cur else set()
     last_reports: dict[bytes, dict] = {}
     busy: dict[bytes, float] = {}
+    history: list[HistoryRow] = []
     if store is not None:
-        since = max(0, s.step - 3)
-        spans = store.step_times(s.run_id, since_step=since)
-        for signer, step, report, received in store.reports(s.run_id, since_step=since):
+        if cache is not None:
+            latest: Mapping[bytes, tuple[int, dict, float]] = cache.latest(store, s.run_id)
+            history = cache.history(coord, store, cfg)
+        else:
+            latest = {signer: (step, report, received)
+                      for signer, step, report, received in store.reports(s.run_id, since_step=max(0, s.step - 3))}
+            history = history_rows(coord, store, cfg)
+        members = {c.id for c in s.clients}
+        mine = {signer: seen for signer, seen in latest.items() if signer in members}
+        spans = store.step_times(s.run_id, since_step=min((step for step, _, _ in mine.values()), default=0))
+        for signer, (step, report, received) in mine.items():
             last_reports[signer] = dict(report, received=received)
             seconds = round_seconds(spans, step)
             if "forward_backward_seconds" in report and seconds:
@@ -392,8 +476,6 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "suspicion": c.suspicion,
             "condemned_step": c.condemned_step or None,
         })
-    if history is None:
-        history = history_rows(coord, store, cfg)
     return {
         **run_summary(coord, cfg),
         "clients": clients,  # listed here, counted in the summary (the key keeps the summary's place)
@@ -425,28 +507,30 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         # counts the time left down on its own between pushes.
         "phase_deadline": q.phase_deadline(s),
         "server_time": now if now is not None else time.time(),
-        "rounds": round_outcomes(s),
+        "rounds": cache.outcomes(s) if cache is not None else round_outcomes(s),
     }
 
 
 def round_outcomes(s: CoordinatorState) -> list[RoundOutcome]:
     """Per stored round of this epoch (oldest first): its trainers and witnesses, and which
     trainers a witness quorum saw so far (final once ``closed``)."""
-    out: list[RoundOutcome] = []
-    for r in s.rounds:
-        batches = {b.client for b in q.round_batches(s, r.step)}
-        out.append({
-            "epoch": s.epoch,
-            "step": r.step,
-            "height": r.height,
-            "trainers": [client_id(s.clients[i].id) for i in r.trainers if s.clients[i].id in batches],
-            "witnesses": [client_id(w) for w in q.round_witnesses(s, r.step)],
-            "reports": len(r.reports),
-            "quorum": q.quorum(max(1, r.witnesses)),
-            "seen": [client_id(c) for c in q.witnessed_trainers(s, r.step)],
-            "closed": q.round_closed(s, r.step),
-        })
-    return out
+    return [round_outcome(s, r) for r in s.rounds]
+
+
+def round_outcome(s: CoordinatorState, r: Round) -> RoundOutcome:
+    """One stored round's trainers, witnesses, and the trainers a witness quorum saw so far."""
+    batches = {b.client for b in q.round_batches(s, r.step)}
+    return {
+        "epoch": s.epoch,
+        "step": r.step,
+        "height": r.height,
+        "trainers": [client_id(s.clients[i].id) for i in r.trainers if s.clients[i].id in batches],
+        "witnesses": [client_id(w) for w in q.round_witnesses(s, r.step)],
+        "reports": len(r.reports),
+        "quorum": q.quorum(max(1, r.witnesses)),
+        "seen": [client_id(c) for c in q.witnessed_trainers(s, r.step)],
+        "closed": q.round_closed(s, r.step),
+    }
 
 
 def _short(raw: bytes) -> str:
