@@ -23,6 +23,8 @@ log = logging.getLogger("psyche.dashboard")
 
 MAX_OUTCOMES = 64
 """Rounds of witness outcomes a run's document keeps (the coordinator stores only the last four)."""
+
+
 class LocalHub:
     """The runs list and each run's status as live feeds, built from a server in this process."""
 

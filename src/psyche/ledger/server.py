@@ -74,11 +74,42 @@ down, clients kept the reports and witness verdicts it could not take and resend
 past and drop every member whose report is still in flight, for the server's own outage."""
 
 
-PUSH_INTERVAL_S = 0.05
-"""The shortest time between two pushes of a run's state to one feed. Every change is pushed, but
+PUSH_INTERVAL_S = 0.1
+"""The shortest time between two pushes of a run's state to its feeds. Every change is pushed, but
 changes that come closer together than this go out together as the latest state: with 256 members
-a change costs a push to each of their feeds, and a round's 32 witness reports come within a
+a push wakes and writes to each of their feeds, and a round's 32 witness reports come within a
 fraction of a second."""
+
+
+class StatePushes:
+    """When a run's state feeds push: after a change, at most every :data:`PUSH_INTERVAL_S`.
+
+    One task per run follows the changes; the feeds wait on it, so a change wakes one task and a
+    push wakes each feed once, however many changes it carries (each feed waiting on the changes
+    itself cost every feed a wake-up per change: most of a busy server's time at 256 members).
+    """
+
+    def __init__(self, host: RunHost):
+        self.host = host
+        self.seq = host.seq
+        """The seq of the latest state pushed."""
+        self._pushed = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def due(self, seen: int) -> int:
+        """Wait until a state after seq ``seen`` is pushed; its seq."""
+        while self.seq <= seen:
+            await self._pushed.wait()
+        return self.seq
+
+    async def run(self) -> None:
+        """Follow the run's changes forever, pushing the latest at most every PUSH_INTERVAL_S."""
+        while True:
+            await self.host.wait_changed(self.seq)
+            self.seq = self.host.seq
+            pushed, self._pushed = self._pushed, asyncio.Event()
+            pushed.set()
+            await asyncio.sleep(PUSH_INTERVAL_S)
 
 
 class CoordinatorServer:
@@ -91,6 +122,7 @@ class CoordinatorServer:
         self.hosts: dict[str, RunHost] = {}
         self.configs: dict[str, RunConfig] = {}
         self.rejected: Counter[str] = Counter()
+        self._pushes: dict[str, StatePushes] = {}
         self.status_caches: dict[str, StatusCache] = {}
         """Per run: what its status keeps between builds (reports, history, round outcomes)."""
         self._logged: dict[str, tuple[int, Coordinator]] = {}
@@ -112,6 +144,22 @@ class CoordinatorServer:
         self.hosts[cfg.run_id] = host
         self.configs[cfg.run_id] = cfg
         self._logged[cfg.run_id] = (host.seq, Coordinator(decode_state_without_rounds(host.state_bytes())))
+
+    def pushes(self, run_id: str) -> StatePushes:
+        """When ``run_id``'s state feeds push (its task started on first use, in the running loop)."""
+        pushes = self._pushes.get(run_id)
+        loop = asyncio.get_running_loop()
+        if pushes is None or pushes.task is None or pushes.task.done() or pushes.task.get_loop() is not loop:
+            pushes = self._pushes[run_id] = StatePushes(self.hosts[run_id])
+            pushes.task = loop.create_task(pushes.run())
+        return pushes
+
+    def stop_pushes(self) -> None:
+        """Stop every run's push task (the app shuts down)."""
+        for pushes in self._pushes.values():
+            if pushes.task is not None:
+                pushes.task.cancel()
+        self._pushes.clear()
 
     def status(self, run_id: str) -> RunStatus:
         """The full status of a hosted run, built from what changed since the last one (:class:`StatusCache`)."""
@@ -406,26 +454,16 @@ async def state_feed(ws: WebSocket, run_id: str, server: Server,
         return
     await ws.accept()
     message = host.compressed_state if encoding == "zlib" else host.state_bytes
+    pushes = server.pushes(run_id)
     closed = asyncio.ensure_future(until_closed(ws))
-    loop = asyncio.get_running_loop()
     try:
-        seq, sent_at = -1, float("-inf")
         while not closed.done():
-            if host.seq != seq:
-                # A burst of changes (a round's witnesses report together) goes out as a few pushes
-                # of the latest state, not one per change to every feed: the first change after a
-                # quiet spell at once, the rest at most every PUSH_INTERVAL_S.
-                hold = sent_at + PUSH_INTERVAL_S - loop.time()
-                if hold > 0:
-                    await asyncio.wait({closed}, timeout=hold)
-                    continue
-                seq, sent_at = host.seq, loop.time()
-                await ws.send_bytes(message())
-            # Since the seq just sent: a change applied during the send, or before this
-            # waiter starts, must not wait for a later one (clients would miss a round).
-            changed = asyncio.ensure_future(host.wait_changed(seq, timeout=10))
-            await asyncio.wait({changed, closed}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            seq = host.seq
+            await ws.send_bytes(message())
+            # Since the seq just sent: a change applied during the send must not wait for a later one.
+            due = asyncio.ensure_future(pushes.due(seq))
+            await asyncio.wait({due, closed}, return_when=asyncio.FIRST_COMPLETED)
+            due.cancel()
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         return
     finally:
@@ -498,6 +536,7 @@ def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], N
             yield
         finally:
             clock.cancel()
+            server.stop_pushes()
 
     app = FastAPI(title="Psyche coordinator", lifespan=lifespan)
     app.state.server = server
