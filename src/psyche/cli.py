@@ -611,17 +611,20 @@ def resume_cmd(
     _authority_instruction(server, run_id, key, "resume")
 
 
-# The key a grant names, the same for the server and the Solana commands.
+# What `psyche authorize` and `psyche revoke` take alike.
 GranteeArg = Annotated[str, typer.Argument(metavar="KEY", hidden=True, help="The key a right is for.")]
+ServerUrlOpt = Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")]
+GrantorKeyOpt = Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key), or "
+                                             "an authorizer's.")]
+GrantRunOpt = Annotated[str | None, typer.Option(metavar="ID", help="The run (default: the server's only run).")]
 
 
 @app.command("authorize")
 def authorize_cmd(
     grantee: GranteeArg,
-    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")],
-    key: Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key), or an "
-                                      "authorizer's.")] = Path("server.key"),
-    run_id: Annotated[str | None, typer.Option(metavar="ID", help="The run (default: the server's only run).")] = None,
+    server: ServerUrlOpt,
+    key: GrantorKeyOpt = Path("server.key"),
+    run_id: GrantRunOpt = None,
     expires: Annotated[str | None, typer.Option(metavar="TERM", help="When the right ends: 3600 (seconds), 30m, "
                                                 "12h, 7d, 2w or never (default: never; an authorizer must give one).")] = None,
     authorizer: Annotated[bool, typer.Option("--authorizer", help="Authority only: let KEY grant join rights "
@@ -647,10 +650,9 @@ def authorize_cmd(
 @app.command("revoke")
 def revoke_cmd(
     grantee: GranteeArg,
-    server: Annotated[str, typer.Option(metavar="URL", help="Coordinator server URL.")],
-    key: Annotated[Path, typer.Option(metavar="FILE", help="The run authority's key (the server's --key), or an "
-                                      "authorizer's.")] = Path("server.key"),
-    run_id: Annotated[str | None, typer.Option(metavar="ID", help="The run (default: the server's only run).")] = None,
+    server: ServerUrlOpt,
+    key: GrantorKeyOpt = Path("server.key"),
+    run_id: GrantRunOpt = None,
 ) -> None:
     """Gated runs: take back KEY's join right (and, by the authority, its delegation); a member leaves at the end of the round.
 
