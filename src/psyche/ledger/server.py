@@ -75,10 +75,14 @@ past and drop every member whose report is still in flight, for the server's own
 
 
 PUSH_INTERVAL_S = 0.1
-"""The shortest time between two pushes of a run's state to its feeds. Every change is pushed, but
-changes that come closer together than this go out together as the latest state: with 256 members
-a push wakes and writes to each of their feeds, and a round's 32 witness reports come within a
-fraction of a second."""
+"""The longest a change may wait to be pushed to a run's state feeds. Changes that come closer
+together than the push interval go out together as the latest state: with 256 members a push wakes
+and writes to each of their feeds, and a round's 32 witness reports come within a fraction of a
+second."""
+PUSH_COST_S = 0.0004
+"""The push interval per feed: pushes to N feeds are at least N times this apart (capped at
+PUSH_INTERVAL_S), so a run of a few members gets every change at once and one of 256 at most ten
+pushes a second."""
 
 
 class StatePushes:
@@ -93,6 +97,8 @@ class StatePushes:
         self.host = host
         self.seq = host.seq
         """The seq of the latest state pushed."""
+        self.feeds = 0
+        """Feeds open on the run (the handlers count themselves in and out)."""
         self._pushed = asyncio.Event()
         self.task: asyncio.Task | None = None
 
@@ -103,13 +109,14 @@ class StatePushes:
         return self.seq
 
     async def run(self) -> None:
-        """Follow the run's changes forever, pushing the latest at most every PUSH_INTERVAL_S."""
+        """Follow the run's changes forever, pushing the latest after each, the pushes spaced by
+        PUSH_COST_S a feed (at most PUSH_INTERVAL_S)."""
         while True:
             await self.host.wait_changed(self.seq)
             self.seq = self.host.seq
             pushed, self._pushed = self._pushed, asyncio.Event()
             pushed.set()
-            await asyncio.sleep(PUSH_INTERVAL_S)
+            await asyncio.sleep(min(PUSH_INTERVAL_S, self.feeds * PUSH_COST_S))
 
 
 class CoordinatorServer:
@@ -455,6 +462,7 @@ async def state_feed(ws: WebSocket, run_id: str, server: Server,
     await ws.accept()
     message = host.compressed_state if encoding == "zlib" else host.state_bytes
     pushes = server.pushes(run_id)
+    pushes.feeds += 1
     closed = asyncio.ensure_future(until_closed(ws))
     try:
         while not closed.done():
@@ -467,6 +475,7 @@ async def state_feed(ws: WebSocket, run_id: str, server: Server,
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         return
     finally:
+        pushes.feeds -= 1
         closed.cancel()
 
 
