@@ -348,7 +348,7 @@ def test_a_node_publishing_negated_results_is_condemned_by_its_verifiers_and_nev
 
     async def scenario():
         cfg = tiny_config(tokens, init_min_clients=5, min_clients=3, total_steps=4, overlapped=overlapped,
-                          global_batch_size_start=20, global_batch_size_end=20)
+                          global_batch_size_start=40, global_batch_size_end=40)
         async with RuntimeSwarm(cfg) as swarm:
             clients = [swarm.add(start=False) for _ in range(5)]
             cheat = clients[4]
