@@ -44,6 +44,7 @@ from psyche.config import parse_config  # noqa: E402
 from psyche.dashboard.feed import apply_delta  # noqa: E402
 from psyche.data import ensure_default_dataset  # noqa: E402
 from psyche.demo import free_port  # noqa: E402
+from psyche.testing.network import wait_serving  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -157,16 +158,8 @@ def main() -> None:
     try:
         server = spawn("server", "server", "--config", str(tmp / "run.toml"), "--db", str(tmp / "run.sqlite"),
                        "--port", str(port), "--key", str(tmp / "server.key"))
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not start; see {tmp / 'server.log'}")
-            time.sleep(0.2)
+        if not wait_serving(url, server):
+            raise SystemExit(f"server did not start; see {tmp / 'server.log'}")
         for i in range(2):
             spawn(f"client-{i}", "client", "--server", url, "--key", str(tmp / f"client-{i}.key"))
         deadline = time.time() + 240

@@ -115,6 +115,7 @@ from psyche.ledger.host import STATE_COMPRESSION, RunHost  # noqa: E402
 from psyche.ledger.status import run_events  # noqa: E402
 from psyche.ledger.store import Store  # noqa: E402
 from psyche.testing.coordinator_swarm import HONEST_SCORE, Swarm, result_commitment  # noqa: E402
+from psyche.testing.network import wait_serving  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 GOAL_P99_MS = 100.0
@@ -635,16 +636,8 @@ def start_server(tmp: Path, members: int, port: int, rate: str,
                                "--port", str(port), "--key", str(tmp / "server.key"), *limits],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            raise SystemExit(f"bench/load.py: the server did not start; see {tmp / 'server.log'}")
-        time.sleep(0.2)
+    if not wait_serving(url, server):
+        raise SystemExit(f"bench/load.py: the server did not start; see {tmp / 'server.log'}")
     return server, cfg.run_id, rate_limits
 
 

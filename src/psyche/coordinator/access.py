@@ -65,15 +65,15 @@ def may_join(state: CoordinatorState, key: bytes, now: int) -> bool:
     return not gated(state) or key == state.authority or live(state.grants, key, now) is not None
 
 
-def earned(state: CoordinatorState, key: bytes) -> bool:
-    """Whether ``key``'s account has reward points: it trained and was accepted in some epoch."""
-    return any(a.id == key and a.points > 0 for a in state.accounts)
+def earners(state: CoordinatorState) -> set[bytes]:
+    """The keys whose accounts hold reward points: they trained and were accepted in some epoch."""
+    return {a.id for a in state.accounts if a.points > 0}
 
 
 def pending_to_evict(state: CoordinatorState) -> int | None:
     """Index in ``state.pending`` of the key a join evicts when the list is full: the oldest
     one that never earned points (None: all have, and the join must be refused)."""
-    with_points = {a.id for a in state.accounts if a.points > 0}
+    with_points = earners(state)
     for i, key in enumerate(state.pending):
         if key not in with_points and key != state.authority:
             return i
@@ -97,7 +97,7 @@ def admitted(state: CoordinatorState, carried: list[Client], now: int) -> list[b
     join order. In a gated run a key whose grant lapsed while it waited is not admitted."""
     room = MAX_CLIENTS - len(carried)
     eligible = [k for k in state.pending if may_join(state, k, now)]
-    with_points = {a.id for a in state.accounts if a.points > 0}
+    with_points = earners(state)
     proven = [k for k in eligible if k in with_points][:room]
     fresh_cap = max(MIN_NEWCOMERS, state.settings.init_min_clients, len(carried) + len(proven))
     fresh_room = min(room - len(proven), fresh_cap)

@@ -52,6 +52,25 @@ def small_config(name: str, *, data: Path, model: dict | None = None, **coordina
     })
 
 
+def healthy(url: str) -> bool:
+    """Whether a psyche server answers ``GET /healthz`` at ``url`` now."""
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_serving(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Wait until the server ``proc`` started answers at ``url`` (True), or it exited or
+    ``timeout`` seconds passed (False)."""
+    deadline = time.time() + timeout
+    while not healthy(url):
+        if time.time() > deadline or proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def client_node(i: int) -> str:
     """The testbed node that client ``i`` runs on."""
     return f"c{i}"
@@ -107,7 +126,7 @@ class Network:
         host = "0.0.0.0" if self.bed is not None else "127.0.0.1"
         self._spawn("server", ["server", "--config", str(cfg_path), "--db", str(self.root / "run.sqlite"),
                                "--port", str(self.port), "--host", host, "--key", str(self.root / "server.key")])
-        self.wait(lambda: self._healthy(), wait, "server up")
+        self.wait(lambda: healthy(self.url), wait, "server up")
 
     def start_client(self, i: int, *extra: str, cheat: str | None = None) -> None:
         """Start client ``i`` (key ``client-i.key``; its profile is written to ``profiles/client-i.json`` on exit).
@@ -134,12 +153,6 @@ class Network:
         except ProcessLookupError:
             pass
         proc.wait(10)
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def status(self) -> dict:
         """The run's status document (the server's status API)."""
