@@ -312,7 +312,7 @@ def history_rows(coord: Coordinator, store: Store | None, cfg: RunConfig, *, sin
     if store is None:
         return []
     run_id = coord.state.run_id
-    spans = store.step_times(run_id, since_step=since_step)
+    spans = store.step_times(run_id, since_step=since_step if not steps else max(since_step, min(steps)))
     by_step: dict[int, list[dict]] = defaultdict(list)
     for _, step, report, _ in store.reports(run_id, since_step=since_step, steps=steps):
         by_step[step].append(report)
@@ -391,7 +391,9 @@ class StatusCache:
     def history(self, coord: Coordinator, store: Store, cfg: RunConfig) -> list[HistoryRow]:
         """:func:`history_rows` of the whole run, rebuilding only the rows that changed."""
         s = coord.state
-        spans = store.step_times(s.run_id)
+        # A step's span is final once it ended, and every step up to the last build's had: only
+        # the later ones are read again (a long run's status need not read all its steps).
+        spans = store.step_times(s.run_id, since_step=self._last_step)
         last_step = s.step - 1 if s.run_state is not RunState.Finished else s.settings.total_steps
         stale = self._touched | {k for k, span in spans.items() if self._spans.get(k) != span}
         stale |= set(range(self._last_step + 1, last_step + 1))  # steps finished since: rows now due
@@ -404,7 +406,6 @@ class StatusCache:
                 self._rows.update((r["step"], r) for r in history_rows(coord, store, cfg, steps=stale))
         self._spans, self._touched, self._last_step = spans, set(), last_step
         return [self._rows[k] for k in sorted(self._rows)]
-
 
     def outcomes(self, s: CoordinatorState) -> list[RoundOutcome]:
         """:func:`round_outcomes`, each round's computed again only once it got another report or closed."""
