@@ -108,6 +108,17 @@ def test_a_rate_cap_that_is_not_a_rate_is_refused_before_joining(tmp_path):
     assert not (tmp_path / "c.key").exists()
 
 
+def test_an_inference_url_that_is_not_a_url_is_refused_before_starting(tmp_path):
+    runner = CliRunner()
+    db, key = tmp_path / "run.sqlite", tmp_path / "server.key"
+    for bad in ("127.0.0.1:8001", "ftp://host/", "http://host:port"):
+        res = runner.invoke(app, ["server", "--config", str(ROOT / "config" / "tiny-fortunes.toml"), "--db", str(db),
+                                  "--key", str(key), "--port", "0", "--inference-url", bad])
+        assert res.exit_code == 1, (bad, res.output)
+        assert res.output.splitlines() == [f"error: --inference-url must be a URL like http://HOST:PORT (got {bad!r})"]
+    assert not db.exists() and not key.exists(), "a refused command creates no database and no key"
+
+
 def test_every_command_says_a_config_problem_the_same_way(tmp_path):
     """One ``error: FILE: field: rule`` line per problem, from every command that reads a config."""
     import pytest

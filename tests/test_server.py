@@ -534,3 +534,19 @@ def test_openapi_documents_the_status_api_and_its_refusals(tmp_path, authority):
     # An unknown run is a 404 whose body is the same ErrorBody every refusal has.
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "UnknownRun", "message": "no run 'nope' here; GET /api/runs lists them"}
+
+
+def test_the_status_says_where_the_runs_model_answers(tmp_path, authority):
+    """``psyche server --inference-url``: every run's status carries it (an OpenAI base URL's /v1
+    dropped: the root of the inference server), null without it; /openapi.json documents it."""
+    server = make_server(tmp_path / "run.sqlite", authority)
+    with TestClient(create_app(server)) as client:
+        assert client.get("/api/runs/srv-test").json()["inference_url"] is None
+        prop = client.get("/openapi.json").json()["components"]["schemas"]["RunStatus"]["properties"]["inference_url"]
+    assert prop["anyOf"] == [{"type": "string"}, {"type": "null"}] and "/v1/completions" in prop["description"]
+    server.store.close()
+    for given in ("http://127.0.0.1:8001", "http://127.0.0.1:8001/", "http://127.0.0.1:8001/v1/"):
+        served = CoordinatorServer(Store(tmp_path / "run.sqlite"), host_key=authority.public_key, inference_url=given)
+        with TestClient(create_app(served)) as client:
+            assert client.get("/api/runs/srv-test").json()["inference_url"] == "http://127.0.0.1:8001", given
+        served.store.close()

@@ -523,12 +523,14 @@ def server_cmd(
     key: Annotated[Path, typer.Option(metavar="FILE", help="The server's ed25519 key (the run authority); created if missing.")] = Path("server.key"),
     rate_limit_address: Annotated[str, typer.Option(metavar="N/SECONDS", help="Requests one client address may make in any SECONDS (HTTP and WebSocket together; over it: 429 with Retry-After), or off.")] = str(DEFAULT_LIMITS.address_rate),
     rate_limit_key: Annotated[str, typer.Option(metavar="N/SECONDS", help="Signed instructions and reports one key may send in any SECONDS, or off.")] = str(DEFAULT_LIMITS.key_rate),
+    inference_url: Annotated[str | None, typer.Option(metavar="URL", help="Where the run's model answers: a `psyche serve` (or any OpenAI-compatible server) at http(s)://HOST:PORT. Each run's page on the dashboard then gets a Try it box streaming completions from it.")] = None,
 ) -> None:
     """Host a run's coordinator over HTTP + WebSocket, persisted in SQLite, with the dashboard."""
     import logging
     from dataclasses import replace
 
     from psyche.config import ConfigError, load_config
+    from psyche.ledger.remote import server_url_problem
     from psyche.ledger.server import create_app, open_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -536,6 +538,8 @@ def server_cmd(
     # leave no key or database behind.
     limits = replace(DEFAULT_LIMITS, address_rate=request_rate("rate-limit-address", rate_limit_address),
                      key_rate=request_rate("rate-limit-key", rate_limit_key))
+    if inference_url is not None and (problem := server_url_problem(inference_url, option="--inference-url")):
+        fail(problem)
     require_port(host, port)
     cfg = None
     if config is not None:
@@ -547,7 +551,7 @@ def server_cmd(
         fail(f"{db} does not exist; pass --config RUN.toml to create a run in it")
     ident = load_node_key(key, create=True)
     try:
-        server = open_server(cfg, db, authority=ident.public_key, host_key=ident.public_key)
+        server = open_server(cfg, db, authority=ident.public_key, host_key=ident.public_key, inference_url=inference_url)
     except ConfigError as exc:  # a run stored by a psyche whose config rules differ
         fail_config(exc)
     if not server.hosts:

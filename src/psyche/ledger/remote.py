@@ -21,8 +21,9 @@ from psyche.ledger.base import InstructionRefused, Ledger, LedgerUnavailable, Me
 from psyche.ledger.envelope import RequestKind, Signer, sign_request
 
 
-def server_url_problem(url: str) -> str | None:
+def server_url_problem(url: str, *, option: str = "--server") -> str | None:
     """Why ``url`` cannot be a coordinator server URL (None if it can): it needs ``http(s)://HOST[:PORT]``.
+    ``option``: the command-line option the problem names (any http(s) service URL is checked the same way).
 
     >>> server_url_problem("http://127.0.0.1:8000") is None
     True
@@ -35,7 +36,7 @@ def server_url_problem(url: str) -> str | None:
     except ValueError:
         parsed = None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return f"--server must be a URL like http://HOST:PORT (got {url!r})"
+        return f"{option} must be a URL like http://HOST:PORT (got {url!r})"
     return None
 
 

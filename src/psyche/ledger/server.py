@@ -122,10 +122,15 @@ class StatePushes:
 class CoordinatorServer:
     """The runs a server hosts, their database, and counters of what it refused."""
 
-    def __init__(self, store: Store, *, host_key: bytes = bytes(32), tick_interval: float = 0.25):
+    def __init__(self, store: Store, *, host_key: bytes = bytes(32), tick_interval: float = 0.25,
+                 inference_url: str | None = None):
         self.store = store
         self.host_key = host_key
         self.tick_interval = tick_interval
+        # An OpenAI client's base URL ends in /v1; the status gives the server's root either way.
+        self.inference_url = inference_url.rstrip("/").removesuffix("/v1") if inference_url else None
+        """Where the runs' model answers completions (``psyche server --inference-url``), or None;
+        each run's status carries it, for the dashboard's "Try it" box."""
         self.hosts: dict[str, RunHost] = {}
         self.configs: dict[str, RunConfig] = {}
         self.rejected: Counter[str] = Counter()
@@ -171,7 +176,8 @@ class CoordinatorServer:
     def status(self, run_id: str) -> RunStatus:
         """The full status of a hosted run, built from what changed since the last one (:class:`StatusCache`)."""
         cache = self.status_caches.setdefault(run_id, StatusCache())
-        return run_status(self.hosts[run_id], self.configs[run_id], self.store, cache=cache)
+        return run_status(self.hosts[run_id], self.configs[run_id], self.store, cache=cache,
+                          inference_url=self.inference_url)
 
     def add_report(self, run_id: str, signer: bytes, step: int, report: dict, nonce: int) -> None:
         """Store a member's metrics report (checked and cleaned by the caller)."""
@@ -598,9 +604,12 @@ def _clean_report(report: dict) -> dict:
 
 
 def open_server(config: RunConfig | None, db: str | Path, *, authority: bytes,
-                host_key: bytes = bytes(32), tick_interval: float = 0.25) -> CoordinatorServer:
-    """Open (or create) the database and host ``config``'s run in it (if given and not there yet)."""
-    server = CoordinatorServer(Store(db), host_key=host_key, tick_interval=tick_interval)
+                host_key: bytes = bytes(32), tick_interval: float = 0.25,
+                inference_url: str | None = None) -> CoordinatorServer:
+    """Open (or create) the database and host ``config``'s run in it (if given and not there yet).
+    ``inference_url``: where the runs' model answers completions (see :class:`CoordinatorServer`)."""
+    server = CoordinatorServer(Store(db), host_key=host_key, tick_interval=tick_interval,
+                               inference_url=inference_url)
     if config is not None:
         server.create_run(config, authority)
     return server

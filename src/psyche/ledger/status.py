@@ -254,6 +254,10 @@ class RunStatus(TypedDict):
     server_time: float
     """The server clock when this was built: a page counts ``phase_deadline`` down on its own."""
     rounds: list[RoundOutcome]
+    inference_url: str | None
+    """Where the run's model answers: the root of an OpenAI-compatible server (``psyche serve``;
+    completions at ``{inference_url}/v1/completions``), as ``psyche server --inference-url`` gave
+    it; null if none is configured. The dashboard's "Try it" box streams from it."""
 
 
 def client_id(raw: bytes) -> str:
@@ -422,11 +426,12 @@ class StatusCache:
 
 
 def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float | None = None,
-               cache: StatusCache | None = None) -> RunStatus:
+               cache: StatusCache | None = None, inference_url: str | None = None) -> RunStatus:
     """The full status of a run (its fields: :class:`RunStatus`).
 
     ``cache``, if given, keeps what does not change between builds (the server keeps one per
-    run); without it everything is read and computed again."""
+    run); without it everything is read and computed again. ``inference_url``: where the run's
+    model answers completions, if anywhere (the server's ``--inference-url``)."""
     coord = host.coordinator
     s = coord.state
     now_i = int(now if now is not None else time.time())
@@ -509,6 +514,7 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
         "phase_deadline": q.phase_deadline(s),
         "server_time": now if now is not None else time.time(),
         "rounds": cache.outcomes(s) if cache is not None else round_outcomes(s),
+        "inference_url": inference_url,
     }
 
 
