@@ -267,6 +267,18 @@
           <div class="panel"><h2>Bytes sent per step <span class="note">compressed results, all clients</span></h2><div class="chart" id="chart-bytes"></div></div>
           <div class="panel"><h2>Compression <span class="note">× fewer bytes than an fp32 all-reduce</span></h2><div class="chart" id="chart-ratio"></div></div>
         </section>
+        <section class="panel try" id="try" hidden><h2>Try it <span class="note" id="try-where"></span></h2>
+          <form id="try-form">
+            <textarea id="try-prompt" rows="2" required maxlength="4000" aria-label="Prompt"
+              placeholder="The start of a text; the model goes on from there (Ctrl+Enter sends it)"></textarea>
+            <div class="try-row">
+              <label>Max tokens <input id="try-max" type="number" min="1" max="1024" value="64" required></label>
+              <label>Temperature <input id="try-temp" type="number" min="0" max="2" step="0.1" value="0.8" required></label>
+              <button type="submit" id="try-go">Complete</button>
+            </div>
+          </form>
+          <div class="try-out" id="try-out" hidden><span class="faint" id="try-prompt-out"></span><span id="try-text"></span></div>
+          <div class="try-meta" id="try-meta" aria-live="polite"></div></section>
         <section class="panel"><h2>Clients <span class="note" id="clients-note"></span></h2>
           <div class="table-wrap"><table>
             <thead><tr><th>Client</th><th>Health</th><th>Role this round</th><th class="num">Points</th>
@@ -321,6 +333,7 @@
       renderClients(doc);
       renderWitness(doc);
       renderCheckpoints(doc.checkpoints || []);
+      renderTry(doc);
       const cj = JSON.stringify(doc.config || {});
       if (cj !== configJson) { configJson = cj; renderConfig(doc.config || {}); }
     }
@@ -503,6 +516,125 @@ model = AutoModelForCausalLM.from_pretrained(${esc(JSON.stringify(latest.locatio
       $("#config-grid").innerHTML = sections.map(([name, obj]) => `<div><h3>${esc(name)}</h3><dl>` +
         Object.entries(obj).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(val(v))}</dd>`).join("") + "</dl></div>").join("");
     }
+
+    // -- Try it: a completion streamed from the run's inference server (psyche serve) --------
+    // It answers OpenAI's POST /v1/completions with server-sent events (data: {chunk} ... data: [DONE]);
+    // each chunk says which step's checkpoint answered (chunk.psyche.step). Model output only ever
+    // reaches the page as text nodes.
+
+    const tryIt = { url: null, busy: false };
+
+    function renderTry(doc) {
+      const url = typeof doc.inference_url === "string" && doc.inference_url ? doc.inference_url : null;
+      if (url === tryIt.url) return;
+      tryIt.url = url;
+      $("#try").hidden = !url;
+      $("#try-where").textContent = url ? `the run's model, served at ${url}` : "";
+    }
+
+    // The step a chunk says answered: psyche's own field, else its system_fingerprint "psyche-step-N".
+    function chunkStep(chunk) {
+      if (chunk.psyche && isNum(chunk.psyche.step)) return chunk.psyche.step;
+      const m = /^psyche-step-(\d+)$/.exec(chunk.system_fingerprint || "");
+      return m ? +m[1] : null;
+    }
+
+    // What an error response says: OpenAI's {"error": {"message"}}, ours {"message"}, else its status.
+    async function errorMessage(resp) {
+      try {
+        const body = await resp.json();
+        if (body && body.error && typeof body.error.message === "string") return body.error.message;
+        if (body && typeof body.message === "string") return body.message;
+      } catch (e) { /* not JSON: the status says it */ }
+      return `the inference server answered HTTP ${resp.status}` + (resp.statusText ? ` ${resp.statusText}` : "");
+    }
+
+    function tryMeta(answer, problem) {
+      const bits = [];
+      if (answer.step !== null) bits.push(tryIt.busy ? `step ${fmtInt(answer.step)} answering…` : `answered by step ${fmtInt(answer.step)}`);
+      if (answer.model) bits.push(`model ${answer.model}`);
+      const FINISH = { length: "stopped at max tokens", stop: "ended by the model" };
+      if (answer.finish) bits.push(FINISH[answer.finish] || `finished (${answer.finish})`);
+      const meta = $("#try-meta");
+      meta.classList.toggle("bad", !!problem);
+      meta.textContent = problem ? [problem, ...bits].join(" · ") : bits.join(" · ") || (tryIt.busy ? "waiting for the model…" : "");
+    }
+
+    // POST the completion and show its chunks as they come. Every failure ends up in the box.
+    async function complete() {
+      const url = tryIt.url;
+      if (!url || tryIt.busy) return;
+      const prompt = $("#try-prompt").value;
+      const answer = { step: null, model: null, finish: null, done: false };
+      const text = $("#try-text");
+      tryIt.busy = true;
+      $("#try-go").disabled = true;
+      $("#try-out").hidden = false;
+      $("#try-prompt-out").textContent = prompt;
+      text.textContent = "";
+      tryMeta(answer, null);
+      try {
+        let resp;
+        try {
+          resp = await fetch(url + "/v1/completions", {
+            method: "POST", headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ prompt, max_tokens: +$("#try-max").value, temperature: +$("#try-temp").value, stream: true }),
+          });
+        } catch (e) {
+          throw new Error(`cannot reach the inference server at ${url}`);
+        }
+        if (!resp.ok) throw new Error(await errorMessage(resp));
+        if (!resp.body) throw new Error("the inference server sent no stream");
+        const reader = resp.body.getReader(), decoder = new TextDecoder();
+        let buf = "", data = [];
+        // One event's data lines are complete: a chunk, or the end.
+        const dispatch = () => {
+          const payload = data.join("\n");
+          data = [];
+          if (!payload) return;
+          if (payload === "[DONE]") { answer.done = true; return; }
+          let chunk;
+          try { chunk = JSON.parse(payload); } catch (e) { throw new Error("the inference server sent a chunk that is not JSON"); }
+          if (chunk.error) throw new Error(chunk.error.message || "the inference server failed mid-answer");
+          const choice = (chunk.choices || [])[0] || {};
+          if (typeof choice.text === "string" && choice.text) text.append(choice.text);
+          if (choice.finish_reason) answer.finish = choice.finish_reason;
+          const step = chunkStep(chunk);
+          if (step !== null) answer.step = step;
+          if (typeof chunk.model === "string") answer.model = chunk.model;
+          tryMeta(answer, null);
+        };
+        while (!answer.done) {
+          let part;
+          try { part = await reader.read(); } catch (e) { throw new Error("the connection to the inference server broke off"); }
+          if (part.done) break;
+          buf += decoder.decode(part.value, { stream: true });
+          // Server-sent events, line by line (a line ends in \n, \r\n or \r; a blank one ends an event).
+          for (let m; !answer.done && (m = /\r\n|\r|\n/.exec(buf));) {
+            if (m[0] === "\r" && m.index === buf.length - 1) break; // maybe half of a \r\n: wait for the rest
+            const line = buf.slice(0, m.index);
+            buf = buf.slice(m.index + m[0].length);
+            if (line === "") dispatch();
+            else if (line.startsWith("data:")) data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+          }
+        }
+        if (answer.done) reader.cancel().catch(() => {});
+        else if (!answer.finish) throw new Error("the answer stopped before its end");
+        tryIt.busy = false;
+        tryMeta(answer, answer.step === null && !text.textContent ? "no answer" : null);
+      } catch (e) {
+        tryIt.busy = false;
+        tryMeta(answer, e instanceof Error ? e.message : String(e));
+      } finally {
+        tryIt.busy = false;
+        $("#try-go").disabled = false;
+      }
+    }
+
+    $("#try-form").addEventListener("submit", (ev) => { ev.preventDefault(); complete(); });
+    $("#try-prompt").addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); $("#try-form").requestSubmit(); }
+    });
 
     // Countdowns and ages move every second between pushes.
     function tick() {
