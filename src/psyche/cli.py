@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "Start here": ("demo", "doctor"),
     "Run a network": ("server", "client", "data-server", "dashboard", "pause", "resume", "authorize", "revoke"),
-    "Data, models and keys": ("tokenize", "validate-config", "train", "generate", "keygen"),
+    "Data, models and keys": ("tokenize", "validate-config", "train", "generate", "serve", "keygen"),
     "On Solana": ("localnet", "solana"),
     "Measure": ("bench", "testbed"),
 }
@@ -512,6 +512,81 @@ def generate_cmd(
     except GenerateError as exc:
         fail(str(exc))
     sys.stdout.write("\n")
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: Annotated[Path | None, typer.Option(metavar="DIR", help="Checkpoint folder to serve (save_pretrained form).")] = None,
+    watch: Annotated[bool, typer.Option(help="With --checkpoint: swap to each newer checkpoint written into the folder (e.g. by psyche train).")] = False,
+    follow: Annotated[str | None, typer.Option(metavar="URL", help="Instead: follow a run on this coordinator server, serving each newer checkpoint it publishes.")] = None,
+    follow_solana: Annotated[str | None, typer.Option(metavar="URL", help="Instead: follow a run on Solana at this RPC URL (with --run-id).")] = None,
+    run_id: Annotated[str | None, typer.Option(metavar="ID", help="The run to follow (default with --follow: the server's only run).")] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="The model id clients ask for (default: the run's name).")] = None,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port to listen on.")] = 8100,
+    device: DeviceOpt = "auto",
+    max_batch: Annotated[int, typer.Option(metavar="N", min=1, max=256, help="Completions decoded together in one batch.")] = 8,
+    max_queue: Annotated[int, typer.Option(metavar="N", min=1, help="Completions that may wait for a batch; beyond it requests get 429.")] = 64,
+    poll: Annotated[float, typer.Option(metavar="SECONDS", min=0.1, help="How often a followed run is asked for a newer checkpoint.")] = 5.0,
+    rate_limit_address: Annotated[str, typer.Option(metavar="N/SECONDS", help="Requests one client address may make in any SECONDS (over it: 429 with Retry-After), or off.")] = str(DEFAULT_LIMITS.address_rate),
+) -> None:
+    """Serve a checkpoint, or a live run's newest one, over the OpenAI API (/v1/completions, /v1/chat/completions)."""
+    import logging
+    from dataclasses import replace
+
+    from psyche.generate import checkpoint_folder_problem
+
+    if sum(x is not None for x in (checkpoint, follow, follow_solana)) != 1:
+        fail("pass exactly one of --checkpoint DIR, --follow URL or --follow-solana URL")
+    if checkpoint is not None and (problem := checkpoint_folder_problem(checkpoint)):
+        fail(f"--checkpoint {problem}")
+    if watch and checkpoint is None:
+        fail("--watch watches the --checkpoint folder; pass --checkpoint DIR (--follow and --follow-solana follow by themselves)")
+    if follow_solana is not None and run_id is None:
+        fail("--follow-solana needs --run-id (the run to follow)")
+    if follow is not None:
+        from psyche.client.main import server_run_id
+        from psyche.ledger.remote import server_url_problem
+
+        if (problem := server_url_problem(follow, option="--follow")) is not None:
+            fail(problem)
+        run_id = server_run_id(follow, run_id)
+    limits = replace(DEFAULT_LIMITS, address_rate=request_rate("rate-limit-address", rate_limit_address))
+    device = require_device(device)
+    require_port(host, port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    from psyche.serve.app import create_app
+    from psyche.serve.engine import Engine, load_served
+
+    engine = Engine(max_batch=max_batch, max_queue=max_queue)
+    background = None
+    if checkpoint is not None:
+        try:
+            engine.swap(load_served(checkpoint, device=device, name=name))
+        except (OSError, ValueError) as exc:
+            fail(f"--checkpoint {checkpoint}: cannot load it ({exc})")
+        what = f"{engine.served.name} (step {engine.served.step}) from {checkpoint}" if engine.served else ""
+    if follow is not None or follow_solana is not None or watch:
+        from psyche.serve.follow import CheckpointSource, FolderSource, Follower, ServerSource, SolanaSource
+
+        source: CheckpointSource
+        if checkpoint is not None:
+            source = FolderSource(checkpoint)
+            name = engine.served.name if engine.served else name
+        elif follow is not None:
+            assert run_id is not None
+            source = ServerSource(follow, run_id)
+        else:
+            assert run_id is not None
+            source = SolanaSource(follow_solana or "", run_id)
+        follower = Follower(source, engine, device=device, name=name, poll_s=poll,
+                            say=lambda line: console.print(f"serve: {line}", highlight=False))
+        background = follower.run
+        what = f"the newest checkpoint of {source.describe()}" if checkpoint is None else f"{what}, watched"
+    url = f"http://{host}:{port}"
+    serve_http(create_app(engine, limits=limits, background=background), host=host, port=port, limits=limits,
+               banner=f"psyche serve: {what} at {url}/v1 (OpenAI API; try: curl {url}/v1/models)")
 
 
 @app.command("server")

@@ -231,7 +231,9 @@ class Guard:
 
     ``body_caps``: the cap in bytes of each endpoint that takes a body, keyed ``"METHOD
     /path/{param}"`` (a ``{...}`` segment matches any one segment); every other request may
-    carry at most ``no_body_cap`` bytes. ``on_refusal(reason)`` counts each refusal.
+    carry at most ``no_body_cap`` bytes. ``on_refusal(reason)`` counts each refusal, and
+    ``render(refusal)`` gives its JSON body where the server's API has its own error shape
+    (default ``{"error": ..., "message": ...}``).
 
     >>> guard = Guard(None, limits=Limits(), body_caps={"POST /api/runs/{run_id}/reports": 65536})
     >>> guard.endpoint("POST", "/api/runs/r1/reports")
@@ -241,8 +243,10 @@ class Guard:
     """
 
     def __init__(self, app: ASGIApp, *, limits: Limits, body_caps: Mapping[str, int], no_body_cap: int = 1024,
-                 on_refusal: Callable[[str], None] | None = None):
+                 on_refusal: Callable[[str], None] | None = None,
+                 render: Callable[[Refusal], dict[str, Any]] | None = None):
         self.app = app
+        self.render = render
         self.limits = limits
         self.no_body_cap = no_body_cap
         self.on_refusal = on_refusal
@@ -320,7 +324,8 @@ class Guard:
 
     async def _answer(self, send: Send, refusal: Refusal) -> None:
         self._count(refusal.reason)
-        content = json.dumps({"error": refusal.error, "message": refusal.message}).encode()
+        body = self.render(refusal) if self.render is not None else {"error": refusal.error, "message": refusal.message}
+        content = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
         if refusal.retry_after is not None:
             headers.append((b"retry-after", str(refusal.retry_after).encode()))
