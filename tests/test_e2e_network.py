@@ -13,6 +13,8 @@ import signal
 import msgspec
 import pytest
 
+from tests.netutil import Serve
+
 
 pytestmark = pytest.mark.e2e
 
@@ -38,9 +40,15 @@ def test_three_clients_train_to_finished_and_checkpoint_loads(network):
 
     net = network("e2e-full", total_steps=10)
     net.start_server()
+    # Someone serving the run's model over the OpenAI API while it trains (psyche serve --follow).
+    serve = Serve("--follow", net.url, "--poll", "0.5", log=net.root / "logs" / "serve.log")
+    net.procs["serve"] = serve.proc  # stopped with the run's processes whatever happens
     for i in range(3):
         net.start_client(i)
     net.wait_state(lambda s: s["state"] not in BEFORE_TRAINING, 120, "training to start")
+    assert serve.models() == []  # nothing published yet: nothing to serve, and a request says so
+    assert httpx.post(serve.url + "/v1/completions", json={"prompt": "The"}).json()["error"]["code"] == \
+        "model_not_loaded"
 
     # Garbage and a forged signature are refused and change nothing.
     before = net.status()["digest"]
@@ -74,6 +82,16 @@ def test_three_clients_train_to_finished_and_checkpoint_loads(network):
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert torch.isfinite(model(ids).logits).all()
+    # The server following the run serves the checkpoint the run recorded, and says so.
+    last = max(c["step"] for c in final["checkpoints"])
+    net.wait(lambda: bool(serve.models()) and serve.models()[0]["psyche"]["step"] == last, 60,
+             f"psyche serve --follow to load the checkpoint of step {last}")
+    card = serve.models()[0]
+    assert card["id"] == net.cfg.run_id and card["psyche"]["run_id"] == net.cfg.run_id
+    answer = serve.client.completions.create(model=net.cfg.run_id, prompt="The", max_tokens=8)
+    assert answer.system_fingerprint == f"psyche-step-{last}" and answer.usage.completion_tokens > 0
+    serve.stop()
+    assert "Traceback" not in serve.log.read_text()
     # All clients were healthy all epoch: each is paid by the tokens it trained and had accepted,
     # and together they share the whole epoch's reward (less integer rounding).
     pts = {c["id"]: c["points"] for c in final["accounts"]}

@@ -11,12 +11,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import tomli_w
 
 from psyche.data import ensure_default_dataset
-from tests.netutil import ROOT, small_config
+from tests.netutil import ROOT, Serve, small_config
 
 pytestmark = pytest.mark.e2e
 PSYCHE = [sys.executable, "-m", "psyche.cli"]
@@ -31,6 +32,7 @@ def test_three_clients_on_localnet_agree_on_the_final_state(tmp_path):
     localnet = subprocess.Popen([*PSYCHE, "localnet", "--port", "0", "--slot-ms", "100"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
     clients: list[subprocess.Popen] = []
+    serve: Serve | None = None
     try:
         line = localnet.stdout.readline()
         assert "RPC http://" in line, line
@@ -39,6 +41,8 @@ def test_three_clients_on_localnet_agree_on_the_final_state(tmp_path):
                                "--keypair", str(tmp_path / "authority.key")], capture_output=True, text=True,
                               timeout=120, env=env)
         assert made.returncode == 0, made.stdout + made.stderr
+        # Someone serving the run's model while it trains, reading the run from the chain alone.
+        serve = Serve("--follow-solana", rpc, "--run-id", cfg.run_id, "--poll", "1", log=tmp_path / "serve.log")
         logs = [tmp_path / f"client-{i}.log" for i in range(3)]
         for i, log in enumerate(logs):
             clients.append(subprocess.Popen(
@@ -60,7 +64,21 @@ def test_three_clients_on_localnet_agree_on_the_final_state(tmp_path):
         assert digests == {outside}
         assert "Finished" in state.stdout and "verified: True" in state.stdout
         assert (tmp_path / "ckpt" / "config.json").exists()
+        written = [int(n) for log in logs
+                   for n in re.findall(r"checkpoint after step (\d+) written", " ".join(log.read_text().split()))]
+        assert written, "a checkpointer wrote the run's checkpoint"
+        last = max(written)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (serve.models() and serve.models()[0]["psyche"]["step"] == last):
+            time.sleep(0.5)
+        assert serve.models(), serve.log.read_text()
+        card = serve.models()[0]
+        assert card["psyche"] == {**card["psyche"], "run_id": cfg.run_id, "step": last}, serve.log.read_text()
+        answer = serve.client.completions.create(model=card["id"], prompt="The", max_tokens=4)
+        assert answer.system_fingerprint == f"psyche-step-{card['psyche']['step']}"
     finally:
+        if serve is not None:
+            serve.stop()
         for proc in clients:
             if proc.poll() is None:
                 proc.kill()

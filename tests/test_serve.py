@@ -11,9 +11,6 @@ request reports the new step.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,9 +22,8 @@ import torch
 from psyche.config import ModelConfig
 from psyche.data.tokenize import EOT, train_bpe
 from psyche.generate import Generator
-from psyche.localports import free_port
-from psyche.testing.network import wait_serving
 from psyche.train import build_model, compute_gradients, save_checkpoint
+from tests.netutil import Serve
 
 openai = pytest.importorskip("openai", reason="the openai client is in the [test] extra: run `make install`")
 
@@ -58,33 +54,6 @@ def trained_checkpoint(out: Path, *, step: int, seed: int, steps: int = 15) -> P
         compute_gradients(model, batch, micro_batch_size=16, grad_clip=1.0)
         opt.step()
     return save_checkpoint(model, out, tokenizer_path=tok_path, extra={"step": step, "config": {"name": "tiny"}})
-
-
-class Serve:
-    """A ``psyche serve`` process on a free port."""
-
-    def __init__(self, *args: str, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "psyche.cli", "serve", "--port", str(self.port),
-                                      "--device", "cpu", *args],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        if not wait_serving(self.url, self.proc, timeout=120):
-            self.stop()
-            raise AssertionError(f"psyche serve did not start:\n{log.read_text()}")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/healthz").json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +255,7 @@ def test_a_full_queue_answers_429_and_a_swap_spares_the_stream_in_flight(checkpo
             trained_checkpoint(folder, step=8, seed=2, steps=5)
             deadline = time.time() + 60
             while time.time() < deadline:
-                if httpx.get(s.url + "/v1/models").json()["data"][0]["psyche"]["step"] == 8:
+                if s.models()[0]["psyche"]["step"] == 8:
                     swapped_while_streaming.append(not done.is_set())
                     return
                 time.sleep(0.05)

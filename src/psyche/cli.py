@@ -555,6 +555,7 @@ def serve_cmd(
     device = require_device(device)
     require_port(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of a followed run
 
     from psyche.serve.app import create_app
     from psyche.serve.engine import Engine, load_served
@@ -586,7 +587,7 @@ def serve_cmd(
         what = f"the newest checkpoint of {source.describe()}" if checkpoint is None else f"{what}, watched"
     url = f"http://{host}:{port}"
     serve_http(create_app(engine, limits=limits, background=background), host=host, port=port, limits=limits,
-               banner=f"psyche serve: {what} at {url}/v1 (OpenAI API; try: curl {url}/v1/models)")
+               banner=f"psyche serve at {url}/v1 (the OpenAI API; try: curl {url}/v1/models): {what}")
 
 
 @app.command("server")
