@@ -119,6 +119,26 @@ def test_an_inference_url_that_is_not_a_url_is_refused_before_starting(tmp_path)
     assert not db.exists() and not key.exists(), "a refused command creates no database and no key"
 
 
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "runs" / "demo" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "checkpoint" / "config.json").write_text("{}")
+    cases = [
+        ([], "pass exactly one of --checkpoint DIR, --follow URL or --follow-solana URL"),
+        (["--checkpoint", str(tmp_path), "--follow", "http://127.0.0.1:1"], "pass exactly one of"),
+        (["--checkpoint", str(tmp_path / "nope")], "--checkpoint " + str(tmp_path / "nope") + ": no such folder"),
+        (["--checkpoint", str(tmp_path / "runs" / "demo")], "did you mean " + str(tmp_path / "runs/demo/checkpoint")),
+        (["--follow", "127.0.0.1:8000"], "--follow must be a URL like http://HOST:PORT"),
+        (["--follow-solana", "http://127.0.0.1:8899"], "--follow-solana needs --run-id"),
+        (["--follow", "http://127.0.0.1:8000", "--watch"], "--watch watches the --checkpoint folder"),
+        (["--checkpoint", str(tmp_path / "runs/demo/checkpoint"), "--engine", "tgi"], "--engine must be auto, transformers or vllm"),
+        (["--checkpoint", str(tmp_path / "runs/demo/checkpoint"), "--engine", "vllm"], "--engine vllm"),
+    ]
+    for args, said in cases:
+        res = runner.invoke(app, ["serve", *args])
+        assert res.exit_code == 1 and len(res.output.splitlines()) == 1 and said in res.output, (args, res.output)
+
+
 def test_every_command_says_a_config_problem_the_same_way(tmp_path):
     """One ``error: FILE: field: rule`` line per problem, from every command that reads a config."""
     import pytest

@@ -528,6 +528,7 @@ def serve_cmd(
     max_batch: Annotated[int, typer.Option(metavar="N", min=1, max=256, help="Completions decoded together in one batch.")] = 8,
     max_queue: Annotated[int, typer.Option(metavar="N", min=1, help="Completions that may wait for a batch; beyond it requests get 429.")] = 64,
     poll: Annotated[float, typer.Option(metavar="SECONDS", min=0.1, help="How often a followed run is asked for a newer checkpoint.")] = 5.0,
+    engine_kind: Annotated[str, typer.Option("--engine", metavar="KIND", help="auto (vllm on a CUDA device where vLLM is installed, else transformers), transformers or vllm.")] = "auto",
     rate_limit_address: Annotated[str, typer.Option(metavar="N/SECONDS", help="Requests one client address may make in any SECONDS (over it: 429 with Retry-After), or off.")] = str(DEFAULT_LIMITS.address_rate),
 ) -> None:
     """Serve a checkpoint, or a live run's newest one, over the OpenAI API (/v1/completions, /v1/chat/completions)."""
@@ -551,20 +552,36 @@ def serve_cmd(
         if (problem := server_url_problem(follow, option="--follow")) is not None:
             fail(problem)
         run_id = server_run_id(follow, run_id)
+    if engine_kind not in ("auto", "transformers", "vllm"):
+        fail(f"--engine must be auto, transformers or vllm (got {engine_kind!r})")
     limits = replace(DEFAULT_LIMITS, address_rate=request_rate("rate-limit-address", rate_limit_address))
     device = require_device(device)
+    from psyche.serve.vllm_engine import vllm_available
+
+    if engine_kind == "auto":
+        engine_kind = "vllm" if device.startswith("cuda") and vllm_available() else "transformers"
+    if engine_kind == "vllm" and not vllm_available():
+        fail("--engine vllm: vLLM is not installed here (pip install 'psyche[vllm]' on a machine with CUDA GPUs)")
+    if engine_kind == "vllm" and not device.startswith("cuda"):
+        fail(f"--engine vllm runs on CUDA GPUs, not on --device {device}")
     require_port(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of a followed run
 
     from psyche.serve.app import create_app
-    from psyche.serve.engine import Engine, load_served
+    from psyche.serve.engine import Engine, InferenceEngine
 
-    engine = Engine(max_batch=max_batch, max_queue=max_queue)
+    engine: InferenceEngine
+    if engine_kind == "vllm":
+        from psyche.serve.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(max_queue=max_queue)
+    else:
+        engine = Engine(device=device, max_batch=max_batch, max_queue=max_queue)
     background = None
     if checkpoint is not None:
         try:
-            engine.swap(load_served(checkpoint, device=device, name=name))
+            engine.swap(engine.load(checkpoint, name=name))
         except (OSError, ValueError) as exc:
             fail(f"--checkpoint {checkpoint}: cannot load it ({exc})")
         what = f"{engine.served.name} (step {engine.served.step}) from {checkpoint}" if engine.served else ""
@@ -581,13 +598,13 @@ def serve_cmd(
         else:
             assert run_id is not None
             source = SolanaSource(follow_solana or "", run_id)
-        follower = Follower(source, engine, device=device, name=name, poll_s=poll,
+        follower = Follower(source, engine, name=name, poll_s=poll,
                             say=lambda line: console.print(f"serve: {line}", highlight=False))
         background = follower.run
         what = f"the newest checkpoint of {source.describe()}" if checkpoint is None else f"{what}, watched"
     url = f"http://{host}:{port}"
     serve_http(create_app(engine, limits=limits, background=background), host=host, port=port, limits=limits,
-               banner=f"psyche serve at {url}/v1 (the OpenAI API; try: curl {url}/v1/models): {what}")
+               banner=f"psyche serve at {url}/v1 (the OpenAI API, on {engine_kind}; try: curl {url}/v1/models): {what}")
 
 
 @app.command("server")

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from psyche.httplimits import Guard, Limits, Refusal
 from psyche.serve.engine import (
     DEFAULT_CHAT_STOP,
-    Engine,
+    InferenceEngine,
     Failed,
     Finished,
     NoModel,
@@ -115,7 +115,7 @@ class _Completion:
         return first.model if first is not None else self.served
 
 
-def create_app(engine: Engine, *, limits: Limits | None = None,
+def create_app(engine: InferenceEngine, *, limits: Limits | None = None,
                background: Callable[[], Coroutine[Any, Any, None]] | None = None) -> Guard:
     """The ASGI app serving ``engine``: FastAPI behind CORS and a :class:`Guard`.
     ``background`` (e.g. a :class:`~psyche.serve.follow.Follower`'s ``run``) runs while it serves."""
@@ -152,7 +152,7 @@ def create_app(engine: Engine, *, limits: Limits | None = None,
                stop: list[str], param: str) -> _Completion:
         tickets: list[Ticket] = []
         texts: list[str] = []
-        bias = req.biases(int(served.model.config.vocab_size))
+        bias = req.biases(served.vocab_size)
         try:
             for p in prompts:
                 n_prompt = len(served.encode(p))
@@ -182,8 +182,7 @@ def create_app(engine: Engine, *, limits: Limits | None = None,
         """Whether a model is loaded, which, and how the batching goes."""
         served = engine.served
         return {"ok": served is not None, "model": served.name if served else None,
-                "step": served.step if served else None, "batches": engine.batches,
-                "batched_completions": engine.batched_completions}
+                "step": served.step if served else None, **engine.stats()}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from psyche.serve.textstream import REPLACEMENT, TextStream
 
@@ -83,8 +83,9 @@ class ServedModel:
     for), ``step`` (the optimizer steps it holds, if known), ``run_id`` (when following a run)
     and ``checkpoint`` (where it was loaded from)."""
 
-    model: Any  # transformers.PreTrainedModel, in eval mode
+    model: Any  # transformers.PreTrainedModel in eval mode, or the vLLM engine holding it
     tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    config: Any  # transformers.PretrainedConfig
     name: str
     step: int | None
     run_id: str | None
@@ -94,7 +95,12 @@ class ServedModel:
     @property
     def context(self) -> int:
         """The most tokens (prompt and completion together) the model attends over."""
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores (its logits' width)."""
+        return int(self.config.vocab_size)
 
     @property
     def eot_id(self) -> int | None:
@@ -124,32 +130,39 @@ class ServedModel:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
 
-def load_served(path: str | Path, *, device: str = "cpu", name: str | None = None, step: int | None = None,
-                run_id: str | None = None, source: str | None = None) -> ServedModel:
-    """Load the checkpoint folder ``path`` to serve. ``name`` defaults to the run's name
-    recorded in the checkpoint (else the folder's name), ``step`` to the step it records;
-    ``source`` is what ``/v1/models`` says it came from (default: ``path``)."""
+def recorded(path: Path) -> tuple[str | None, int | None]:
+    """The run name and step a psyche checkpoint folder records (None where it records none)."""
     import json
 
+    from psyche.train.checkpoint import STATE_JSON
+
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(state, dict):
+        return None, None
+    config = state.get("config")
+    name = config.get("name") if isinstance(config, dict) and isinstance(config.get("name"), str) else None
+    step = state.get("step") if isinstance(state.get("step"), int) else None
+    return name, step
+
+
+def load_served(path: str | Path, *, device: str = "cpu", name: str | None = None, step: int | None = None,
+                run_id: str | None = None, source: str | None = None) -> ServedModel:
+    """Load the checkpoint folder ``path`` with Transformers to serve. ``name`` defaults to
+    the run's name recorded in the checkpoint (else the folder's name), ``step`` to the step
+    it records; ``source`` is what ``/v1/models`` says it came from (default: ``path``)."""
     from transformers import AutoTokenizer
 
-    from psyche.train.checkpoint import STATE_JSON
     from psyche.train.model import load_pretrained
 
     path = Path(path)
-    state: dict[str, Any] = {}
-    if (path / STATE_JSON).is_file():
-        try:
-            state = json.loads((path / STATE_JSON).read_text())
-        except (OSError, ValueError):
-            state = {}
+    recorded_name, recorded_step = recorded(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = load_pretrained(path, device=device).eval()
-    recorded_name = (state.get("config") or {}).get("name") if isinstance(state.get("config"), dict) else None
-    if step is None and isinstance(state.get("step"), int):
-        step = state["step"]
-    return ServedModel(model=model, tokenizer=tokenizer, name=name or recorded_name or path.name, step=step,
-                       run_id=run_id, checkpoint=source or str(path))
+    return ServedModel(model=model, tokenizer=tokenizer, config=model.config, name=name or recorded_name or path.name,
+                       step=step if step is not None else recorded_step, run_id=run_id, checkpoint=source or str(path))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,18 +250,56 @@ class Ticket:
                 return
 
 
+class InferenceEngine(Protocol):
+    """What the server needs of an engine: :class:`Engine` (Transformers, any device) and
+    :class:`~psyche.serve.vllm_engine.VLLMEngine` (vLLM, on GPUs) both are one."""
+
+    @property
+    def served(self) -> ServedModel | None:
+        """The model new completions start on (None before one is loaded)."""
+        ...
+
+    def load(self, path: Path, *, name: str | None = None, step: int | None = None, run_id: str | None = None,
+             source: str | None = None) -> ServedModel:
+        """Load the checkpoint folder ``path`` the way this engine serves it (arguments as
+        :func:`load_served`); the folder may be deleted once this returns. Blocking."""
+        ...
+
+    def swap(self, served: ServedModel) -> None:
+        """Serve ``served`` from now on; completions in flight finish on their model."""
+        ...
+
+    def start(self) -> None:
+        """Get ready to take completions (called once the event loop runs)."""
+        ...
+
+    def stop(self) -> None:
+        """Finish or drop what is in flight and release the model. Blocking."""
+        ...
+
+    def submit(self, prompt: str, sampling: Sampling) -> "Ticket":
+        """Queue a completion (from the event loop); raises :class:`EngineError`."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``/healthz``."""
+        ...
+
+
 class Engine:
     """Serves completions from one model at a time in dynamic batches (module docstring).
 
-    ``max_batch``: completions decoded together. ``max_queue``: completions that may wait
-    for a batch before :meth:`submit` refuses more. ``gather_s``: how long the worker waits
-    after the first waiting completion for others to join its batch.
+    ``device``: where :meth:`load` puts models. ``max_batch``: completions decoded together.
+    ``max_queue``: completions that may wait for a batch before :meth:`submit` refuses more.
+    ``gather_s``: how long the worker waits after the first waiting completion for others
+    to join its batch.
     """
 
-    def __init__(self, served: ServedModel | None = None, *, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005):
+    def __init__(self, served: ServedModel | None = None, *, device: str = "cpu", max_batch: int = 8,
+                 max_queue: int = 64, gather_s: float = 0.005):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        self.device = device
         self.max_batch = max_batch
         self.gather_s = gather_s
         self._served = served
@@ -264,9 +315,18 @@ class Engine:
         """The model the next batch starts on (None before one is loaded)."""
         return self._served
 
+    def load(self, path: Path, *, name: str | None = None, step: int | None = None, run_id: str | None = None,
+             source: str | None = None) -> ServedModel:
+        """:func:`load_served` onto this engine's device."""
+        return load_served(path, device=self.device, name=name, step=step, run_id=run_id, source=source)
+
     def swap(self, served: ServedModel) -> None:
         """Serve ``served`` from the next batch on; a batch in flight finishes on its model."""
         self._served = served
+
+    def stats(self) -> dict[str, int]:
+        """Batches decoded and the completions they held, so far."""
+        return {"batches": self.batches, "batched_completions": self.batched_completions}
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import httpx
 
-from psyche.serve.engine import Engine, ServedModel, load_served
+from psyche.serve.engine import InferenceEngine, ServedModel
 
 log = logging.getLogger("psyche.serve")
 
@@ -192,28 +192,27 @@ class CheckpointMoved(Exception):
     """The folder no longer holds the recorded checkpoint (a newer one replaced it)."""
 
 
-def load_published(record: Published, *, device: str, run_id: str | None, name: str | None) -> ServedModel:
+def load_published(record: Published, engine: InferenceEngine, *, run_id: str | None, name: str | None) -> ServedModel:
     """Copy the folder ``record`` names, check its weights against the record and load the
-    copy. Raises :class:`CheckpointMoved` on a mismatch and ``OSError`` if it cannot be read."""
+    copy on ``engine``. Raises :class:`CheckpointMoved` on a mismatch and ``OSError`` if it
+    cannot be read."""
     source = Path(record.location)
     with tempfile.TemporaryDirectory(prefix="psyche-serve-") as tmp:
         copy = Path(tmp) / source.name
         shutil.copytree(source, copy)
         if weights_sha256(copy) != record.sha256:
             raise CheckpointMoved(f"{source} no longer holds the checkpoint of step {record.step}")
-        return load_served(copy, device=device, name=name, step=record.step, run_id=run_id,
-                           source=str(source))
+        return engine.load(copy, name=name, step=record.step, run_id=run_id, source=str(source))
 
 
 class Follower:
     """Keeps ``engine`` serving the newest checkpoint of the run ``source`` reads (module
     docstring), polling every ``poll_s`` seconds. ``say`` reports what happens, for people."""
 
-    def __init__(self, source: CheckpointSource, engine: Engine, *, device: str = "cpu", name: str | None = None,
+    def __init__(self, source: CheckpointSource, engine: InferenceEngine, *, name: str | None = None,
                  poll_s: float = 5.0, say: Callable[[str], None] = log.info):
         self.source = source
         self.engine = engine
-        self.device = device
         self.name = name
         self.poll_s = poll_s
         self.say = say
@@ -244,7 +243,7 @@ class Follower:
         if record is None or (served is not None and served.step is not None and record.step <= served.step):
             return False
         try:
-            new = await asyncio.to_thread(load_published, record, device=self.device, run_id=self.source.run_id,
+            new = await asyncio.to_thread(load_published, record, self.engine, run_id=self.source.run_id,
                                           name=self.name or self.source.run_id)
         except CheckpointMoved as exc:
             log.debug("%s; waiting for its record", exc)
