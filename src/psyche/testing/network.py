@@ -118,14 +118,15 @@ class Network:
         self.procs[name] = proc
         return proc
 
-    def start_server(self, *, wait: float = 60) -> None:
-        """Start (or restart, on the same database) the coordinator server and wait until it answers."""
+    def start_server(self, *extra: str, wait: float = 60) -> None:
+        """Start (or restart, on the same database) the coordinator server and wait until it answers.
+        ``extra``: more ``psyche server`` options (``--inference-url URL``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         cfg_path = self.root / "run.toml"
         cfg_path.write_text(tomli_w.dumps(self.cfg.model_dump(mode="json", exclude_none=True)))
         host = "0.0.0.0" if self.bed is not None else "127.0.0.1"
         self._spawn("server", ["server", "--config", str(cfg_path), "--db", str(self.root / "run.sqlite"),
-                               "--port", str(self.port), "--host", host, "--key", str(self.root / "server.key")])
+                               "--port", str(self.port), "--host", host, "--key", str(self.root / "server.key"), *extra])
         self.wait(lambda: healthy(self.url), wait, "server up")
 
     def start_client(self, i: int, *extra: str, cheat: str | None = None) -> None:
