@@ -271,6 +271,15 @@ def test_a_full_queue_answers_429_and_a_swap_spares_the_stream_in_flight(checkpo
         assert chunks[-1].choices[0].finish_reason == "length"
         assert len("".join(c.choices[0].text for c in chunks)) > 1000  # the whole stream, not cut short
 
+        # A client that goes away mid-stream frees its row: the batch drops it unfinished.
+        with httpx.stream("POST", s.url + "/v1/completions", json={
+                "prompt": "the cat", "max_tokens": 1800, "stream": True, "logit_bias": NO_END}) as gone:
+            next(gone.iter_lines())
+        deadline = time.time() + 30
+        while s.health()["cancelled"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.health()["cancelled"] == 1
+
         after = s.client.completions.create(model="tiny", prompt="the cat", max_tokens=5)
         assert after.system_fingerprint == "psyche-step-8" and after.psyche["step"] == 8
         assert "serving tiny at step 8" in s.log.read_text()

@@ -191,6 +191,7 @@ def run_demo(*, clients: int = 3, steps: int = 40, out: Path = Path("runs/demo")
         console.print(f"[red]no checkpoint was written to {ckpt}[/]")
         return 1
     console.print(f"checkpoint: [bold]{ckpt}[/]  (try: psyche generate --checkpoint {ckpt} --prompt 'The')")
+    console.print(f"serve it over the OpenAI API: psyche serve --checkpoint {ckpt}", highlight=False)
     return 0
 
 

@@ -155,13 +155,13 @@ def create_app(engine: InferenceEngine, *, limits: Limits | None = None,
         bias = req.biases(served.vocab_size)
         try:
             for p in prompts:
-                n_prompt = len(served.encode(p))
-                wanted = max_tokens if max_tokens is not None else max(served.context - n_prompt, 0)
+                ids = served.encode(p)
+                wanted = max_tokens if max_tokens is not None else max(served.context - len(ids), 0)
                 for j in range(req.n):
                     seed = None if req.seed is None else req.seed + len(tickets)
                     sampling = Sampling(max_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
                                         stop=tuple(stop), seed=seed, logit_bias=bias)
-                    tickets.append(engine.submit(p, sampling))
+                    tickets.append(engine.submit(p, sampling, ids=ids))
                     texts.append(p)
         except PromptTooLong as exc:
             for t in tickets:

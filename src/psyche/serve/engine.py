@@ -26,7 +26,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -222,11 +222,15 @@ Event = Started | Text | Finished | Failed
 class Ticket:
     """One submitted completion, as seen from the event loop: iterate :meth:`events`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: str, sampling: Sampling):
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: str, sampling: Sampling, *,
+                 ids: list[int], encoded_by: ServedModel):
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.prompt = prompt
         self.sampling = sampling
+        self.ids = ids
+        """The prompt's tokens, as ``encoded_by`` reads it (a batch on another model encodes it again)."""
+        self.encoded_by = encoded_by
         self.cancelled = False
         """Set when nobody waits for the rest (a client went away): its row leaves the batch."""
 
@@ -277,8 +281,9 @@ class InferenceEngine(Protocol):
         """Finish or drop what is in flight and release the model. Blocking."""
         ...
 
-    def submit(self, prompt: str, sampling: Sampling) -> "Ticket":
-        """Queue a completion (from the event loop); raises :class:`EngineError`."""
+    def submit(self, prompt: str, sampling: Sampling, *, ids: list[int] | None = None) -> "Ticket":
+        """Queue a completion (from the event loop; ``ids``: the prompt's tokens on the served
+        model, if known); raises :class:`EngineError`."""
         ...
 
     def stats(self) -> dict[str, int]:
@@ -309,6 +314,8 @@ class Engine:
         """Batches decoded so far."""
         self.batched_completions = 0
         """Completions those batches held, together."""
+        self.cancelled = 0
+        """Completions dropped because nobody waited for them any more (a client went away)."""
 
     @property
     def served(self) -> ServedModel | None:
@@ -325,8 +332,8 @@ class Engine:
         self._served = served
 
     def stats(self) -> dict[str, int]:
-        """Batches decoded and the completions they held, so far."""
-        return {"batches": self.batches, "batched_completions": self.batched_completions}
+        """Batches decoded, the completions they held, and those dropped unfinished, so far."""
+        return {"batches": self.batches, "batched_completions": self.batched_completions, "cancelled": self.cancelled}
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
@@ -341,24 +348,19 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def check(self, prompt: str, sampling: Sampling) -> int:
-        """The prompt's token count on the served model; raises :class:`NoModel` or
-        :class:`PromptTooLong` as :meth:`submit` would."""
-        served = self._served
-        if served is None:
-            raise NoModel("no checkpoint is loaded yet")
-        n = len(served.encode(prompt))
-        _check_fits(served, n, sampling.max_tokens)
-        return n
-
-    def submit(self, prompt: str, sampling: Sampling) -> Ticket:
-        """Queue a completion of ``prompt``; its events come through the returned ticket.
+    def submit(self, prompt: str, sampling: Sampling, *, ids: list[int] | None = None) -> Ticket:
+        """Queue a completion of ``prompt`` (``ids``: its tokens on the served model, if the
+        caller has them); its events come through the returned ticket.
 
         Raises :class:`NoModel`, :class:`PromptTooLong` or :class:`QueueFull` (the
         completion was not queued). Call from the event loop.
         """
-        self.check(prompt, sampling)
-        ticket = Ticket(asyncio.get_running_loop(), prompt, sampling)
+        served = self._served
+        if served is None:
+            raise NoModel("no checkpoint is loaded yet")
+        ids = ids if ids is not None else served.encode(prompt)
+        check_fits(served, len(ids), sampling.max_tokens)
+        ticket = Ticket(asyncio.get_running_loop(), prompt, sampling, ids=ids, encoded_by=served)
         try:
             self._queue.put_nowait(ticket)
         except queue.Full:
@@ -385,13 +387,15 @@ class Engine:
                     stopping = True
                     break
                 tickets.append(nxt)
+            waiting = len(tickets)
             tickets = [t for t in tickets if not t.cancelled]
+            self.cancelled += waiting - len(tickets)
             served = self._served
             if tickets and served is not None:
                 self.batches += 1
                 self.batched_completions += len(tickets)
                 try:
-                    decode_batch(served, tickets)
+                    self.cancelled += decode_batch(served, tickets)
                 except Exception as exc:  # a model error fails this batch, never the server
                     log.exception("a batch of %d completions failed", len(tickets))
                     for t in tickets:
@@ -400,7 +404,8 @@ class Engine:
                 return
 
 
-def _check_fits(served: ServedModel, prompt_tokens: int, max_tokens: int) -> None:
+def check_fits(served: ServedModel, prompt_tokens: int, max_tokens: int) -> None:
+    """Raise :class:`PromptTooLong` unless ``prompt_tokens + max_tokens`` fit ``served``'s context."""
     if prompt_tokens + max_tokens > served.context:
         raise PromptTooLong(
             f"this model's context is {served.context} tokens, but {prompt_tokens + max_tokens} were asked for "
@@ -471,19 +476,18 @@ class Detokenizer:
         return self.text
 
 
-def decode_batch(served: ServedModel, tickets: list[Ticket],
-                 on_token: Callable[[], None] | None = None) -> None:
+def decode_batch(served: ServedModel, tickets: list[Ticket]) -> int:
     """Complete every ticket's prompt on ``served`` together (module docstring), emitting
-    each ticket's events. ``on_token`` is called after each decoding step (for tests)."""
+    each ticket's events; returns how many were cancelled on the way."""
     import torch
 
     model = served.model
     device = next(model.parameters()).device
     rows: list[tuple[Ticket, list[int]]] = []
     for t in tickets:
-        ids = served.encode(t.prompt)
+        ids = t.ids if t.encoded_by is served else served.encode(t.prompt)
         try:
-            _check_fits(served, len(ids), t.sampling.max_tokens)
+            check_fits(served, len(ids), t.sampling.max_tokens)
         except PromptTooLong as exc:  # the model was swapped for one with a shorter context
             t.emit(Failed(str(exc)))
             continue
@@ -493,7 +497,7 @@ def decode_batch(served: ServedModel, tickets: list[Ticket],
             continue
         rows.append((t, ids))
     if not rows:
-        return
+        return 0
     pad = served.eot_id if served.eot_id is not None else 0
     width = max(len(ids) for _, ids in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
@@ -513,6 +517,7 @@ def decode_batch(served: ServedModel, tickets: list[Ticket],
     streams = [TextStream(t.sampling.stop) for t, _ in rows]
     texts = [Detokenizer(served.tokenizer) for _ in rows]
     active = list(range(len(rows)))  # batch position -> row
+    cancelled = 0
 
     def finish(r: int, reason: str) -> None:
         t = rows[r][0]
@@ -534,6 +539,7 @@ def decode_batch(served: ServedModel, tickets: list[Ticket],
             for k, r in enumerate(active):
                 t, ids = rows[r]
                 if t.cancelled:
+                    cancelled += 1
                     continue
                 if tokens[k] == served.eot_id:
                     generated[r].append(tokens[k])
@@ -549,10 +555,8 @@ def decode_batch(served: ServedModel, tickets: list[Ticket],
                     finish(r, "length")
                 else:
                     keep.append(k)
-            if on_token is not None:
-                on_token()
             if not keep:
-                return
+                return cancelled
             step_tokens = torch.tensor([tokens[k] for k in keep], dtype=torch.long)  # (b,)
             if len(keep) < len(active):
                 # Rows that ended leave the batch: their cache rows go with them.

@@ -31,13 +31,13 @@ from psyche.serve.engine import (
     Failed,
     Finished,
     NoModel,
-    PromptTooLong,
     QueueFull,
     Sampling,
     ServedModel,
     Started,
     Text,
     Ticket,
+    check_fits,
     recorded,
 )
 
@@ -103,19 +103,15 @@ class VLLMEngine:
     def stats(self) -> dict[str, int]:
         return {"completions": self.completions, "in_flight": sum(self._in_flight.values())}
 
-    def submit(self, prompt: str, sampling: Sampling) -> Ticket:
+    def submit(self, prompt: str, sampling: Sampling, *, ids: list[int] | None = None) -> Ticket:
         served = self._served
         if served is None:
             raise NoModel("no checkpoint is loaded yet")
-        ids = served.encode(prompt)
-        if len(ids) + sampling.max_tokens > served.context:
-            raise PromptTooLong(
-                f"this model's context is {served.context} tokens, but {len(ids) + sampling.max_tokens} were asked "
-                f"for ({len(ids)} in the prompt and {sampling.max_tokens} to complete); shorten the prompt or lower "
-                "max_tokens")
+        ids = ids if ids is not None else served.encode(prompt)
+        check_fits(served, len(ids), sampling.max_tokens)
         if sum(self._in_flight.values()) >= self.max_queue:
             raise QueueFull(f"{self.max_queue} completions are already running; retry shortly")
-        ticket = Ticket(asyncio.get_running_loop(), prompt, sampling)
+        ticket = Ticket(asyncio.get_running_loop(), prompt, sampling, ids=ids, encoded_by=served)
         self._in_flight[id(served)] = self._in_flight.get(id(served), 0) + 1
         self.completions += 1
         task = asyncio.create_task(self._complete(served, ids, ticket))
