@@ -523,7 +523,7 @@ def serve_cmd(
     run_id: Annotated[str | None, typer.Option(metavar="ID", help="The run to follow (default with --follow: the server's only run).")] = None,
     name: Annotated[str | None, typer.Option(metavar="NAME", help="The model id clients ask for (default: the run's name).")] = None,
     host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port to listen on.")] = 8100,
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port to listen on.")] = 8200,
     device: DeviceOpt = "auto",
     max_batch: Annotated[int, typer.Option(metavar="N", min=1, max=256, help="Completions decoded together in one batch.")] = 8,
     max_queue: Annotated[int, typer.Option(metavar="N", min=1, help="Completions that may wait for a batch; beyond it requests get 429.")] = 64,
