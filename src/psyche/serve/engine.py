@@ -310,6 +310,7 @@ class Engine:
         self._served = served
         self._queue: queue.Queue[Ticket | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.batches = 0
         """Batches decoded so far."""
         self.batched_completions = 0
@@ -342,9 +343,13 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop the worker after the batch in flight."""
+        """Stop the worker after the batch in flight (completions still waiting are dropped)."""
         if self._thread is not None:
-            self._queue.put(None)
+            self._stopping = True
+            try:
+                self._queue.put_nowait(None)  # wakes a worker waiting for work
+            except queue.Full:
+                pass  # a worker with a full queue is busy: it sees _stopping after its batch
             self._thread.join(timeout=30)
             self._thread = None
 
@@ -400,7 +405,7 @@ class Engine:
                     log.exception("a batch of %d completions failed", len(tickets))
                     for t in tickets:
                         t.emit(Failed(f"the model failed: {type(exc).__name__}: {exc}"))
-            if stopping:
+            if stopping or self._stopping:
                 return
 
 
