@@ -69,6 +69,7 @@ bench: install $(BENCH_DEB_STAMP)
 	$(BIN)/python bench/convergence.py --quick
 	$(BIN)/python bench/convergence_matrix.py --quick
 	$(BIN)/python bench/adversary.py --quick
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
