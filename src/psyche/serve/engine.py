@@ -2,15 +2,18 @@
 
 Requests that arrive together are decoded together. One worker thread takes whatever is
 waiting in a bounded queue (up to ``max_batch`` completions, gathering for at most
-``gather_s`` after the first), left-pads their prompts into one batch and decodes it token
-by token with the model's key/value cache. Each row samples with its own temperature,
-top-p and seeded generator, and leaves the batch (its cache rows dropped) at its own end:
-end of text, a stop sequence, ``max_tokens`` or the context's end. Completions that
-arrive meanwhile wait for the next batch. A full queue refuses at once (:class:`QueueFull`,
-HTTP 429), so a burst never grows memory or latency without bound.
+``gather_s`` after the first), left-pads their prompts into one :class:`Batch` and decodes
+it token by token with the model's key/value cache. Each row samples with its own
+temperature, top-p and seeded generator, and leaves the batch (its cache rows dropped) at
+its own end: end of text, a stop sequence, ``max_tokens`` or the context's end.
+Completions that arrive meanwhile join the running batch between two steps, while it has
+fewer than ``max_batch`` rows (continuous batching), so a request never waits for a whole
+batch to end. A full queue refuses at once (:class:`QueueFull`, HTTP 429), so a burst never
+grows memory or latency without bound.
 
 The served model can be replaced at any time (:meth:`Engine.swap`): a batch in flight
-finishes on the model it started with, and the next batch starts on the new one. Every
+finishes on the model it started with (nothing joins it any more), and the next batch
+starts on the new one. Every
 completion says which model and step answered it (:class:`Started`).
 
 Events reach the asyncio side through :class:`Ticket`, whose queue the worker feeds with
@@ -26,7 +29,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -312,9 +315,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.batches = 0
-        """Batches decoded so far."""
+        """Batches decoded so far (a batch runs until its last row ends)."""
         self.batched_completions = 0
-        """Completions those batches held, together."""
+        """Completions those batches held, together (those that joined a running one too)."""
         self.cancelled = 0
         """Completions dropped because nobody waited for them any more (a client went away)."""
 
@@ -376,37 +379,54 @@ class Engine:
     # --- the worker thread
 
     def _work(self) -> None:
-        while True:
+        while not self._stopping:
             first = self._queue.get()
             if first is None:
                 return
-            tickets = [first]
-            stopping = False
-            deadline = time.monotonic() + self.gather_s
-            while len(tickets) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                tickets.append(nxt)
-            waiting = len(tickets)
-            tickets = [t for t in tickets if not t.cancelled]
-            self.cancelled += waiting - len(tickets)
             served = self._served
-            if tickets and served is not None:
-                self.batches += 1
-                self.batched_completions += len(tickets)
-                try:
-                    self.cancelled += decode_batch(served, tickets)
-                except Exception as exc:  # a model error fails this batch, never the server
-                    log.exception("a batch of %d completions failed", len(tickets))
-                    for t in tickets:
-                        t.emit(Failed(f"the model failed: {type(exc).__name__}: {exc}"))
-            if stopping or self._stopping:
-                return
+            if served is None:  # (submit refuses before a model is loaded)
+                continue
+            batch = Batch(served, on_cancel=self._count_cancelled)
+            self._join(batch, [first], gather=True)
+            self.batches += 1
+            try:
+                while batch.step():
+                    if self._stopping:
+                        return
+                    # Completions waiting join between two steps, while the model is the one
+                    # served: after a swap they wait for the next batch, on the new model.
+                    if self._served is served and batch.joinable and len(batch.rows) < self.max_batch:
+                        self._join(batch, [])
+            except Exception as exc:  # a model error fails this batch, never the server
+                log.exception("a batch of %d completions failed", len(batch.rows))
+                batch.fail(f"the model failed: {type(exc).__name__}: {exc}")
+
+    def _count_cancelled(self) -> None:
+        self.cancelled += 1
+
+    def _join(self, batch: Batch, tickets: list[Ticket], *, gather: bool = False) -> None:
+        """Admit ``tickets`` and those waiting into ``batch``, up to ``max_batch`` rows (with
+        ``gather``, waiting up to ``gather_s`` for more to arrive)."""
+        deadline = time.monotonic() + (self.gather_s if gather else 0.0)
+        while len(batch.rows) + len(tickets) < self.max_batch:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if gather \
+                    else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._stopping = True
+                break
+            tickets.append(nxt)
+        live = [t for t in tickets if not t.cancelled]
+        self.cancelled += len(tickets) - len(live)
+        if live:
+            try:
+                self.batched_completions += batch.admit(live)
+            except Exception as exc:  # reading these prompts failed: they fail, the batch goes on
+                log.exception("admitting %d completions failed", len(live))
+                for t in live:
+                    t.emit(Failed(f"the model failed: {type(exc).__name__}: {exc}"))
 
 
 def check_fits(served: ServedModel, prompt_tokens: int, max_tokens: int) -> None:
@@ -481,96 +501,180 @@ class Detokenizer:
         return self.text
 
 
-def decode_batch(served: ServedModel, tickets: list[Ticket]) -> int:
-    """Complete every ticket's prompt on ``served`` together (module docstring), emitting
-    each ticket's events; returns how many were cancelled on the way."""
+@dataclass
+class _Row:
+    """One completion in a batch."""
+
+    ticket: Ticket
+    prompt_tokens: int
+    generator: "torch.Generator"
+    text: "Detokenizer"
+    stream: TextStream
+    generated: list[int] = field(default_factory=list)
+
+
+def _cache_layers(cache: Any) -> list[Any] | None:
+    """The layers of a Transformers key/value cache whose ``keys``/``values`` tensors
+    (B, H, T, D) can be joined along the batch; None for a cache of another kind."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        return list(layers)
+    return None
+
+
+def _left_pad(x: "torch.Tensor", width: int, dim: int) -> "torch.Tensor":
+    """``x`` with zeros prepended along ``dim`` up to ``width``."""
     import torch
 
-    model = served.model
-    device = next(model.parameters()).device
-    rows: list[tuple[Ticket, list[int]]] = []
-    for t in tickets:
-        ids = t.ids if t.encoded_by is served else served.encode(t.prompt)
-        try:
-            check_fits(served, len(ids), t.sampling.max_tokens)
-        except PromptTooLong as exc:  # the model was swapped for one with a shorter context
-            t.emit(Failed(str(exc)))
-            continue
-        if t.sampling.max_tokens == 0:
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+class Batch:
+    """Completions decoded together on one model, token by token with its key/value cache.
+
+    Rows are left-padded to a common width: each row's attention mask hides its padding
+    and its positions count from its own first token. Completions can join between two
+    steps (:meth:`admit`): they are read in a pass of their own, and their cache is padded
+    on the left to the batch's width and appended; rows leave at their own end, their
+    cache rows dropped. Every row samples with its own settings and generator.
+    """
+
+    def __init__(self, served: ServedModel, *, on_cancel: Callable[[], None] = lambda: None):
+        self.served = served
+        self.on_cancel = on_cancel
+        """Called for each row dropped because its ticket was cancelled."""
+        self.device = next(served.model.parameters()).device
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: "torch.Tensor | None" = None  # (b, T)
+        self.next_pos: "torch.Tensor | None" = None  # (b,)
+        self.logits: "torch.Tensor | None" = None  # (b, V): the next token's, not yet sampled
+
+    @property
+    def joinable(self) -> bool:
+        """Whether completions can join now (the cache is of a kind whose rows can be appended)."""
+        return self.cache is None or _cache_layers(self.cache) is not None
+
+    def admit(self, tickets: list[Ticket]) -> int:
+        """Start ``tickets`` in this batch (reading their prompts); those that cannot start
+        (too long for this model, nothing to generate) end at once. Returns how many joined."""
+        import torch
+
+        served = self.served
+        rows: list[tuple[Ticket, list[int]]] = []
+        for t in tickets:
+            ids = t.ids if t.encoded_by is served else served.encode(t.prompt)
+            try:
+                check_fits(served, len(ids), t.sampling.max_tokens)
+            except PromptTooLong as exc:  # the model was swapped for one with a shorter context
+                t.emit(Failed(str(exc)))
+                continue
             t.emit(Started(served, len(ids)))
-            t.emit(Finished("length", 0))
-            continue
-        rows.append((t, ids))
-    if not rows:
-        return 0
-    pad = served.eot_id if served.eot_id is not None else 0
-    width = max(len(ids) for _, ids in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, (_, ids) in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
-    # Left padding: each row's positions count from its own first real token.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    generators = []
-    for t, _ in rows:
-        seed = t.sampling.seed if t.sampling.seed is not None else random.getrandbits(63)
-        generators.append(torch.Generator().manual_seed(seed))
-    for t, ids in rows:
-        t.emit(Started(served, len(ids)))
-    generated: list[list[int]] = [[] for _ in rows]
-    streams = [TextStream(t.sampling.stop) for t, _ in rows]
-    texts = [Detokenizer(served.tokenizer) for _ in rows]
-    active = list(range(len(rows)))  # batch position -> row
-    cancelled = 0
+            if t.sampling.max_tokens == 0:
+                t.emit(Finished("length", 0))
+                continue
+            rows.append((t, ids))
+        if not rows:
+            return 0
+        pad = served.eot_id if served.eot_id is not None else 0
+        width = max(len(ids) for _, ids in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (b, T)
+        for i, (_, ids) in enumerate(rows):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T)
+        with torch.inference_mode():
+            out = self.served.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=positions.to(self.device), use_cache=True)
+        logits = out.logits[:, -1, :].float().cpu()  # (b, V)
+        next_pos = positions[:, -1] + 1  # (b,)
+        new = []
+        for t, ids in rows:
+            seed = t.sampling.seed if t.sampling.seed is not None else random.getrandbits(63)
+            new.append(_Row(t, len(ids), torch.Generator().manual_seed(seed), Detokenizer(served.tokenizer),
+                            TextStream(t.sampling.stop)))
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos, self.logits, self.rows = out.past_key_values, mask, next_pos, logits, new
+            return len(new)
+        assert self.mask is not None and self.next_pos is not None and self.logits is not None
+        # Join: both caches padded on the left to the wider one, then stacked along the batch.
+        total = max(self.mask.shape[1], width)
+        old_layers, new_layers = _cache_layers(self.cache), _cache_layers(out.past_key_values)
+        assert old_layers is not None and new_layers is not None
+        for old, add in zip(old_layers, new_layers):
+            old.keys = torch.cat([_left_pad(old.keys, total, 2), _left_pad(add.keys, total, 2)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, total, 2), _left_pad(add.values, total, 2)], dim=0)
+        self.mask = torch.cat([_left_pad(self.mask, total, 1), _left_pad(mask, total, 1)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows.extend(new)
+        return len(new)
 
-    def finish(r: int, reason: str) -> None:
-        t = rows[r][0]
-        if piece := streams[r].finish(texts[r].flush(generated[r])):
-            t.emit(Text(piece))
-        t.emit(Finished(reason, len(generated[r])))
+    def step(self) -> bool:
+        """Sample each row's next token, hand out what became final, drop the rows that
+        ended, and run the model once on the new tokens. False once no row is left."""
+        import torch
 
-    with torch.inference_mode():
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), use_cache=True)
-        cache = out.past_key_values
-        # Transformers 5 names the cache argument `cache`; older releases `past_key_values`.
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        next_pos = positions[:, -1] + 1  # (B,)
-        logits = out.logits[:, -1, :].float().cpu()  # (B, V)
-        while True:
-            tokens = sample_next(logits, [rows[r][0].sampling for r in active], [generators[r] for r in active])
-            keep: list[int] = []
-            for k, r in enumerate(active):
-                t, ids = rows[r]
-                if t.cancelled:
-                    cancelled += 1
-                    continue
-                if tokens[k] == served.eot_id:
-                    generated[r].append(tokens[k])
-                    finish(r, "stop")
-                    continue
-                generated[r].append(tokens[k])
-                piece = streams[r].feed(texts[r].step(generated[r]))
-                if piece:
-                    t.emit(Text(piece))
-                if streams[r].stopped:
-                    t.emit(Finished("stop", len(generated[r])))
-                elif len(generated[r]) >= t.sampling.max_tokens or len(ids) + len(generated[r]) >= served.context:
-                    finish(r, "length")
-                else:
-                    keep.append(k)
-            if not keep:
-                return cancelled
-            step_tokens = torch.tensor([tokens[k] for k in keep], dtype=torch.long)  # (b,)
-            if len(keep) < len(active):
-                # Rows that ended leave the batch: their cache rows go with them.
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index.to(device))
-                mask, next_pos = mask[index], next_pos[index]
-                active = [active[k] for k in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)  # (b, T+n)
-            out = model(input_ids=step_tokens[:, None].to(device), attention_mask=mask.to(device),
-                        position_ids=next_pos[:, None].to(device), use_cache=True, **{cache_arg: cache})
-            next_pos = next_pos + 1
-            logits = out.logits[:, -1, :].float().cpu()
+        if not self.rows:
+            return False
+        assert self.logits is not None and self.mask is not None and self.next_pos is not None
+        served = self.served
+        tokens = sample_next(self.logits, [r.ticket.sampling for r in self.rows], [r.generator for r in self.rows])
+        keep: list[int] = []
+        for k, row in enumerate(self.rows):
+            t = row.ticket
+            if t.cancelled:
+                self.on_cancel()
+                continue
+            row.generated.append(tokens[k])
+            if tokens[k] == served.eot_id:
+                self._finish(row, "stop")
+                continue
+            if piece := row.stream.feed(row.text.step(row.generated)):
+                t.emit(Text(piece))
+            if row.stream.stopped:
+                t.emit(Finished("stop", len(row.generated)))
+            elif len(row.generated) >= t.sampling.max_tokens or row.prompt_tokens + len(row.generated) >= served.context:
+                self._finish(row, "length")
+            else:
+                keep.append(k)
+        if not keep:
+            self.rows = []
+            return False
+        step_tokens = torch.tensor([tokens[k] for k in keep], dtype=torch.long)  # (b,)
+        if len(keep) < len(self.rows):
+            # Rows that ended leave the batch: their cache rows go with them.
+            index = torch.tensor(keep, dtype=torch.long)
+            self.cache.batch_select_indices(index.to(self.device))
+            self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+            self.rows = [self.rows[k] for k in keep]
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)  # (b, T+1)
+        with torch.inference_mode():
+            out = served.model(input_ids=step_tokens[:, None].to(self.device), attention_mask=self.mask.to(self.device),
+                               position_ids=self.next_pos[:, None].to(self.device), use_cache=True,
+                               **{_cache_argument(served.model): self.cache})
+        self.next_pos = self.next_pos + 1
+        self.logits = out.logits[:, -1, :].float().cpu()
+        return True
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        if piece := row.stream.finish(row.text.flush(row.generated)):
+            row.ticket.emit(Text(piece))
+        row.ticket.emit(Finished(reason, len(row.generated)))
+
+    def fail(self, message: str) -> None:
+        """End every row with ``message`` (the model failed)."""
+        for row in self.rows:
+            row.ticket.emit(Failed(message))
+        self.rows = []
+
+
+def _cache_argument(model: Any) -> str:
+    # Transformers 5 names the cache argument `cache`; older releases `past_key_values`.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
