@@ -27,8 +27,9 @@ runs, and the phases interleave so a change of load on the machine falls on all 
 4. ``serve_8``: 8 streamed requests sent at once.
 
 Figures are tokens over the phase's wall time, summed over the rounds; time to first token
-(TTFT) is from sending a request to its first piece of text (in serve_8 it includes waiting
-for an earlier batch, when the 8 did not all make the first one). ``batching_speedup`` =
+(TTFT) is from sending a request to its first piece of text (in serve_8 it includes the
+steps of the requests ahead of it: a request that arrives while a batch runs joins it
+between two steps). ``batching_speedup`` =
 serve_8 / generate_1, ``concurrency_speedup`` = serve_8 / serve_1, ``serve_overhead_ratio``
 = serve_1 / generate_1 (below 1: what HTTP, SSE and the engine's per-token work cost).
 The server's ``/healthz`` counters around the serve_8 phases give the batches it decoded
