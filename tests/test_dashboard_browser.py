@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,23 @@ CONN = "document.querySelector('#conn').dataset.state"
 STATE = "(() => { const e = document.querySelector('#run-badge'); return e ? e.textContent.trim() : ''; })()"
 
 
+async def open_page(pw, *, errors: list[str], transferred: list, noise: Callable[[str], bool]):
+    """Headless Chromium and a light 1280x900 page in it, whose console errors (but those
+    ``noise`` allows) and script errors go to ``errors`` and finished requests to
+    ``transferred``; returns (browser, page)."""
+    browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = await browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="light")
+
+    def on_console(msg):
+        if msg.type == "error" and not noise(msg.text):
+            errors.append(f"console: {msg.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("requestfinished", lambda req: transferred.append(req))
+    return browser, page
+
+
 def visible(page, selector: str):
     """The text a viewer sees in ``selector`` (whitespace collapsed)."""
     return page.evaluate(f"(() => {{ const e = document.querySelector({selector!r}); "
@@ -105,16 +123,10 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path, start_c
     allowed_noise = {"on": False}
     transferred: list = []
 
-    def on_console(msg):
-        if msg.type == "error" and not (allowed_noise["on"] and any(n in msg.text for n in RECONNECT_NOISE)):
-            errors.append(f"console: {msg.text}")
-
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="light")
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-        page.on("requestfinished", lambda req: transferred.append(req))
+        browser, page = await open_page(
+            pw, errors=errors, transferred=transferred,
+            noise=lambda text: allowed_noise["on"] and any(n in text for n in RECONNECT_NOISE))
 
         # The runs list shows the run, with no step done yet; its row leads to the run's page.
         steps = net.cfg.coordinator.total_steps

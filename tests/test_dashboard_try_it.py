@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.netutil import Network, Serve, small_config
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, poll, require_browser
+from tests.test_dashboard_browser import open_page, poll, require_browser
 
 pytestmark = pytest.mark.e2e
 
@@ -96,16 +96,9 @@ async def _drive_browser(async_playwright, net: Network, plain: Network, serve: 
     expect_load_failures = {"on": False}
     transferred: list = []
 
-    def on_console(msg):
-        if msg.type == "error" and not (expect_load_failures["on"] and LOAD_FAILED in msg.text):
-            errors.append(f"console: {msg.text}")
-
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="light")
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-        page.on("requestfinished", lambda req: transferred.append(req))
+        browser, page = await open_page(pw, errors=errors, transferred=transferred,
+                                        noise=lambda text: expect_load_failures["on"] and LOAD_FAILED in text)
 
         # A server without --inference-url: its run's page has no box.
         await page.goto(f"{plain.url}/runs/{plain.cfg.run_id}")

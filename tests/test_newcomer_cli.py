@@ -82,7 +82,7 @@ def test_every_command_that_computes_picks_its_device_the_same_way():
             with_device.append(path[-1])
             option = text[text.index("--device"):].split("\n  --", 1)[0]
             assert "auto (cuda if present, else cpu)" in option and "[default: auto]" in option, (path, option)
-    assert sorted(with_device) == ["client", "doctor", "generate", "train"]
+    assert sorted(with_device) == ["client", "doctor", "generate", "serve", "train"]
 
 
 def test_output_to_a_pipe_is_never_cut_into_short_lines(tmp_path):
