@@ -234,46 +234,54 @@ class RuntimeSwarm:
             if loop.time() > end:
                 last = "; ".join(f"{c.id.hex()[:8]}: {c.said[-1] if c.said else '-'}" for c in self.clients)
                 raise AssertionError(f"not reached in {timeout}s: {what or condition} "
-                                     f"(run is {self.state.run_state.value} at step {self.state.step}; last said: {last})")
+                                     f"(run is {self.state.run_state.value} at step {self.state.step}; waiting for: "
+                                     f"{self.waiting_for() or 'a deadline'}; last said: {last})")
             await asyncio.sleep(0.005)
 
     def settled(self) -> bool:
+        """Whether only a deadline can move the run on (see :meth:`waiting_for`)."""
+        return self.waiting_for() is None
+
+    def waiting_for(self) -> str | None:
         """Whether every running healthy member has done all it can in the current phase, so that
         only a deadline can move the run on. Letting time pass earlier would drop or accuse a
         member only because this machine was slow. Per phase: Warmup, every member has the model;
         a round, every member trained its batch and holds the result of every other member it can
         reach (or gave up on it), and in RoundWitness every witness reported; Cooldown, every
-        member applied the epoch's last step, and the checkpoints are in (when kept)."""
+        member applied the epoch's last step, and the checkpoints are in (when kept). Returns
+        what is still awaited, for people, or None once settled."""
         s = self.state
         healthy = {c.id for c in s.clients if c.state is ClientState.Healthy}
         running = [c for c in self.clients if c.id in healthy and c.task is not None and not c.task.done()]
-        if any(c.runtime._background for c in running):
-            return False  # downloads or witness reports in flight
+        if busy := [c for c in running if c.runtime._background]:
+            return "background work (downloads, witness reports) of " + ", ".join(
+                f"{c.id.hex()[:8]}: {sorted(t.get_name() for t in c.runtime._background)}" for c in busy)
         rnd = q.current_round(s)
         match s.run_state:
             case RunState.Warmup:
-                return all(c.runtime.model_epoch == s.epoch for c in running)
+                if lacking := [c.id.hex()[:8] for c in running if c.runtime.model_epoch != s.epoch]:
+                    return f"the model of epoch {s.epoch} at {lacking}"
             case RunState.RoundTrain | RunState.RoundWitness if rnd is not None:
                 step = rnd.step
                 trainers = [c for c in running if q.assignment_for(s, c.id, step=step) is not None]
                 for x in running:
                     if x in trainers and step not in x.runtime.trained:
-                        return False
+                        return f"{x.id.hex()[:8]} to train step {step}"
                     book = x.runtime.books.get(step)
                     done = set(book.verified) | book.bad if book is not None else set()
-                    if any(y.id not in done and frozenset((x.id, y.id)) not in self.net.blocked
-                           for y in trainers if y is not x):
-                        return False
+                    if missing := [y.id.hex()[:8] for y in trainers if y is not x and y.id not in done
+                                   and frozenset((x.id, y.id)) not in self.net.blocked]:
+                        return f"{x.id.hex()[:8]} to hold the results of step {step} of {missing}"
                     if s.run_state is RunState.RoundWitness and q.is_witness(s, x.id, step=step) \
                             and step not in x.runtime.witnessed:
-                        return False
-                return True
+                        return f"{x.id.hex()[:8]} to witness step {step}"
             case RunState.Cooldown:
-                applied = all(c.runtime.checkpointed_epoch == s.epoch for c in running)
-                saved = self.checkpoint_root is None or all(
-                    i in s.checkpointed for i in s.checkpointers if s.clients[i].state is ClientState.Healthy)
-                return applied and saved
-        return True
+                if unapplied := [c.id.hex()[:8] for c in running if c.runtime.checkpointed_epoch != s.epoch]:
+                    return f"{unapplied} to end epoch {s.epoch}"
+                if self.checkpoint_root is not None and not all(
+                        i in s.checkpointed for i in s.checkpointers if s.clients[i].state is ClientState.Healthy):
+                    return "the checkpoints"
+        return None
 
     def in_state(self, run_state: RunState, *, step: int | None = None) -> Callable[[], bool]:
         """A condition: the run is in ``run_state`` (at ``step``, if given)."""
