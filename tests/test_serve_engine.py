@@ -85,3 +85,49 @@ def test_a_swap_lets_the_batch_in_flight_finish_on_its_model(folder, tmp_path):
         assert len(text) > 300 and later_step == 8  # the long one whole; the next on the new model
     finally:
         engine.stop()
+
+
+def test_a_follower_loads_only_the_checkpoint_the_run_recorded(folder, tmp_path, monkeypatch):
+    """The weights are checked against the recorded sha256: a folder already rewritten is not
+    served (nor copied again for the same record), the recorded one is, and a location this
+    machine cannot read is said once while the model served stays."""
+    import shutil
+
+    from psyche.serve import follow
+    from psyche.serve.follow import Follower, Published, weights_sha256
+
+    class Records:
+        run_id = "run-1"
+        record: Published | None = None
+
+        def describe(self) -> str:
+            return "a test run"
+
+        async def latest(self):
+            return self.record
+
+        async def close(self) -> None:
+            pass
+
+    copies = []
+    copytree = shutil.copytree
+    monkeypatch.setattr(follow.shutil, "copytree", lambda a, b: (copies.append(a), copytree(a, b))[1])
+    source, said = Records(), []
+    engine = Engine()
+    follower = Follower(source, engine, say=said.append)
+
+    async def scenario() -> list[bool]:
+        source.record = Published(7, str(folder), b"\0" * 32)  # the folder holds other weights now
+        moved = [await follower.poll_once(), await follower.poll_once()]
+        source.record = Published(7, str(folder), weights_sha256(folder))
+        loaded = await follower.poll_once()
+        source.record = Published(9, str(tmp_path / "elsewhere"), b"\1" * 32)
+        unreadable = [await follower.poll_once(), await follower.poll_once()]
+        return [*moved, loaded, *unreadable]
+
+    assert asyncio.run(scenario()) == [False, False, True, False, False]
+    assert copies.count(folder) == 2  # the moved record once (not at each poll), the good one once
+    served = engine.served
+    assert served is not None and (served.name, served.step, served.run_id) == ("run-1", 7, "run-1")
+    assert served.checkpoint == str(folder)
+    assert sum("cannot read" in line for line in said) == 1 and "still serving step 7" in said[-1]

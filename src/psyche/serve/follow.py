@@ -219,6 +219,7 @@ class Follower:
         self.swaps = 0
         """Checkpoints loaded and swapped in so far."""
         self._unreadable: str | None = None
+        self._moved: Published | None = None
         self._last_problem: str | None = None
 
     async def run(self) -> None:
@@ -242,11 +243,14 @@ class Follower:
         served = self.engine.served
         if record is None or (served is not None and served.step is not None and record.step <= served.step):
             return False
+        if record == self._moved:
+            return False  # its folder holds a newer checkpoint already: wait for that one's record
         try:
             new = await asyncio.to_thread(load_published, record, self.engine, run_id=self.source.run_id,
                                           name=self.name or self.source.run_id)
         except CheckpointMoved as exc:
             log.debug("%s; waiting for its record", exc)
+            self._moved = record  # not copied again: the folder only moves on
             return False
         except (OSError, ValueError) as exc:  # unreadable here, or not a model transformers loads
             if self._unreadable != record.location:
