@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EOT = "<|endoftext|>"
+from psyche.data.tokenize import EOT
 
 
 class GenerateError(ValueError):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from psyche.data.tokenize import EOT
 from psyche.serve.textstream import REPLACEMENT, TextStream
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("psyche.serve")
 
-EOT = "<|endoftext|>"
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from psyche.data.tokenize import EOT
 from psyche.fsutil import replace_dir
 from psyche.train.model import load_pretrained, quiet_transformers
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 STATE_PT = "psyche_state.pt"
 STATE_JSON = "psyche_state.json"
-EOT = "<|endoftext|>"
 
 
 class CheckpointError(ValueError):
