@@ -128,10 +128,6 @@ class ServedModel:
                                                   add_generation_prompt=True)
         return str(text)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens ``text`` takes in a completion (no leading ``<|endoftext|>``)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
 
 def recorded(path: Path) -> tuple[str | None, int | None]:
     """The run name and step a psyche checkpoint folder records (None where it records none)."""

@@ -216,8 +216,6 @@ class Follower:
         self.name = name
         self.poll_s = poll_s
         self.say = say
-        self.swaps = 0
-        """Checkpoints loaded and swapped in so far."""
         self._unreadable: str | None = None
         self._moved: Published | None = None
         self._last_problem: str | None = None
@@ -260,7 +258,6 @@ class Follower:
                          + (f"step {served.step}" if served is not None else "nothing"))
             return False
         self.engine.swap(new)
-        self.swaps += 1
         self.say(f"serving {new.name} at step {new.step} (from {record.location})")
         return True
 
