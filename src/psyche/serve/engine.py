@@ -545,6 +545,8 @@ class Batch:
         self.on_cancel = on_cancel
         """Called for each row dropped because its ticket was cancelled."""
         self.device = next(served.model.parameters()).device
+        self.cache_arg = _cache_argument(served.model)
+        """The name the model's forward takes its key/value cache by (read once, not per step)."""
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: "torch.Tensor | None" = None  # (b, T)
@@ -654,7 +656,7 @@ class Batch:
         with torch.inference_mode():
             out = served.model(input_ids=step_tokens[:, None].to(self.device), attention_mask=self.mask.to(self.device),
                                position_ids=self.next_pos[:, None].to(self.device), use_cache=True,
-                               **{_cache_argument(served.model): self.cache})
+                               **{self.cache_arg: self.cache})
         self.next_pos = self.next_pos + 1
         self.logits = out.logits[:, -1, :].float().cpu()
         return True
