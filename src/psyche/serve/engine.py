@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -105,7 +106,7 @@ class ServedModel:
         """Token ids the model scores (its logits' width)."""
         return int(self.config.vocab_size)
 
-    @property
+    @cached_property  # asked for every row at every decoding step
     def eot_id(self) -> int | None:
         """The ``<|endoftext|>`` token: documents start after it and completions end at it."""
         eot = self.tokenizer.convert_tokens_to_ids(EOT)
