@@ -110,14 +110,14 @@ def _root(
     """
 
 
-def require_device(device: str) -> str:
+def require_device(device: str, *, option: str = "--device") -> str:
     """The device ``device`` names (``auto``: cuda if present, else cpu); exits with one
-    line unless it is a torch device this machine has."""
+    line (naming ``option``) unless it is a torch device this machine has."""
     from psyche.train.device import device_problem, resolve_device
 
     device = resolve_device(device)
     if problem := device_problem(device):
-        fail(f"--device {problem}")
+        fail(f"{option} {problem}")
     return device
 
 
@@ -779,6 +779,8 @@ def client_cmd(
     profile: Annotated[Path | None, typer.Option(metavar="FILE", help="On exit, write where this node's time went (JSON).")] = None,
     max_upload_rate: Annotated[str | None, typer.Option(metavar="RATE", help="Cap this node's P2P uploads (results and model parts), bytes/s: e.g. 500K, 2.5M, 1MiB/s.")] = None,
     max_download_rate: Annotated[str | None, typer.Option(metavar="RATE", help="Cap this node's P2P downloads, same form as --max-upload-rate.")] = None,
+    nproc_per_node: Annotated[int | None, typer.Option(metavar="N", help="Train on N local ranks (torch.distributed: one per GPU, or N CPU processes); to the run they are one node.")] = None,
+    devices: Annotated[str | None, typer.Option(metavar="LIST", help="The device of each rank, e.g. cuda:0,cuda:1 (instead of --device).")] = None,
 ) -> None:
     """Join a run and train: follow the coordinator, exchange results with peers, checkpoint."""
     from psyche.client.main import run_client
@@ -790,14 +792,21 @@ def client_cmd(
     # Also checked where the client first uses it; here it is told before torch loads.
     if server is not None and (problem := server_url_problem(server)) is not None:
         fail(problem)
-    device = require_device(device)
+    from psyche.train.device import node_devices
+
+    try:
+        ranks = node_devices(require_device(device) if devices is None else "cpu", nproc_per_node, devices)
+    except ValueError as exc:
+        fail(str(exc))
+    for d in dict.fromkeys(ranks):
+        require_device(d, option="--devices" if devices is not None else "--device")
     rates = {}
     for name, value in (("max-upload-rate", max_upload_rate), ("max-download-rate", max_download_rate)):
         try:
             rates[name] = None if value is None else parse_rate(value)
         except ValueError as exc:
             fail(f"--{name}: {exc}")
-    code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, device=device,
+    code = run_client(server=server, solana=solana, run_id=run_id, key=keypair or key, devices=ranks,
                       checkpoint_dir=checkpoint_dir, data=data, bind=bind, console=console, config=config,
                       profile=profile, upload_rate=rates["max-upload-rate"], download_rate=rates["max-download-rate"])
     raise typer.Exit(code)

@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
@@ -20,6 +20,10 @@ from rich.console import Console
 from psyche.config import ConfigError, RunConfig, parse_config
 from psyche.console import fail, fail_config, load_node_key
 from psyche.ledger.base import Ledger
+
+if TYPE_CHECKING:
+    from psyche.client.trainer import LocalTrainer
+    from psyche.identity import Identity
 from psyche.ledger.remote import server_url_problem, unreachable_message
 
 
@@ -73,14 +77,12 @@ async def _run(args: dict, console: Console) -> int:
 
     # Transformers takes seconds to import: let that overlap joining and waiting for the run.
     threading.Thread(target=import_model_code, name="import-model-code", daemon=True).start()
-    from psyche.client.runtime import ClientRuntime, KeyInUse
     from psyche.client.trainer import LocalTrainer
     from psyche.data import DataError
-    from psyche.p2p import P2PNode
-    from psyche.p2p.node import describe_address, endpoint_answers
 
     key_path = Path(args["key"])
     ledger: Ledger | None = None
+    run_id: str | None = None
     if args["server"] is not None:
         from psyche.ledger.remote import ServerLedger
 
@@ -110,23 +112,50 @@ async def _run(args: dict, console: Console) -> int:
         if digest and digest != cfg.digest():
             fail(f"{args['config']} is not the config run {args['run_id']!r} was created with "
                  f"(digest {cfg.digest()[:12]} vs {digest[:12]} on chain)")
+    devices = args["devices"]
     try:
-        trainer = LocalTrainer(cfg, device=args["device"], data_location=args["data"])
+        if len(devices) > 1:
+            from psyche.client.ranks import NodeTrainer, RankFailure
+
+            try:
+                trainer: LocalTrainer = NodeTrainer(cfg, devices=devices, data_location=args["data"])
+            except RankFailure as exc:
+                fail(f"this node's ranks could not start: {exc}")
+        else:
+            trainer = LocalTrainer(cfg, device=devices[0], data_location=args["data"])
     except DataError as exc:
         fail(" ".join(str(exc).split()))
-    if identity is None:
-        identity = load_node_key(key_path, create=True)
-    say = lambda msg: console.print(f"[dim]{identity.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
+    try:
+        return await _run_node(args, console, cfg, identity, ledger, trainer, key_path, run_id)
+    finally:
+        trainer.close()
+
+
+async def _run_node(args: dict, console: Console, cfg: RunConfig, identity: Identity | None, ledger: Ledger | None,
+                    trainer: LocalTrainer, key_path: Path, run_id: str | None) -> int:
+    """Join and follow the run with ``trainer`` until it ends (what :func:`_run` returns).
+    ``ledger`` None: the server's (``args["server"]``, run ``run_id``), built once the key is known."""
+    from psyche.client.runtime import ClientRuntime, KeyInUse
+    from psyche.p2p import P2PNode
+    from psyche.p2p.node import describe_address, endpoint_answers
+
+    from psyche.client.ports import TrainerFailure
+
+    me = identity if identity is not None else load_node_key(key_path, create=True)
+    say = lambda msg: console.print(f"[dim]{me.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
     if ledger is None:
-        ledger = ServerLedger(args["server"], run_id, identity, say=say)
-    node = await P2PNode.start(identity, cfg.run_id, bind=args["bind"], upload_rate=args["upload_rate"],
+        from psyche.ledger.remote import ServerLedger
+
+        assert run_id is not None
+        ledger = ServerLedger(args["server"], run_id, me, say=say)
+    node = await P2PNode.start(me, cfg.run_id, bind=args["bind"], upload_rate=args["upload_rate"],
                                download_rate=args["download_rate"])
     caps = [f"{what} ≤ {rate / 1e6:,.2f} MB/s" for what, rate in (("uploads", node.upload_rate), ("downloads", node.download_rate))
             if rate is not None]
-    say(f"client {identity.public_key.hex()} for run {cfg.run_id}; p2p address ready" + (f" ({', '.join(caps)})" if caps else ""))
+    say(f"client {me.public_key.hex()} for run {cfg.run_id}; p2p address ready" + (f" ({', '.join(caps)})" if caps else ""))
     bind = _bind_host(args["bind"])
-    runtime = ClientRuntime(ledger, node, trainer, identity, checkpoint_dir=args["checkpoint_dir"], say=say,
-                            key_probe=lambda address: endpoint_answers(identity.public_key, address, bind=bind))
+    runtime = ClientRuntime(ledger, node, trainer, me, checkpoint_dir=args["checkpoint_dir"], say=say,
+                            key_probe=lambda address: endpoint_answers(me.public_key, address, bind=bind))
     task = asyncio.create_task(runtime.run())
     loop = asyncio.get_running_loop()
 
@@ -143,6 +172,8 @@ async def _run(args: dict, console: Console) -> int:
         return 130
     except KeyInUse as exc:
         fail(exc.line(str(key_path), describe_address(exc.address)))
+    except TrainerFailure as exc:  # it withdrew first
+        fail(str(exc))
     finally:
         _write_profile(runtime, args["profile"], say)
         await node.close()
@@ -161,18 +192,19 @@ def _write_profile(runtime, path: Path | None, say) -> None:
         path.write_text(json.dumps(prof, indent=1) + "\n")
 
 
-def run_client(*, server: str | None, solana: str | None, run_id: str | None, key: Path, device: str,
+def run_client(*, server: str | None, solana: str | None, run_id: str | None, key: Path, devices: list[str],
                checkpoint_dir: Path | None, data: str | None, bind: str, console: Console,
                config: Path | None = None, profile: Path | None = None,
                upload_rate: float | None = None, download_rate: float | None = None) -> int:
     """Run one node until the run finishes (0) or it is stopped (130); a user error exits
     with one ``error:`` line (code 1, see :func:`psyche.console.fail`).
 
+    ``devices``: the device of each of this node's ranks (several: :class:`psyche.client.ranks.NodeTrainer`).
     ``profile``: write where this node's time went (JSON, see :mod:`psyche.client.timing`) on exit.
     ``upload_rate`` / ``download_rate``: caps on this node's P2P traffic in bytes per second.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    args = dict(server=server, solana=solana, run_id=run_id, key=key, device=device,
+    args = dict(server=server, solana=solana, run_id=run_id, key=key, devices=devices,
                 checkpoint_dir=checkpoint_dir, data=data, bind=bind, config=config, profile=profile,
                 upload_rate=upload_rate, download_rate=download_rate)
     try:

@@ -31,6 +31,16 @@ if TYPE_CHECKING:  # types only: this module imports neither torch nor the trans
     from psyche.p2p.torch_io import StateDictSink
 
 
+class TrainerFailure(Exception):
+    """The trainer could not do this step and the node must leave the epoch: its weights are
+    those of the last step it applied, but its part of the round is lost (a node's rank died).
+    ``fatal``: it cannot train again in this process either (the client stops, after withdrawing)."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
 class Trainer(Protocol):
     """One node's model and optimizer: trains intervals, applies agreed results, saves.
 
@@ -76,7 +86,8 @@ class Trainer(Protocol):
         ...
 
     def train(self, step: int, start: int, end: int) -> TrainOutput:
-        """Train samples ``[start, end)`` for ``step``; return the compressed result."""
+        """Train samples ``[start, end)`` for ``step``; return the compressed result. Raises
+        :class:`TrainerFailure` when the node cannot (its weights are then unchanged)."""
         ...
 
     def check_payload(self, payload: bytes) -> None:

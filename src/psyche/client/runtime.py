@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psyche.client import timing
-from psyche.client.ports import Node, NodeIdentity, Trainer
+from psyche.client.ports import Node, NodeIdentity, Trainer, TrainerFailure
 from psyche.coordinator import Checkpoint, Coordinator, HealthCheck, Instruction, Join, WarmupWitness, Withdraw, Witness
 from psyche.coordinator import queries as q
 from psyche.coordinator import access
@@ -604,8 +604,18 @@ class ClientRuntime:
             # The profile covers training: from now on (the model load before is not in it).
             self._training_since = (time.perf_counter(), time.process_time())
             self.trainer.timer.reset()
-        async with self._lock:
-            out = await asyncio.to_thread(self.trainer.train, step, start, end)
+        try:
+            async with self._lock:
+                out = await asyncio.to_thread(self.trainer.train, step, start, end)
+        except TrainerFailure as exc:
+            # Nothing was published for this step: the round goes on without us, and the node
+            # comes back next epoch with the network's weights (a rank that died took the node's
+            # state of the step with it).
+            self.trained[step] = (None, None)
+            await self._resync(f"step {step}: {exc}")
+            if exc.fatal:
+                raise
+            return
         self.steps_trained += 1
         blob_hash = self.node.publish_blob(out.payload, step=step)
         commitment = ResultCommitment(run_id=run_id, step=step, batch_start=start,

@@ -28,7 +28,7 @@ from psyche.distro.verify import Reference, output_parameter, output_references,
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained, weights_sha256
 from psyche.train.schedule import lr_at
-from psyche.train.step import compute_gradients, default_autocast_dtype, eval_samples, evaluate
+from psyche.train.step import StepStats, compute_gradients, default_autocast_dtype, eval_samples, evaluate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -69,6 +69,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.amp = default_autocast_dtype(self.device)
+        self.data_location = data_location
         self.data = prepare_data(cfg, location=data_location, progress=False)
         self.tokenizer_path = tokenizer_path_for(self.data)
         self.eval_batches = eval_batches
@@ -177,8 +178,7 @@ class LocalTrainer:
         with self.timer.phase("data"):
             batch = self.data.train.batch(range(start, end))  # (B, T+1)
         t_fb = time.perf_counter()
-        stats = compute_gradients(self.model, batch, micro_batch_size=self.cfg.optimizer.micro_batch_size,
-                                  grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
+        stats = self.gradients(range(start, end), batch)
         fwd_bwd = time.perf_counter() - t_fb
         self.timer.add("forward_backward", fwd_bwd)
         if not stats.finite:
@@ -189,6 +189,16 @@ class LocalTrainer:
             payload = encode_payload(self.optimizer.generate(steps_done=step - 1))
         self.model.zero_grad(set_to_none=True)
         return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite, fwd_bwd)
+
+    def gradients(self, samples: range, batch: torch.Tensor) -> StepStats:
+        """Leave in the model's ``.grad`` the clipped gradient of the mean loss over ``batch``
+        (``(B, seq_len+1)``: the training samples ``samples``), and describe the step."""
+        assert self.model is not None
+        return compute_gradients(self.model, batch, micro_batch_size=self.cfg.optimizer.micro_batch_size,
+                                 grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
+
+    def close(self) -> None:
+        """Release what this trainer started beside this process (nothing, for one device)."""
 
     def check_payload(self, payload: bytes) -> None:
         """Raise ``ValueError`` unless ``payload`` decodes to results for our parameters."""

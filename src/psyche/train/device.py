@@ -36,3 +36,46 @@ def resolve_device(spec: str | None) -> str:
     if spec in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return spec
+
+
+def node_devices(device: str, nproc: int | None = None, devices: str | None = None) -> list[str]:
+    """The device of each rank of a node: ``devices`` (comma-separated, e.g. ``cuda:0,cuda:1``),
+    or ``nproc`` ranks on ``device`` (``cuda`` → ``cuda:0 .. cuda:N-1``; ``cpu`` → N on the CPU).
+    Raises ``ValueError`` naming the option and the rule.
+
+    >>> node_devices("cpu", 2)
+    ['cpu', 'cpu']
+    >>> node_devices("cuda", 2)
+    ['cuda:0', 'cuda:1']
+    >>> node_devices("cpu", None, "cuda:1,cuda:0")
+    ['cuda:1', 'cuda:0']
+    """
+    if devices is not None:
+        listed = [d.strip() for d in devices.split(",") if d.strip()]
+        if not listed:
+            raise ValueError("--devices: give at least one device (e.g. cuda:0,cuda:1)")
+        if nproc is not None and nproc != len(listed):
+            raise ValueError(f"--nproc-per-node {nproc} does not match the {len(listed)} device(s) of --devices")
+        for d in listed:
+            try:
+                torch.device(d)
+            except RuntimeError:
+                raise ValueError(f"--devices: {d!r} is not a device (use cpu, cuda:N or mps)") from None
+        kinds = {torch.device(d).type for d in listed}
+        if len(kinds) > 1:
+            raise ValueError(f"--devices: all ranks of a node use one kind of device (got {', '.join(listed)})")
+        gpus = [d for d in listed if torch.device(d).type == "cuda"]
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"--devices: each GPU may be listed once (got {', '.join(listed)})")
+        return listed
+    n = 1 if nproc is None else nproc
+    if n < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1 (got {n})")
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if n > 1 and kind.index is not None:
+            raise ValueError(f"--nproc-per-node {n} with --device {device}: name the GPUs with --devices instead")
+        return [device] if n == 1 else [f"cuda:{i}" for i in range(n)]
+    if kind.type != "cpu" and n > 1:
+        raise ValueError(f"--nproc-per-node {n}: several ranks run on CPU or CUDA devices only (not {device})")
+    return [device] * n

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,51 @@ def _sum_cross_entropy(model: torch.nn.Module, batch: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
 
 
+def accumulate_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batch_size: int, total_tokens: int,
+                         autocast_dtype: torch.dtype | None = None, weight: float = 1.0,
+                         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+    """Forward and backward ``batch`` (``(B, seq_len+1)`` token ids) in micro-batches, adding
+    to ``.grad`` the gradient of ``weight * (summed loss of the batch) / total_tokens``; return
+    that loss (a detached scalar on the model's device).
+
+    ``total_tokens`` is the token count of the whole batch this one is part of (a node's ranks
+    each hold a part), so the parts' gradients add up to the gradient of the whole batch's mean
+    loss. ``no_sync``: the context manager (``DistributedDataParallel.no_sync``) that every
+    backward but the last runs under, so a data-parallel model reduces the gradient once.
+    ``weight = 0`` gives a zero gradient through the same collectives (a rank with no samples).
+    """
+    if batch.dim() != 2 or batch.size(1) < 2:
+        raise ValueError(f"batch must be (B, seq_len+1) with seq_len >= 1 (got shape {tuple(batch.shape)})")
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0 (got {micro_batch_size})")
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    total = torch.zeros((), device=device)
+    micro = batch.split(micro_batch_size)  # (b, T+1) each
+    for i, mb in enumerate(micro):
+        last = i == len(micro) - 1
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+            with _autocast(device, autocast_dtype):
+                loss = _sum_cross_entropy(model, mb) / total_tokens
+                if weight != 1.0:
+                    loss = loss * weight
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+def clip_gradients(model: torch.nn.Module, loss: torch.Tensor, tokens: int, grad_clip: float) -> StepStats:
+    """Clip the gradient in ``model``'s ``.grad`` to global norm ``grad_clip`` (0 = no clipping)
+    and describe the step whose mean ``loss`` over ``tokens`` target tokens produced it."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # .item() waits for the device; do it once per step, not per micro-batch.
+    loss_value, norm_value = float(loss.item()), float(grad_norm.item())
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    return StepStats(loss=loss_value, grad_norm=norm_value, tokens=tokens, finite=finite)
+
+
 def compute_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batch_size: int,
                       grad_clip: float, autocast_dtype: torch.dtype | None = None) -> StepStats:
     """Forward and backward ``batch`` (``(B, seq_len+1)`` token ids) in micro-batches,
@@ -61,26 +107,12 @@ def compute_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batc
     """
     if batch.dim() != 2 or batch.size(1) < 2:
         raise ValueError(f"batch must be (B, seq_len+1) with seq_len >= 1 (got shape {tuple(batch.shape)})")
-    if micro_batch_size <= 0:
-        raise ValueError(f"micro_batch_size must be > 0 (got {micro_batch_size})")
-    device = next(model.parameters()).device
-    batch = batch.to(device)
     n_tokens = batch.size(0) * (batch.size(1) - 1)
     model.train()
     model.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    for mb in batch.split(micro_batch_size):  # (b, T+1) each
-        with _autocast(device, autocast_dtype):
-            loss = _sum_cross_entropy(model, mb) / n_tokens
-        loss.backward()
-        total += loss.detach()
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # .item() waits for the device; do it once per step, not per micro-batch.
-    loss_value, norm_value = float(total.item()), float(grad_norm.item())
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-    return StepStats(loss=loss_value, grad_norm=norm_value, tokens=n_tokens, finite=finite)
+    loss = accumulate_gradients(model, batch, micro_batch_size=micro_batch_size, total_tokens=n_tokens,
+                                autocast_dtype=autocast_dtype)
+    return clip_gradients(model, loss, n_tokens, grad_clip)
 
 
 def eval_samples(provider: "SampleProvider", *, batches: int, batch_size: int, part: tuple[int, int] = (0, 1)) -> range:
