@@ -414,3 +414,26 @@ def test_warmup_steps_shorten_the_momentum_by_the_optimizers_own_count():
     restored = DisTrO([p2], lr=1.0, compression_decay=0.5, chunk=8, topk=1, one_bit=False, warmup_steps=3)
     restored.load_state_dict(counted.state_dict())
     assert restored.param_groups[0]["generated"] == 4
+
+
+def test_apply_gives_the_same_weights_whatever_torchs_thread_count():
+    """Nodes differ in cores (and a node's ranks each take a part of them): on CPU a matmul or a
+    sum splits its work by thread count and rounds accordingly, so apply runs on one thread."""
+    torch.manual_seed(3)
+    # A shape and values seen to round differently with 2 threads than with 1 (orthogonalize's
+    # Newton-Schulz products) before apply took one thread.
+    base = torch.nn.Linear(352, 128)
+    peers = []
+    for seed in (1, 2, 3):
+        m = copy.deepcopy(base)
+        set_grads(m, seed)
+        peers.append(DisTrO(m.parameters(), lr=0.01, chunk=64, topk=8).generate())
+    weights = {}
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        m = copy.deepcopy(base)
+        DisTrO(m.parameters(), lr=0.01, chunk=64, topk=8).apply(peers)
+        assert torch.get_num_threads() == threads, "the caller's thread count is restored"
+        weights[threads] = [p.detach().clone() for p in m.parameters()]
+    for threads in (2, 4):
+        assert all(torch.equal(a, b) for a, b in zip(weights[threads], weights[1])), f"{threads} threads differ from 1"

@@ -71,7 +71,8 @@ Two knobs beyond the DeMo core:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -251,7 +252,7 @@ class DisTrO(torch.optim.Optimizer):
         ratios mattering; each coefficient is then the weighted mean over the peers that
         chose it (:meth:`DCTCodec.decode`). ``None`` (and equal weights, bit for bit) gives
         every peer an equal vote. Deterministic: the same results and weights in the same
-        order give bit-identical parameters. An empty outer list is a no-op. ``ValueError`` if
+        order give bit-identical parameters, whatever torch's thread count (on CPU it runs on one). An empty outer list is a no-op. ``ValueError`` if
         ``weights`` breaks a rule of :func:`~psyche.distro.codec.vote_weights` or a peer's
         list has the wrong length (both checked before anything changes), or a result's
         shape does not match its parameter.
@@ -263,17 +264,21 @@ class DisTrO(torch.optim.Optimizer):
         for peer, results in enumerate(results_from_all_peers):
             if len(results) != len(params):
                 raise ValueError(f"peer {peer} sent {len(results)} results for {len(params)} parameters")
-        for i, (group, p) in enumerate(params):
-            codec = self._codec(group["chunk"])
-            update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape, weights=votes)
-            lr, wd = group["lr"] * group.get("lr_scale", 1.0), group["weight_decay"]
-            if wd != 0.0:
-                p.mul_(1.0 - lr * wd)
-            if group["matrix_update"] == "orthogonal" and update.dim() == 2 and group.get("kind") != "embedding":
-                update = orthogonalize(update)
-            else:
-                update = update.sign_()
-            p.add_(update.to(p.dtype), alpha=-lr)
+        # On CPU a matmul or a sum cuts its work by the number of intra-op threads, and so
+        # rounds differently on a machine (or a node rank) with another count: every node
+        # applies with one thread, so all hold the same weights whatever their cores.
+        with _one_cpu_thread(any(p.device.type == "cpu" for _, p in params)):
+            for i, (group, p) in enumerate(params):
+                codec = self._codec(group["chunk"])
+                update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape, weights=votes)
+                lr, wd = group["lr"] * group.get("lr_scale", 1.0), group["weight_decay"]
+                if wd != 0.0:
+                    p.mul_(1.0 - lr * wd)
+                if group["matrix_update"] == "orthogonal" and update.dim() == 2 and group.get("kind") != "embedding":
+                    update = orthogonalize(update)
+                else:
+                    update = update.sign_()
+                p.add_(update.to(p.dtype), alpha=-lr)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -284,6 +289,19 @@ class DisTrO(torch.optim.Optimizer):
                 loss = closure()
         self.apply([self.generate()])
         return loss
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(cpu: bool) -> Iterator[None]:
+    """Torch's intra-op threads set to one inside the block when ``cpu`` (restored after)."""
+    before = torch.get_num_threads()
+    if cpu and before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def orthogonalize(m: torch.Tensor, steps: int = 5) -> torch.Tensor:
