@@ -70,6 +70,7 @@ bench: install $(BENCH_DEB_STAMP)
 	$(BIN)/python bench/convergence_matrix.py --quick
 	$(BIN)/python bench/adversary.py --quick
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/node.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

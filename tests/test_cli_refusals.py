@@ -171,3 +171,21 @@ def test_every_command_says_a_config_problem_the_same_way(tmp_path):
     assert res.exit_code == 1
     assert [line for line in res.output.splitlines() if "config:" in line] == [
         f"FAIL  config: {line.removeprefix('error: ')}" for line in expected]
+
+
+def test_a_node_layout_that_cannot_be_run_is_refused_before_joining(tmp_path):
+    """``--nproc-per-node`` and ``--devices``: the option and the rule, before any server is dialled."""
+    import torch
+
+    runner = CliRunner()
+    base = ["client", "--server", "http://127.0.0.1:9", "--key", str(tmp_path / "c.key")]
+    cases = [(["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
+             (["--nproc-per-node", "3", "--devices", "cpu,cpu"], "--nproc-per-node 3 does not match the 2 device(s)"),
+             (["--devices", "cpu,tpu"], "--devices: 'tpu' is not a device")]
+    if not torch.cuda.is_available():
+        cases.append((["--devices", "cuda:0,cuda:1"], "--devices cuda:0: CUDA is not available here"))
+    for extra, said in cases:
+        res = runner.invoke(app, base + extra)
+        out = " ".join(res.output.split())
+        assert res.exit_code == 1 and said in out, (extra, res.output)
+    assert not (tmp_path / "c.key").exists()

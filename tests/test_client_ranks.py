@@ -1,0 +1,155 @@
+"""A node of several ranks (``psyche client --nproc-per-node``): real gloo process groups on CPU.
+
+Rank 0 is this test's process (a :class:`~psyche.client.ranks.NodeTrainer`); rank 1 is a
+child process it starts. Each is compared with a one-rank
+:class:`~psyche.client.trainer.LocalTrainer` given the same share and the same results.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    from psyche.config import load_config
+    from psyche.data import ensure_default_dataset
+    from psyche.demo import DEFAULT_CONFIG, demo_config
+
+    data = ensure_default_dataset(ROOT / "data" / "fortunes", progress=False)
+    return demo_config(load_config(DEFAULT_CONFIG), clients=2, steps=4, data_location=str(data))
+
+
+@pytest.fixture
+def node(cfg):
+    """A 2-rank node on the CPU (stopped after the test)."""
+    from psyche.client.ranks import NodeTrainer
+
+    before = torch.get_num_threads()
+    trainer = NodeTrainer(cfg, devices=["cpu", "cpu"])
+    yield trainer
+    trainer.close()
+    torch.set_num_threads(before)
+
+
+def _one_rank(cfg):
+    from psyche.client.trainer import LocalTrainer
+
+    trainer = LocalTrainer(cfg)
+    trainer.init_model()
+    return trainer
+
+
+def test_a_two_rank_node_ends_each_round_with_the_weights_of_a_one_rank_node(cfg, node):
+    """Each rank's part is one micro-batch of the one-rank node: the sums happen in the same
+    order, so the results and the weights are bit-identical, step after step (the ranks get
+    rank 0's new weights before each step)."""
+    one, peer = _one_rank(cfg), _one_rank(cfg)
+    node.init_model()
+    m = cfg.optimizer.micro_batch_size
+    for step in (1, 2, 3):
+        share = (step * 100, step * 100 + 2 * m)
+        a, b = node.train(step, *share), one.train(step, *share)
+        assert a.finite and a.tokens == b.tokens == 2 * m * cfg.model.seq_len
+        assert a.loss == b.loss
+        assert a.payload == b.payload, f"step {step}: the node's result differs from the one-rank node's"
+        other = peer.train(step, 900, 900 + m).payload  # another node's result, applied by all
+        for trainer, own in ((node, a), (one, b), (peer, a)):
+            trainer.apply(step, [own.payload, other])
+        assert node.weights_digest() == one.weights_digest(), f"step {step}: weights differ after the apply"
+
+
+def test_an_uneven_share_gives_the_one_rank_gradient_up_to_summation_order(cfg, node):
+    """A share of 11 sequences (6 + 5 on two ranks, micro-batches of 8 on one): the summed
+    gradient agrees with one rank's to float32 rounding (the stated tolerance)."""
+    one = _one_rank(cfg)
+    node.init_model()
+    share = range(40, 51)
+    batch = node.data.train.batch(share)
+    stats_node, stats_one = node.gradients(share, batch), one.gradients(share, batch)
+    assert stats_node.tokens == stats_one.tokens
+    assert stats_node.loss == pytest.approx(stats_one.loss, rel=1e-6)
+    assert stats_node.grad_norm == pytest.approx(stats_one.grad_norm, rel=1e-5)
+    for (name, p), q in zip(node.model.named_parameters(), one.model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_share_smaller_than_the_node_still_trains(cfg, node):
+    """One sequence for two ranks: rank 1 runs a zero-weighted pass through the same collectives."""
+    one = _one_rank(cfg)
+    node.init_model()
+    a, b = node.train(1, 7, 8), one.train(1, 7, 8)
+    assert a.payload == b.payload and a.loss == b.loss
+
+
+def test_a_rank_that_dies_fails_the_step_cleanly_and_the_ranks_start_again(cfg, node):
+    from psyche.client.ports import TrainerFailure
+    from psyche.client.ranks import MAX_FAILURES, RankFailure
+
+    one = _one_rank(cfg)
+    node.init_model()
+    node.apply(1, [node.train(1, 0, 8).payload])
+    one.apply(1, [one.train(1, 0, 8).payload])
+    before = node.weights_digest()
+    victim = node.group.procs[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    with pytest.raises(RankFailure, match=r"rank 1 exited \(code -9\)") as failed:
+        node.train(2, 8, 16)
+    assert isinstance(failed.value, TrainerFailure) and not failed.value.fatal
+    assert node.group is None, "every rank was stopped: none is left waiting in a collective"
+    assert node.weights_digest() == before, "a failed step leaves the weights as they were"
+    # The next step starts the ranks again and trains as before.
+    a, b = node.train(2, 8, 16), one.train(2, 8, 16)
+    assert node.group is not None and all(p.poll() is None for p in node.group.procs)
+    assert a.payload == b.payload
+    # Failures in a row end in a fatal one: the client then stops (after withdrawing).
+    node.failures = MAX_FAILURES - 1
+    os.kill(node.group.procs[0].pid, signal.SIGKILL)
+    with pytest.raises(RankFailure, match="giving up") as failed:
+        node.train(3, 16, 24)
+    assert failed.value.fatal
+
+
+def test_a_rank_that_cannot_start_is_named(cfg, tmp_path):
+    from psyche.client.ranks import NodeTrainer, RankFailure
+
+    with pytest.raises(RankFailure, match=r"rank 1 could not start: .*cuda"):
+        NodeTrainer(cfg, devices=["cpu", "cuda:7"])  # rank 1's device does not exist here
+
+
+def test_node_devices_names_the_option_and_the_rule():
+    from psyche.train.device import node_devices
+
+    assert node_devices("cpu") == ["cpu"]
+    assert node_devices("cpu", 3) == ["cpu"] * 3
+    assert node_devices("cuda", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert node_devices("auto", None, "cuda:1, cuda:0") == ["cuda:1", "cuda:0"]
+    for args, said in [(("cpu", 0), "--nproc-per-node must be >= 1"),
+                       (("cpu", 3, "cpu,cpu"), "--nproc-per-node 3 does not match the 2 device(s)"),
+                       (("cpu", None, "cpu,cuda:0"), "one kind of device"),
+                       (("cpu", None, "cuda:0,cuda:0"), "each GPU may be listed once"),
+                       (("cpu", None, "tpu:0"), "'tpu:0' is not a device"),
+                       (("cpu", None, ","), "at least one device"),
+                       (("cuda:1", 2), "name the GPUs with --devices"),
+                       (("mps", 2), "CPU or CUDA devices only")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            node_devices(*args)
+
+
+def test_the_examples_in_the_docstrings_hold():
+    import doctest
+
+    from psyche.client import ranks
+    from psyche.train import device
+
+    for module in (ranks, device):
+        assert doctest.testmod(module).failed == 0, module.__name__
