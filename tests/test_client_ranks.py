@@ -48,7 +48,7 @@ def _one_rank(cfg):
     return trainer
 
 
-def test_a_two_rank_node_ends_each_round_with_the_weights_of_a_one_rank_node(cfg, node):
+def test_a_two_rank_node_ends_each_round_with_the_weights_of_a_one_rank_node(cfg, node, tmp_path):
     """Each rank's part is one micro-batch of the one-rank node: the sums happen in the same
     order, so the results and the weights are bit-identical, step after step (the ranks get
     rank 0's new weights before each step)."""
@@ -65,6 +65,9 @@ def test_a_two_rank_node_ends_each_round_with_the_weights_of_a_one_rank_node(cfg
         for trainer, own in ((node, a), (one, b), (peer, a)):
             trainer.apply(step, [own.payload, other])
         assert node.weights_digest() == one.weights_digest(), f"step {step}: weights differ after the apply"
+    # What peers fetch and what a checkpointer writes come from rank 0's whole model, as on one rank.
+    assert all(torch.equal(x, y) for x, y in zip(node.state_tensors().values(), one.state_tensors().values(), strict=True))
+    assert node.save(tmp_path / "node", step=3)[1] == one.save(tmp_path / "one", step=3)[1]
 
 
 def test_an_uneven_share_gives_the_one_rank_gradient_up_to_summation_order(cfg, node):
@@ -153,3 +156,20 @@ def test_the_examples_in_the_docstrings_hold():
 
     for module in (ranks, device):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_prepare_gives_the_ranks_the_weights_before_the_first_step(cfg, node):
+    """After warmup's model load the runtime calls prepare: the replicas are built then, so the
+    first step only trains (and its result is still the one-rank node's)."""
+    one = _one_rank(cfg)
+    node.init_model()
+    node.prepare()
+    assert node._ddp is not None and not node._stale
+    node.prepare()  # nothing to do: no order is sent
+    a, b = node.train(1, 0, 16), one.train(1, 0, 16)
+    assert a.payload == b.payload
+    node.apply(1, [a.payload])
+    one.apply(1, [b.payload])
+    node.prepare()  # the applied weights go to the ranks now
+    assert not node._stale
+    assert node.train(2, 16, 32).payload == one.train(2, 16, 32).payload

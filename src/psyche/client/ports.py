@@ -44,7 +44,7 @@ class TrainerFailure(Exception):
 class Trainer(Protocol):
     """One node's model and optimizer: trains intervals, applies agreed results, saves.
 
-    Blocking methods (``train``, ``apply``, ``evaluate``, ``save``) are called from a
+    Blocking methods (``prepare``, ``train``, ``apply``, ``evaluate``, ``save``) are called from a
     worker thread, one at a time.
     """
 
@@ -83,6 +83,11 @@ class Trainer(Protocol):
 
     def parameters(self) -> int:
         """Number of parameters of the loaded model."""
+        ...
+
+    def prepare(self) -> None:
+        """Get ready to train on the weights just installed (a node's ranks take them now, not
+        at its first step). Raises :class:`TrainerFailure` as :meth:`train` does."""
         ...
 
     def train(self, step: int, start: int, end: int) -> TrainOutput:

@@ -81,11 +81,10 @@ class RankFailure(TrainerFailure):
 
 @dataclass(frozen=True)
 class StepOrder:
-    """What rank 0 asks of every rank for one step."""
+    """What rank 0 asks of every rank for one step (or, without a share, to get ready for the next)."""
 
-    start: int
-    end: int
-    """The node's share: training samples ``[start, end)``."""
+    share: tuple[int, int] | None
+    """The node's share: training samples ``[start, end)``; None: only take the weights."""
     rebuild: bool
     """The model was replaced: build it again (``DistributedDataParallel`` copies rank 0's weights)."""
     sync: bool
@@ -133,12 +132,11 @@ def _broadcast_weights(model: torch.nn.Module) -> None:
         w.wait()
 
 
-def rank_step(ddp: DistributedDataParallel, data: SampleProvider, order: StepOrder, *, rank: int, world: int,
+def rank_step(ddp: DistributedDataParallel, data: SampleProvider, share: range, *, rank: int, world: int,
               micro_batch_size: int, autocast_dtype: torch.dtype | None, batch: torch.Tensor | None = None) -> torch.Tensor:
-    """One rank's half of a step: forward and backward its part of the share, the node's
-    gradient summed across ranks into ``.grad``; return the share's mean loss (summed across
-    ranks too). ``batch``: this rank's part already read (rank 0 reads the share anyway)."""
-    share = range(order.start, order.end)
+    """One rank's half of a step: forward and backward its part of the node's ``share``, the
+    node's gradient summed across ranks into ``.grad``; return the share's mean loss (summed
+    across ranks too). ``batch``: this rank's part already read (rank 0 reads the share anyway)."""
     part = rank_parts(share, world)[rank]
     seq_tokens = data.seq_len
     if batch is None:
@@ -191,8 +189,9 @@ def _rank_main(conn: Connection) -> None:
                 ddp = _wrap(build_model(cfg.model).to(dev), dev)  # type: ignore[arg-type]
             elif order.sync:
                 _broadcast_weights(ddp.module)
-            rank_step(ddp, data, order, rank=rank, world=world, micro_batch_size=cfg.optimizer.micro_batch_size,
-                      autocast_dtype=amp)
+            if order.share is not None:
+                rank_step(ddp, data, range(*order.share), rank=rank, world=world,
+                          micro_batch_size=cfg.optimizer.micro_batch_size, autocast_dtype=amp)
             conn.send("done")
     except Exception as exc:  # noqa: BLE001 - a failed collective means rank 0 or another rank went away
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -232,7 +231,10 @@ class RankGroup:
                     said = self._receive(r, conn, START_TIMEOUT, "start")
                     if said != "ready":
                         raise RankFailure(said)
-                backend = "nccl" if torch.device(devices[0]).type == "cuda" else "gloo"
+                first = torch.device(devices[0])
+                if first.type == "cuda":
+                    torch.cuda.set_device(first)  # NCCL binds each process to its current device
+                backend = "nccl" if first.type == "cuda" else "gloo"
                 dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world,
                                         timeout=timedelta(seconds=timeout))
             except BaseException:
@@ -358,25 +360,47 @@ class NodeTrainer(LocalTrainer):
         rank dies or a collective fails; the ranks are then stopped, and started again next time."""
         assert self.model is not None
         try:
-            if self.group is None:
-                self.group = self._start()
-            order = StepOrder(samples.start, samples.stop, rebuild=self._ddp is None, sync=self._stale)
-            self.group.send(order)
-            if order.rebuild:
-                self._ddp = _wrap(self.model, self.device)
-            elif order.sync:
-                _broadcast_weights(self.model)
-            self._stale = False
-            assert self._ddp is not None
+            ddp = self._ranks_ready((samples.start, samples.stop))
             part = rank_parts(samples, self.world)[0]
-            loss = rank_step(self._ddp, self.data.train, order, rank=0, world=self.world,
+            loss = rank_step(ddp, self.data.train, samples, rank=0, world=self.world,
                              micro_batch_size=self.cfg.optimizer.micro_batch_size, autocast_dtype=self.amp,
                              batch=batch[: len(part)] if len(part) else batch[:1])
+            assert self.group is not None
             self.group.finish()
         except (RankFailure, RuntimeError, OSError) as exc:
             self._fail(exc)
         self.failures = 0
         return clip_gradients(self.model, loss, len(samples) * self.data.train.seq_len, self.cfg.optimizer.grad_clip)
+
+    def prepare(self) -> None:
+        """Start the ranks if they are down and give them the weights now (after warmup's model
+        load, or an apply), so the next step trains at once: a first step that also built the
+        replicas would look slow to the run's throughput estimate. :class:`RankFailure` as
+        :meth:`gradients`."""
+        if self.model is None or (self.group is not None and self._ddp is not None and not self._stale):
+            return
+        try:
+            self._ranks_ready(None)
+            assert self.group is not None
+            self.group.finish()
+        except (RankFailure, RuntimeError, OSError) as exc:
+            self._fail(exc)
+
+    def _ranks_ready(self, share: tuple[int, int] | None) -> DistributedDataParallel:
+        """Send every rank its order for ``share`` (starting them first if they are down), after
+        which all hold rank 0's weights; the replica of rank 0 (this process)."""
+        assert self.model is not None
+        if self.group is None:
+            self.group = self._start()
+        order = StepOrder(share, rebuild=self._ddp is None, sync=self._stale)
+        self.group.send(order)
+        if order.rebuild:
+            self._ddp = _wrap(self.model, self.device)
+        elif order.sync:
+            _broadcast_weights(self.model)
+        self._stale = False
+        assert self._ddp is not None
+        return self._ddp
 
     def _fail(self, exc: BaseException) -> None:
         """Stop every rank, forget the replica, and raise :class:`RankFailure` for ``exc``."""

@@ -528,6 +528,14 @@ class ClientRuntime:
                 await asyncio.sleep(MODEL_RETRY_SECONDS)
                 return
             self.model_epoch = s.epoch
+            try:
+                async with self._lock:
+                    await asyncio.to_thread(self.trainer.prepare)
+            except TrainerFailure as exc:
+                await self._resync(f"warmup: {exc}")
+                if exc.fatal:
+                    raise
+                return
         self.trainer.lr_window = q.lr_warmup_window(s)
         if q.is_warmup_witness(s, self.me) and self.warmup_reported != s.epoch:
             if await self._submit(WarmupWitness(), quiet=True):

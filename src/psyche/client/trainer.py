@@ -197,6 +197,9 @@ class LocalTrainer:
         return compute_gradients(self.model, batch, micro_batch_size=self.cfg.optimizer.micro_batch_size,
                                  grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
 
+    def prepare(self) -> None:
+        """Get ready to train on the weights just installed (nothing to do on one device)."""
+
     def close(self) -> None:
         """Release what this trainer started beside this process (nothing, for one device)."""
 
