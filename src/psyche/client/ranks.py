@@ -150,13 +150,15 @@ def rank_step(ddp: DistributedDataParallel, data: SampleProvider, share: range, 
     return loss
 
 
-def _rank_main(conn: Connection) -> None:
+def _rank_main(conn: Connection) -> int:
     """A child rank: take its settings from rank 0, open the data, join the process group, then
-    follow rank 0's orders until it says stop (None) or goes away (the connection closes)."""
+    follow rank 0's orders until it says stop (None) or goes away (the connection closes).
+    Returns the process's exit code: 0 then, 1 after a failure (said on stderr, or to rank 0)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle; it stops us
     from psyche.train.loop import prepare_data
     from psyche.train.model import build_model
 
+    setup: dict[str, Any] = {}
     try:
         setup = conn.recv()
         rank, world = setup["rank"], setup["world"]
@@ -168,10 +170,10 @@ def _rank_main(conn: Connection) -> None:
             torch.cuda.set_device(dev)
         conn.send("ready")
     except (EOFError, OSError):
-        return  # rank 0 is gone
+        return 0  # rank 0 is gone
     except Exception as exc:  # noqa: BLE001 - said to rank 0, which names it in its failure
-        conn.send(f"rank {setup.get('rank')} could not start: {type(exc).__name__}: {exc}")
-        return
+        conn.send(f"rank {setup.get('rank', '?')} could not start: {type(exc).__name__}: {exc}")
+        return 1
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=setup["init_method"], rank=rank,
                             world_size=world, timeout=timedelta(seconds=setup["timeout"]))
     amp = default_autocast_dtype(dev)
@@ -181,9 +183,9 @@ def _rank_main(conn: Connection) -> None:
             try:
                 order = conn.recv()
             except (EOFError, OSError):
-                return  # rank 0 is gone
+                return 0  # rank 0 is gone
             if order is None:
-                return
+                return 0
             if order.rebuild or ddp is None:
                 ddp = None  # the old replica goes before the new one is built
                 ddp = _wrap(build_model(cfg.model).to(dev), dev)  # type: ignore[arg-type]
@@ -196,6 +198,7 @@ def _rank_main(conn: Connection) -> None:
     except Exception as exc:  # noqa: BLE001 - a failed collective means rank 0 or another rank went away
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"psyche rank {rank}: stopping: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
     finally:
         dist.destroy_process_group()
 
@@ -428,6 +431,7 @@ if __name__ == "__main__":
     # A child rank (started by RankGroup): dial rank 0 at argv[1] and follow its orders.
     _conn = Client(sys.argv[1], family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
     try:
-        _rank_main(_conn)
+        _code = _rank_main(_conn)
     finally:
         _conn.close()
+    sys.exit(_code)
