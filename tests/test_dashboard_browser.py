@@ -109,7 +109,7 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path, data_dir):
         net.start_server()
 
         def start_clients() -> None:
-            net.start_client(0)
+            net.start_client(0, "--nproc-per-node", "2")  # a node of two ranks: shown under its speed
             net.start_client(1, "--max-upload-rate", "5M")  # its cap shows under its traffic
 
         asyncio.run(_drive_browser(async_playwright, net, tmp_path, start_clients))
@@ -172,12 +172,12 @@ async def _drive_browser(async_playwright, net: Network, tmp_path: Path, start_c
 
         # Shown on the page: clients, witness outcomes (explained), the config.
         assert await page.locator("#clients-body tr").count() == 2
-        assert await page.locator("#clients-body .cap").all_text_contents() == ["≤ 5.0 MB/s"]
+        assert sorted(await page.locator("#clients-body .cap").all_text_contents()) == ["2 ranks", "≤ 5.0 MB/s"]
         clients_head = await page.locator("#clients-body").locator("xpath=../thead/tr/th").all_inner_texts()
         assert clients_head[3:6] == ["Points", "Share", "Speed"]
         # Each member's share of the round under way, and its speed once the coordinator measured it.
         shares = await poll(page, "(() => { const got = [...document.querySelectorAll('#clients-body tr')].map((r) => "
-                            "[r.cells[4].innerText.trim(), r.cells[5].innerText.trim()]); "
+                            "[r.cells[4].innerText.trim(), r.cells[5].innerText.trim().split('\\n')[0]]); "
                             "return got.length === 2 && got.every(([s, v]) => /^\\d+ \\(\\d+%\\)$/.test(s) "
                             "&& /^[\\d,]+ tok\\/s$/.test(v)) && got; })()", "each client's share and speed", 60, net)
         assert 98 <= sum(int(re.search(r"\((\d+)%\)", s).group(1)) for s, _ in shares) <= 102, shares

@@ -52,6 +52,10 @@ def test_a_two_rank_node_trains_beside_one_rank_nodes_and_a_dead_rank_takes_it_o
     node = net.client_id(0)
     log = lambda: " ".join(net.log("client-0", tail=1_000_000).split())  # noqa: E731 - rich wraps lines
     assert ": trained samples" in log(), "the two-rank node trains"
+    assert "this node trains on 2 ranks (cpu, cpu) through torch.distributed" in log()
+    s = net.wait_state(lambda s: any(c["id"] == net.client_id(0) and c["ranks"] == 2 for c in s["clients"]), 60,
+                       "the node's ranks in the status")
+    assert {c["ranks"] for c in s["clients"] if c["id"] != net.client_id(0)} <= {1, None}
     assert {c["id"] for c in s["clients"]} == {net.client_id(i) for i in range(3)}
     # Kill the node's second rank: its client withdraws the node, the run goes on without it.
     ranks = child_ranks(net.procs["client-0"].pid)
@@ -78,6 +82,7 @@ def test_a_two_rank_node_trains_beside_one_rank_nodes_and_a_dead_rank_takes_it_o
     assert not alive(restarted[0]), "the node's rank stopped with its client"
     profiles = [net.profile(i) for i in range(3)]
     assert {p["applied_step"] for p in profiles} == {steps}
+    assert [p["ranks"] for p in profiles] == [2, 1, 1]
     assert len({p["weights_sha256"] for p in profiles}) == 1, "every node, the two-rank one too, holds the same weights"
     last = final["history"][-1]
     assert last["clients"] == 3, last

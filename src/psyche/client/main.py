@@ -153,6 +153,9 @@ async def _run_node(args: dict, console: Console, cfg: RunConfig, identity: Iden
     caps = [f"{what} ≤ {rate / 1e6:,.2f} MB/s" for what, rate in (("uploads", node.upload_rate), ("downloads", node.download_rate))
             if rate is not None]
     say(f"client {me.public_key.hex()} for run {cfg.run_id}; p2p address ready" + (f" ({', '.join(caps)})" if caps else ""))
+    if trainer.ranks > 1:
+        say(f"this node trains on {trainer.ranks} ranks ({', '.join(args['devices'])}) through torch.distributed; "
+            "to the run it is one node")
     bind = _bind_host(args["bind"])
     runtime = ClientRuntime(ledger, node, trainer, me, checkpoint_dir=args["checkpoint_dir"], say=say,
                             key_probe=lambda address: endpoint_answers(me.public_key, address, bind=bind))

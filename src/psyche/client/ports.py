@@ -54,6 +54,8 @@ class Trainer(Protocol):
     """Steps ``[start, end)`` of the cold-start LR ramp; set by the runtime at each warmup."""
     timer: PhaseTimer
     """Seconds spent per kind of work, for ``psyche client --profile``."""
+    ranks: int
+    """Processes (one per device) that train each step of this node (reported to the run)."""
 
     @property
     def ready(self) -> bool:

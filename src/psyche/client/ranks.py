@@ -331,7 +331,7 @@ class NodeTrainer(LocalTrainer):
             raise ValueError(f"a NodeTrainer needs at least 2 devices (got {devices}); use LocalTrainer")
         super().__init__(cfg, device=devices[0], data_location=data_location, **kwargs)
         self.devices = devices
-        self.world = len(devices)
+        self.world = self.ranks = len(devices)
         self.rank_timeout = rank_timeout
         # Each CPU rank gets its part of the cores (a GPU rank's threads only feed its device).
         self.threads = max(1, (os.cpu_count() or 1) // self.world) if self.device.type == "cpu" else 1

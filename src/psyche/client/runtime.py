@@ -388,6 +388,7 @@ class ClientRuntime:
                               steps_trained=self.steps_trained)
         # What a test compares across nodes: the last step applied and the weights it left.
         prof["applied_step"] = self.applied_step
+        prof["ranks"] = self.trainer.ranks
         prof["weights_sha256"] = self.trainer.weights_digest() if self.trainer.ready else None
         prof["p2p"] = {"upload_limit": self.node.upload_rate, "download_limit": self.node.download_rate,
                        "peers": {k.hex(): v.to_dict() for k, v in self.node.stats().items()}}
@@ -650,6 +651,7 @@ class ClientRuntime:
                 # P2P traffic since our previous report, and in total since this client started.
                 "bytes_sent": sent - self._reported[0], "bytes_received": received - self._reported[1],
                 "bytes_sent_total": sent, "bytes_received_total": received, "peers": len(stats),
+                "ranks": self.trainer.ranks,
                 **{k: v for k, v in (("upload_limit", self.node.upload_rate), ("download_limit", self.node.download_rate))
                    if v is not None}}
         self._reported = (sent, received)

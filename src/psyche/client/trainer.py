@@ -72,6 +72,8 @@ class LocalTrainer:
         self.data_location = data_location
         self.data = prepare_data(cfg, location=data_location, progress=False)
         self.tokenizer_path = tokenizer_path_for(self.data)
+        self.ranks = 1
+        """Processes (one per device) that train each step of this node."""
         self.eval_batches = eval_batches
         self.eval_batch_size = eval_batch_size
         self.model: PreTrainedModel | None = None

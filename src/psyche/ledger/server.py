@@ -591,7 +591,7 @@ def create_app(server: CoordinatorServer, *, extra_routes: Callable[[FastAPI], N
 # Only these report fields are kept, as numbers: the dashboard and demo read them.
 REPORT_FIELDS = ("loss", "val_loss", "val_tokens", "tokens", "train_seconds", "forward_backward_seconds", "tokens_per_sec", "result_bytes",
                  "bytes_sent", "bytes_received", "bytes_sent_total", "bytes_received_total", "applied_results", "peers",
-                 "upload_limit", "download_limit")
+                 "upload_limit", "download_limit", "ranks")
 
 
 def _clean_report(report: dict) -> dict:

@@ -103,6 +103,8 @@ class ClientRow(TypedDict):
     upload_limit: Number | None
     """The node's upload cap in bytes/s (null if none)."""
     download_limit: Number | None
+    ranks: Number | None
+    """Processes (one per device) training each step of the node (``psyche client --nproc-per-node``), from its last report."""
     last_seen: float | None
     """Server time of its last report."""
     utilization: float | None
@@ -473,6 +475,7 @@ def run_status(host: RunHost, cfg: RunConfig, store: Store | None, *, now: float
             "bytes_received": rep.get("bytes_received_total"),
             "upload_limit": rep.get("upload_limit"),
             "download_limit": rep.get("download_limit"),
+            "ranks": rep.get("ranks"),
             "last_seen": rep.get("received"),
             "utilization": busy.get(c.id),
             "share": share.samples if share is not None else None,

@@ -434,7 +434,8 @@
           <td>${c.role ? `<span class="role ${esc(c.role)}">${esc(c.role)}</span>` : `<span class="faint">${dash}</span>`}</td>
           <td class="num" title="${fmtInt(c.accepted_tokens)} tokens accepted this epoch">${fmtInt(c.points)}</td>
           <td class="num">${fmtShare(c)}</td>
-          <td class="num">${isNum(c.throughput) ? fmtInt(c.throughput) + " tok/s" : dash}</td>
+          <td class="num">${isNum(c.throughput) ? fmtInt(c.throughput) + " tok/s" : dash}${isNum(c.ranks) && c.ranks > 1 ?
+            `<div class="faint cap" title="one node training on several devices (psyche client --nproc-per-node)">${fmtInt(c.ranks)} ranks</div>` : ""}</td>
           <td class="num">${isNum(c.utilization) ? Math.round(100 * c.utilization) + "%" : dash}</td>
           <td class="num">${fmtBytes(c.bytes_sent)}${capNote(c.upload_limit)}</td>
           <td class="num">${fmtBytes(c.bytes_received)}${capNote(c.download_limit)}</td>
