@@ -173,3 +173,40 @@ def test_prepare_gives_the_ranks_the_weights_before_the_first_step(cfg, node):
     node.prepare()  # the applied weights go to the ranks now
     assert not node._stale
     assert node.train(2, 16, 32).payload == one.train(2, 16, 32).payload
+
+
+NODE_THEN_WAIT = """
+import sys, time
+from psyche.client.ranks import NodeTrainer
+from psyche.config import RunConfig
+cfg = RunConfig.model_validate_json(sys.stdin.read())
+node = NodeTrainer(cfg, devices=["cpu", "cpu"])
+node.init_model()
+node.train(1, 0, 8)
+print(node.group.procs[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_ranks_go_when_their_client_is_killed(cfg):
+    """A client killed outright (no goodbye to its ranks): its ranks notice and exit, none waits on."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_e2e_node import alive
+
+    client = subprocess.Popen([sys.executable, "-c", NODE_THEN_WAIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        client.stdin.write(cfg.model_dump_json())
+        client.stdin.close()
+        rank = int(client.stdout.readline())
+        os.kill(client.pid, signal.SIGKILL)
+        client.wait(10)
+        deadline = time.monotonic() + 20
+        while alive(rank):
+            assert time.monotonic() < deadline, "the rank outlived its client"
+            time.sleep(0.1)
+    finally:
+        client.kill()
