@@ -210,3 +210,24 @@ def test_the_ranks_go_when_their_client_is_killed(cfg):
             time.sleep(0.1)
     finally:
         client.kill()
+
+
+def test_a_rank_that_hangs_is_given_up_after_the_rank_timeout(cfg):
+    """A rank that stops answering (SIGSTOP: alive, silent) holds the node at most ``rank_timeout``
+    seconds; then every rank is stopped, the stopped one included, and the next step starts them again."""
+    from psyche.client.ranks import NodeTrainer, RankFailure
+
+    before = torch.get_num_threads()
+    node = NodeTrainer(cfg, devices=["cpu", "cpu"], rank_timeout=3)
+    try:
+        node.init_model()
+        node.train(1, 0, 8)
+        hung = node.group.procs[0]
+        os.kill(hung.pid, signal.SIGSTOP)
+        with pytest.raises(RankFailure, match="ranks failed"):
+            node.train(2, 8, 16)
+        assert hung.wait(10) == -signal.SIGKILL, "the hung rank was killed, not left behind"
+        assert node.train(2, 8, 16).finite
+    finally:
+        node.close()
+        torch.set_num_threads(before)
