@@ -20,11 +20,11 @@ from rich.console import Console
 from psyche.config import ConfigError, RunConfig, parse_config
 from psyche.console import fail, fail_config, load_node_key
 from psyche.ledger.base import Ledger
+from psyche.ledger.remote import server_url_problem, unreachable_message
 
 if TYPE_CHECKING:
     from psyche.client.trainer import LocalTrainer
     from psyche.identity import Identity
-from psyche.ledger.remote import server_url_problem, unreachable_message
 
 
 def _get_json(url: str, path: str) -> tuple[int, Any]:
@@ -120,7 +120,7 @@ async def _run(args: dict, console: Console) -> int:
             try:
                 trainer: LocalTrainer = NodeTrainer(cfg, devices=devices, data_location=args["data"])
             except RankFailure as exc:
-                fail(f"this node's ranks could not start: {exc}")
+                fail(f"this node's ranks: {exc}")
         else:
             trainer = LocalTrainer(cfg, device=devices[0], data_location=args["data"])
     except DataError as exc:
@@ -135,11 +135,10 @@ async def _run_node(args: dict, console: Console, cfg: RunConfig, identity: Iden
                     trainer: LocalTrainer, key_path: Path, run_id: str | None) -> int:
     """Join and follow the run with ``trainer`` until it ends (what :func:`_run` returns).
     ``ledger`` None: the server's (``args["server"]``, run ``run_id``), built once the key is known."""
+    from psyche.client.ports import TrainerFailure
     from psyche.client.runtime import ClientRuntime, KeyInUse
     from psyche.p2p import P2PNode
     from psyche.p2p.node import describe_address, endpoint_answers
-
-    from psyche.client.ports import TrainerFailure
 
     me = identity if identity is not None else load_node_key(key_path, create=True)
     say = lambda msg: console.print(f"[dim]{me.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
