@@ -13,7 +13,9 @@ sending rank 0's new weights to its ranks, so that cost is in its figure.
   seconds of :meth:`train` (data, forward and backward, the node's gradient sum, clipping,
   DisTrO's compression: what the run measures of a node), summed over the measured steps
   (the first step of each, which builds the DDP replica, is left out);
-- ``speedup``: the ratio of the two (the baseline, one rank, in the same run);
+- ``speedup``: the ratio of the two (the baseline, one rank, in the same run); ``step_s_*``:
+  the mean seconds of a measured step; ``sync_s_per_step_N_ranks``: of a step of the N-rank
+  node, the seconds rank 0 spent giving its ranks the step's order and its new weights;
 - ``bytes_per_step_*``: the result each publishes per step (what it sends each peer that
   fetches it): the network cost of a node, equal whatever its ranks.
 
@@ -92,7 +94,10 @@ def main() -> None:
                     payload_bytes[name] += len(out.payload)
             if step > 1:
                 tokens += outs["one"].tokens
+            else:
+                node.timer.reset()  # step 1 built the replicas: measured steps only from here
         rate = {k: tokens / v for k, v in seconds.items()}
+        sync = node.timer.totals().get("ranks_sync", 0.0)
         n = a.ranks
         print(json.dumps({
             "bench": "node", "device": a.device, "machine": platform.machine(), "cores": cores,
@@ -101,6 +106,9 @@ def main() -> None:
             "threads_1_rank": threads["one"], f"threads_per_rank_{n}_ranks": threads["node"],
             "tokens_per_s_1_rank": round(rate["one"], 1), f"tokens_per_s_{n}_ranks": round(rate["node"], 1),
             "speedup": round(rate["node"] / rate["one"], 3),
+            # Rank 0's seconds per measured step giving the ranks the order and its new weights.
+            f"sync_s_per_step_{n}_ranks": round(sync / a.steps, 4),
+            "step_s_1_rank": round(seconds["one"] / a.steps, 4), f"step_s_{n}_ranks": round(seconds["node"] / a.steps, 4),
             "bytes_per_step_1_rank": payload_bytes["one"] // a.steps,
             f"bytes_per_step_{n}_ranks": payload_bytes["node"] // a.steps,
             "bytes_per_param_step": round(payload_bytes["node"] / a.steps / one.parameters(), 5),

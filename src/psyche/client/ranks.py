@@ -363,7 +363,8 @@ class NodeTrainer(LocalTrainer):
         rank dies or a collective fails; the ranks are then stopped, and started again next time."""
         assert self.model is not None
         try:
-            ddp = self._ranks_ready((samples.start, samples.stop))
+            with self.timer.phase("ranks_sync"):  # orders out, and rank 0's new weights to every rank
+                ddp = self._ranks_ready((samples.start, samples.stop))
             part = rank_parts(samples, self.world)[0]
             loss = rank_step(ddp, self.data.train, samples, rank=0, world=self.world,
                              micro_batch_size=self.cfg.optimizer.micro_batch_size, autocast_dtype=self.amp,
