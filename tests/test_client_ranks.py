@@ -151,10 +151,9 @@ def test_node_devices_names_the_option_and_the_rule():
 def test_the_examples_in_the_docstrings_hold():
     import doctest
 
-    from psyche.client import ranks
-    from psyche.train import device
+    from psyche.train import device, step
 
-    for module in (ranks, device):
+    for module in (step, device):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 

@@ -11,7 +11,7 @@ optimizer); ranks 1..N-1 are child processes that only compute gradients. Per st
    collective timing out;
 2. if the weights changed (an apply, a model loaded or fetched), rank 0 broadcasts them
    (a rebuilt model is synchronised by ``DistributedDataParallel`` itself);
-3. the share is cut into contiguous parts (:func:`rank_parts`), one per rank; each rank
+3. the share is cut into contiguous parts (:func:`~psyche.train.step.contiguous_part`), one per rank; each rank
    runs forward and backward over its part in micro-batches under DDP, which *sums* the
    ranks' gradients (:func:`sum_hook`) once, at the last backward. Each part's loss is
    divided by the token count of the whole share, so the sum is the gradient of the
@@ -55,7 +55,7 @@ from psyche.client.ports import TrainerFailure
 from psyche.client.trainer import LocalTrainer
 from psyche.config import RunConfig
 from psyche.localports import free_port
-from psyche.train.step import StepStats, accumulate_gradients, clip_gradients, default_autocast_dtype
+from psyche.train.step import StepStats, accumulate_gradients, clip_gradients, contiguous_part, default_autocast_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -91,24 +91,6 @@ class StepOrder:
     """Rank 0's weights changed since the last step (an apply): receive them first."""
 
 
-def rank_parts(samples: range, world: int) -> list[range]:
-    """``samples`` cut into ``world`` contiguous parts whose sizes differ by at most one (the
-    first ones larger); a part may be empty when there are fewer samples than ranks.
-
-    >>> rank_parts(range(10, 15), 2)
-    [range(10, 13), range(13, 15)]
-    >>> rank_parts(range(0, 1), 2)
-    [range(0, 1), range(1, 1)]
-    """
-    size, extra = divmod(len(samples), world)
-    parts, start = [], samples.start
-    for r in range(world):
-        n = size + (r < extra)
-        parts.append(range(start, start + n))
-        start += n
-    return parts
-
-
 def sum_hook(group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """A DDP communication hook that sums the ranks' gradients (DDP's own averages them):
     each rank's part already carries its share of the whole batch's mean loss."""
@@ -137,7 +119,7 @@ def rank_step(ddp: DistributedDataParallel, data: SampleProvider, share: range, 
     """One rank's half of a step: forward and backward its part of the node's ``share``, the
     node's gradient summed across ranks into ``.grad``; return the share's mean loss (summed
     across ranks too). ``batch``: this rank's part already read (rank 0 reads the share anyway)."""
-    part = rank_parts(share, world)[rank]
+    part = contiguous_part(share, rank, world)
     seq_tokens = data.seq_len
     if batch is None:
         # A rank with no sample still runs a pass (weighted 0) through the same collectives.
@@ -331,10 +313,10 @@ class NodeTrainer(LocalTrainer):
             raise ValueError(f"a NodeTrainer needs at least 2 devices (got {devices}); use LocalTrainer")
         super().__init__(cfg, device=devices[0], data_location=data_location, **kwargs)
         self.devices = devices
-        self.world = self.ranks = len(devices)
+        self.ranks = len(devices)
         self.rank_timeout = rank_timeout
         # Each CPU rank gets its part of the cores (a GPU rank's threads only feed its device).
-        self.threads = max(1, (os.cpu_count() or 1) // self.world) if self.device.type == "cpu" else 1
+        self.threads = max(1, (os.cpu_count() or 1) // self.ranks) if self.device.type == "cpu" else 1
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)
         self._ddp: DistributedDataParallel | None = None
@@ -365,8 +347,8 @@ class NodeTrainer(LocalTrainer):
         try:
             with self.timer.phase("ranks_sync"):  # orders out, and rank 0's new weights to every rank
                 ddp = self._ranks_ready((samples.start, samples.stop))
-            part = rank_parts(samples, self.world)[0]
-            loss = rank_step(ddp, self.data.train, samples, rank=0, world=self.world,
+            part = contiguous_part(samples, 0, self.ranks)
+            loss = rank_step(ddp, self.data.train, samples, rank=0, world=self.ranks,
                              micro_batch_size=self.cfg.optimizer.micro_batch_size, autocast_dtype=self.amp,
                              batch=batch[: len(part)] if len(part) else batch[:1])
             assert self.group is not None
@@ -413,9 +395,7 @@ class NodeTrainer(LocalTrainer):
             why = dead  # the cause, rather than what the collective saw of it
         self._ddp = None
         self._stale = False
-        if self.group is not None:
-            self.group.stop()
-            self.group = None
+        self.close()
         self.failures += 1
         fatal = self.failures >= MAX_FAILURES
         raise RankFailure(f"this node's ranks failed ({why})" + (f"; {self.failures} times in a row, giving up"

@@ -533,9 +533,7 @@ class ClientRuntime:
                 async with self._lock:
                     await asyncio.to_thread(self.trainer.prepare)
             except TrainerFailure as exc:
-                await self._resync(f"warmup: {exc}")
-                if exc.fatal:
-                    raise
+                await self._trainer_failed("warmup", exc)
                 return
         self.trainer.lr_window = q.lr_warmup_window(s)
         if q.is_warmup_witness(s, self.me) and self.warmup_reported != s.epoch:
@@ -617,13 +615,9 @@ class ClientRuntime:
             async with self._lock:
                 out = await asyncio.to_thread(self.trainer.train, step, start, end)
         except TrainerFailure as exc:
-            # Nothing was published for this step: the round goes on without us, and the node
-            # comes back next epoch with the network's weights (a rank that died took the node's
-            # state of the step with it).
+            # Nothing was published for this step: the round goes on without us.
             self.trained[step] = (None, None)
-            await self._resync(f"step {step}: {exc}")
-            if exc.fatal:
-                raise
+            await self._trainer_failed(f"step {step}", exc)
             return
         self.steps_trained += 1
         blob_hash = self.node.publish_blob(out.payload, step=step)
@@ -841,6 +835,13 @@ class ClientRuntime:
         self.applied_step = -1  # forces a model download at the next warmup
         self.model_epoch = None
         await self._submit(Withdraw(), quiet=True)
+
+    async def _trainer_failed(self, where: str, exc: TrainerFailure) -> None:
+        """The trainer could not go on (a rank of the node died): withdraw to come back next epoch
+        with the network's weights; re-raise ``exc`` when it is fatal (the client then stops)."""
+        await self._resync(f"{where}: {exc}")
+        if exc.fatal:
+            raise exc
 
     async def _cooldown(self, s: CoordinatorState) -> None:
         if self.checkpointed_epoch == s.epoch:

@@ -115,6 +115,20 @@ def compute_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batc
     return clip_gradients(model, loss, n_tokens, grad_clip)
 
 
+def contiguous_part(samples: range, index: int, of: int) -> range:
+    """Part ``index`` of ``samples`` cut into ``of`` contiguous parts whose sizes differ by at
+    most one (the first ones larger); a part is empty when there are fewer samples than parts.
+
+    >>> [contiguous_part(range(10, 15), i, 2) for i in range(2)]
+    [range(10, 13), range(13, 15)]
+    >>> [contiguous_part(range(0, 1), i, 2) for i in range(2)]
+    [range(0, 1), range(1, 1)]
+    """
+    size, extra = divmod(len(samples), of)  # the first `extra` parts hold one more
+    start = samples.start + index * size + min(index, extra)
+    return range(start, start + size + (index < extra))
+
+
 def eval_samples(provider: "SampleProvider", *, batches: int, batch_size: int, part: tuple[int, int] = (0, 1)) -> range:
     """The validation samples that part ``part[0]`` of ``part[1]`` evaluates.
 
@@ -130,10 +144,7 @@ def eval_samples(provider: "SampleProvider", *, batches: int, batch_size: int, p
     index, of = part
     if not 0 <= index < of:
         raise ValueError(f"evaluate: part {index} of {of} does not exist")
-    n = min(batches * batch_size, provider.num_samples)
-    size, extra = divmod(n, of)  # the first `extra` slices hold one more
-    start = index * size + min(index, extra)
-    return range(start, start + size + (index < extra))
+    return contiguous_part(range(min(batches * batch_size, provider.num_samples)), index, of)
 
 
 @torch.no_grad()
