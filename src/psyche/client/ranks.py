@@ -118,7 +118,7 @@ def rank_step(ddp: DistributedDataParallel, data: SampleProvider, share: range, 
               micro_batch_size: int, autocast_dtype: torch.dtype | None, batch: torch.Tensor | None = None) -> torch.Tensor:
     """One rank's half of a step: forward and backward its part of the node's ``share``, the
     node's gradient summed across ranks into ``.grad``; return the share's mean loss (summed
-    across ranks too). ``batch``: this rank's part already read (rank 0 reads the share anyway)."""
+    across ranks too). ``batch``: this rank's part, already read (rank 0's, by the trainer)."""
     part = contiguous_part(share, rank, world)
     seq_tokens = data.seq_len
     if batch is None:
@@ -339,18 +339,20 @@ class NodeTrainer(LocalTrainer):
         if payloads:
             self._stale = True
 
+    def own_samples(self, samples: range) -> range:
+        """Rank 0's part of a share (the other ranks read their own parts)."""
+        return contiguous_part(samples, 0, self.ranks)
+
     def gradients(self, samples: range, batch: torch.Tensor) -> StepStats:
-        """The node's gradient of ``samples`` (see the module's docstring), clipped, in rank 0's
+        """The node's gradient of ``samples`` (``batch``: rank 0's part, :meth:`own_samples`) (see the module's docstring), clipped, in rank 0's
         ``.grad``. Raises :class:`RankFailure` (fatal after :data:`MAX_FAILURES` in a row) if a
         rank dies or a collective fails; the ranks are then stopped, and started again next time."""
         assert self.model is not None
         try:
             with self.timer.phase("ranks_sync"):  # orders out, and rank 0's new weights to every rank
                 ddp = self._ranks_ready((samples.start, samples.stop))
-            part = contiguous_part(samples, 0, self.ranks)
             loss = rank_step(ddp, self.data.train, samples, rank=0, world=self.ranks,
-                             micro_batch_size=self.cfg.optimizer.micro_batch_size, autocast_dtype=self.amp,
-                             batch=batch[: len(part)] if len(part) else batch[:1])
+                             micro_batch_size=self.cfg.optimizer.micro_batch_size, autocast_dtype=self.amp, batch=batch)
             assert self.group is not None
             self.group.finish()
         except (RankFailure, RuntimeError, OSError) as exc:

@@ -178,7 +178,7 @@ class LocalTrainer:
         t0 = time.perf_counter()
         self._set_lr(step)
         with self.timer.phase("data"):
-            batch = self.data.train.batch(range(start, end))  # (B, T+1)
+            batch = self.data.train.batch(self.own_samples(range(start, end)))  # (B, T+1)
         t_fb = time.perf_counter()
         stats = self.gradients(range(start, end), batch)
         fwd_bwd = time.perf_counter() - t_fb
@@ -192,9 +192,14 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite, fwd_bwd)
 
+    def own_samples(self, samples: range) -> range:
+        """The samples of a share that this process reads and trains itself (all of them, here)."""
+        return samples
+
     def gradients(self, samples: range, batch: torch.Tensor) -> StepStats:
-        """Leave in the model's ``.grad`` the clipped gradient of the mean loss over ``batch``
-        (``(B, seq_len+1)``: the training samples ``samples``), and describe the step."""
+        """Leave in the model's ``.grad`` the clipped gradient of the mean loss over the training
+        samples ``samples``, and describe the step. ``batch`` (``(B, seq_len+1)``) holds the
+        samples of :meth:`own_samples`: here, all of them."""
         assert self.model is not None
         return compute_gradients(self.model, batch, micro_batch_size=self.cfg.optimizer.micro_batch_size,
                                  grad_clip=self.cfg.optimizer.grad_clip, autocast_dtype=self.amp)
