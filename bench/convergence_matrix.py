@@ -60,9 +60,10 @@ VARIANTS: dict[str, dict] = {
     "uncompressed": {"topk": 4096, "one_bit": False},  # every coefficient, full values: no compression
     "no_one_bit": {"one_bit": False},               # top-k, values sent in full
     "no_topk": {"topk": 4096},                      # every coefficient, signs only
-    "overlapped": {"overlapped": True},             # step t applies step t-1's results
+    "overlapped": {"overlapped": True, "lookahead": True},   # step t applies step t-1's results (the network's default)
+    "overlapped_stale": {"overlapped": True, "lookahead": False},  # ... with gradients one update behind (before)
 }
-ABLATIONS = ("sign", "uncompressed", "no_one_bit", "no_topk", "overlapped")
+ABLATIONS = ("sign", "uncompressed", "no_one_bit", "no_topk", "overlapped", "overlapped_stale")
 """Run with ``--ablations`` on the short-horizon cells of the small model."""
 
 
@@ -147,7 +148,9 @@ def run_one(job: tuple) -> dict:
     else:
         options = dict(options)
         lr, overlapped = options.pop("lr", None), options.pop("overlapped", False)
-        cfg = sim_config(cell, distro_lr=lr, overlapped=overlapped, distro_options=tuple(sorted(options.items())))
+        lookahead = options.pop("lookahead", True)
+        cfg = sim_config(cell, distro_lr=lr, overlapped=overlapped, lookahead=lookahead,
+                         distro_options=tuple(sorted(options.items())))
         run = run_distro(cfg)
         out = {"val": run.curve.final, "bytes_per_param_step": run.payload_bytes_per_peer_step / run.params,
                "bit_identical": run.peers_bit_identical, "curve": [run.curve.tokens, run.curve.val_loss]}

@@ -103,3 +103,27 @@ def test_the_momentum_warmup_follows_the_runs_step_not_a_local_count(cfg):
     t.optimizer.generate = lambda **kw: seen.append(kw) or generate(**kw)  # type: ignore[method-assign]
     t.train(3, 0, 4)
     assert seen == [{"steps_done": 2}]
+
+
+def test_an_overlapped_step_trains_ahead_by_the_nodes_own_results_and_leaves_the_weights_as_they_were(cfg):
+    """Step 2 trained before step 1 is applied takes its gradient with this node's own step-1 results
+    applied (unless the config turns the lookahead off); the weights it leaves are untouched. Applied
+    first (not overlapped), both train alike."""
+    from psyche.client.trainer import LocalTrainer
+
+    off = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"lookahead": False})})
+    ahead, stale, applied_first = LocalTrainer(cfg), LocalTrainer(off), LocalTrainer(cfg)
+    for t in (ahead, stale, applied_first):
+        t.init_model()
+        t.train(1, 0, 4)
+    weights = _weights(ahead)
+    assert ahead.train(2, 4, 8).payload != stale.train(2, 4, 8).payload
+    assert all(torch.equal(x, y) for x, y in zip(_weights(ahead), weights, strict=True))
+    assert "lookahead" in ahead.timer.totals() and "lookahead" not in stale.timer.totals()
+    # The same step once step 1 is applied: no result is in flight, the lookahead changes nothing.
+    stale_2 = LocalTrainer(off)
+    stale_2.init_model()
+    stale_2.train(1, 0, 4)
+    for t in (applied_first, stale_2):
+        t.apply(1, [])  # an empty agreement still ends the step
+    assert applied_first.train(2, 4, 8).payload == stale_2.train(2, 4, 8).payload

@@ -78,3 +78,16 @@ def test_unequal_shares_split_the_same_samples_and_token_votes_change_the_run():
 def test_split_fields_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         config_from(**overrides)
+
+
+def test_overlapped_peers_take_their_gradient_ahead_by_their_own_results_and_stay_identical():
+    """The lookahead changes each peer's gradient (so the run), never the agreement of the peers' weights."""
+    runs = {}
+    for lookahead in (True, False):
+        cfg = config_from(peers=2, steps=4, batch_per_peer=2, seq_len=32, hidden_size=64, intermediate_size=128,
+                          layers=1, heads=2, warmup_steps=0, chunk=16, topk=4, overlapped=True,
+                          lookahead=lookahead, eval_every=4, eval_batches=1, eval_batch_size=8)
+        runs[lookahead] = run_distro(cfg)
+        assert runs[lookahead].peers_bit_identical
+    ahead, stale = (next(iter(runs[k].models[0].parameters())) for k in (True, False))
+    assert not torch.equal(ahead, stale)

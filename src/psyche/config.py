@@ -114,6 +114,8 @@ class OptimizerConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0 = off).")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one device.")
     overlapped: bool = Field(True, description="Apply step t-1's results while training step t.")
+    lookahead: bool = Field(True, description="Overlapped only: take step t's gradient on the weights with this node's own "
+                            "step t-1 results applied (DisTrO.lookahead), not on weights one update behind.")
 
     def distro_options(self) -> dict[str, Any]:
         """The options this config sets for ``DisTrO.for_model`` (unset ones keep DisTrO's defaults)."""

@@ -337,7 +337,12 @@ class NodeTrainer(LocalTrainer):
     def apply(self, step: int, payloads: list[bytes]) -> None:
         super().apply(step, payloads)
         if payloads:
-            self._stale = True
+            self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        """Rank 0's weights changed (an apply, or a lookahead applied or undone): the ranks get them
+        at the next step."""
+        self._stale = True
 
     def own_samples(self, samples: range) -> range:
         """Rank 0's part of a share (the other ranks read their own parts)."""

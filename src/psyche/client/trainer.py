@@ -9,6 +9,7 @@ learning rate, so all nodes hold bit-identical weights (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
@@ -87,9 +88,12 @@ class LocalTrainer:
         self._parsed_bytes = 0
         self._parsed_lock = threading.Lock()  # verify runs on the event loop, apply in a worker thread
         self.lr_window: tuple[int, int] | None = None
+        self._in_flight: tuple[int, list[SparseResult]] | None = None
+        """This node's own results of its last trained step, until that step is applied (the
+        lookahead of the next step trains with them; see :meth:`train`)."""
         self.timer = PhaseTimer()
         """Seconds spent per kind of work (data, forward_backward, compress, verify: decoding peers'
-        results, check: scoring them against their data, apply, ...)."""
+        results, check: scoring them against their data, apply, lookahead, ...)."""
 
     # -- the model -----------------------------------------------------------
 
@@ -126,6 +130,7 @@ class LocalTrainer:
     def _install(self, model: PreTrainedModel) -> None:
         model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapper of .to drops the bound self in its types
         self.model = model
+        self._in_flight = None
         # Every peer builds it the same way (results travel in parameter-group order).
         self.optimizer = DisTrO.from_config(model, self.cfg.optimizer, self.cfg.lr)
         self.shapes = self.optimizer.parameter_shapes()
@@ -173,24 +178,44 @@ class LocalTrainer:
 
         A non-finite loss or gradient sends a result with zero gradient (the momentum
         only decays), so the node stays in step with the network.
+
+        Overlapped (step ``step - 1`` not applied yet, this node trained it, and the config's
+        ``optimizer.lookahead`` on): the gradient is taken with this node's own step
+        ``step - 1`` results applied (:meth:`DisTrO.lookahead`), and the weights are
+        restored bit for bit afterwards.
         """
         assert self.model is not None and self.optimizer is not None
         t0 = time.perf_counter()
         self._set_lr(step)
         with self.timer.phase("data"):
             batch = self.data.train.batch(self.own_samples(range(start, end)))  # (B, T+1)
-        t_fb = time.perf_counter()
-        stats = self.gradients(range(start, end), batch)
-        fwd_bwd = time.perf_counter() - t_fb
+        own = self._in_flight[1] if self._in_flight is not None and self._in_flight[0] == step - 1 else None
+        with contextlib.ExitStack() as ahead:
+            if own is not None:
+                with self.timer.phase("lookahead"):
+                    ahead.enter_context(self.optimizer.lookahead(own))
+                self._weights_changed()
+                ahead.callback(self._weights_changed)  # restored, on leaving the block
+            t_fb = time.perf_counter()
+            stats = self.gradients(range(start, end), batch)
+            fwd_bwd = time.perf_counter() - t_fb
+            if own is not None:
+                with self.timer.phase("lookahead"):
+                    ahead.close()
         self.timer.add("forward_backward", fwd_bwd)
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
         with self.timer.phase("compress"):
             # The momentum warmup follows the run's step, not a local count: this node may
             # have joined late.
-            payload = encode_payload(self.optimizer.generate(steps_done=step - 1))
+            results = self.optimizer.generate(steps_done=step - 1)
+            payload = encode_payload(results)
+        self._in_flight = (step, results) if self.cfg.optimizer.lookahead else None
         self.model.zero_grad(set_to_none=True)
         return TrainOutput(payload, stats.loss, stats.tokens, time.perf_counter() - t0, stats.finite, fwd_bwd)
+
+    def _weights_changed(self) -> None:
+        """Called whenever the weights change outside an install (nothing to do on one device)."""
 
     def own_samples(self, samples: range) -> range:
         """The samples of a share that this process reads and trains itself (all of them, here)."""
@@ -268,6 +293,8 @@ class LocalTrainer:
     def apply(self, step: int, payloads: list[bytes]) -> None:
         """Apply the agreed results of ``step`` (in the order given: the same on every node)."""
         assert self.optimizer is not None
+        if self._in_flight is not None and self._in_flight[0] <= step:
+            self._in_flight = None  # from now on the weights hold that step, whatever was agreed
         if not payloads:
             return
         self._set_lr(step)

@@ -53,7 +53,13 @@ batch this step, or joined late, still ends bit-identical to the others.
 
 Overlapped mode (:class:`Overlap`): the results applied at step ``t`` are the ones
 generated at step ``t − 1``, so they can travel while step ``t`` trains; the
-``lr`` used is the one current at apply time.
+``lr`` used is the one current at apply time. Step ``t``'s gradient is then taken on
+weights one update behind the ones its results will be applied to, and with steps
+normalized to a fixed size that staleness costs a lot. :meth:`DisTrO.lookahead`
+takes the gradient instead on the weights with this peer's own step ``t − 1`` results
+applied: the part of the update in flight that the peer already knows (its own
+results share most of their coefficients' directions with the aggregate). Only
+gradients move, so the weights stay bit-identical across peers.
 
 Two knobs beyond the DeMo core:
 
@@ -279,6 +285,31 @@ class DisTrO(torch.optim.Optimizer):
                 else:
                     update = update.sign_()
                 p.add_(update.to(p.dtype), alpha=-lr)
+
+    @contextlib.contextmanager
+    def lookahead(self, own: Sequence[SparseResult] | None) -> Iterator[bool]:
+        """Inside the block, the weights are as if ``own`` (this peer's results still in flight)
+        had been applied alone (:meth:`apply` ``([own])`` at the groups' current LR); on leaving it,
+        however it is left, they are restored bit for bit. Yields whether anything was applied
+        (``own`` None or empty: nothing, and nothing is copied).
+
+        This is how an overlapped peer trains step ``t`` near the weights step ``t``'s results
+        will really be applied to, rather than one step behind them: the gradients computed
+        inside the block stay in ``.grad``, and only this peer's gradient depends on it, so the
+        weights every peer holds stay bit-identical. The momentum is not touched.
+        """
+        if not own:
+            yield False
+            return
+        params = [p for _, p in self._params()]
+        saved = [p.detach().clone() for p in params]
+        try:
+            self.apply([own])
+            yield True
+        finally:
+            with torch.no_grad():
+                for p, before in zip(params, saved):
+                    p.copy_(before)
 
     @torch.no_grad()
     def step(self, closure=None):

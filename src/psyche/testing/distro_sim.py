@@ -4,7 +4,9 @@
 DisTrO momentum. Every step each peer trains on its own batch, ships its results
 as bytes (:func:`psyche.distro.encode_payload`), and every peer decodes and
 applies all peers' payloads, in the same order, so all copies stay bit-identical.
-In overlapped mode the payloads applied at step ``t`` are those of step ``t − 1``.
+In overlapped mode the payloads applied at step ``t`` are those of step ``t − 1``, and
+each peer takes step ``t``'s gradient with its own step ``t − 1`` results applied
+(:meth:`DisTrO.lookahead`; ``lookahead=False`` turns that off).
 
 The baseline is the same model trained with ``torch.optim.AdamW`` on exactly the
 same tokens (at step ``s`` it sees the union of the peers' batches), with the
@@ -80,6 +82,9 @@ class SimConfig:
     by its rules) set over DisTrO's defaults, as ``(name, value)`` pairs (``config_from`` routes
     ``topk=...``, ``compression_decay=...`` and the like here)."""
     overlapped: bool = False
+    lookahead: bool = True
+    """Overlapped only: each peer takes its gradient with its own in-flight results applied
+    (:meth:`DisTrO.lookahead`), as a client does unless its config turns ``lookahead`` off."""
     momentum_warmup: bool = True
     """Shorten DisTrO's momentum memory during the LR warmup (:func:`psyche.distro.optimizer.momentum_warmup_factor`)."""
     weight_decay: float = 0.0
@@ -134,7 +139,7 @@ class SimConfig:
 
     def distro_config(self) -> dict:
         """DisTrO's hyperparameters (the defaults and what this run overrides), as reported next to the results."""
-        keys = ("overlapped", "momentum_warmup", "weight_decay", "schedule", "warmup_steps", "final_lr_fraction",
+        keys = ("overlapped", "lookahead", "momentum_warmup", "weight_decay", "schedule", "warmup_steps", "final_lr_fraction",
                 "batch_per_peer", "grad_clip")
         # An unequal split is reported only when set, so equal-split reports keep their keys.
         split = {} if self.shares is None else {"shares": list(self.shares), "combine": self.combine}
@@ -251,26 +256,30 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
     weights = cfg.apply_weights()
     sent = 0
     losses: list[float] = []
+    in_flight: list[list | None] = [None] * cfg.peers  # overlapped: each peer's own results not yet applied
     for step in range(cfg.steps):
         lr = lr_at(step, lr_cfg, cfg.steps)
         blobs = []
         step_loss = 0.0
         for peer, (model, opt) in enumerate(zip(models, opts)):
-            stats = compute_gradients(model, train.batch(_indices(cfg, step, peer)),
-                                      micro_batch_size=cfg.peer_batches[peer], grad_clip=cfg.grad_clip)
-            step_loss += stats.loss / cfg.peers
             for group in opt.param_groups:
                 group["lr"] = lr
+            with opt.lookahead(in_flight[peer] if cfg.lookahead else None):
+                stats = compute_gradients(model, train.batch(_indices(cfg, step, peer)),
+                                          micro_batch_size=cfg.peer_batches[peer], grad_clip=cfg.grad_clip)
+            step_loss += stats.loss / cfg.peers
             blobs.append(encode_payload(opt.generate(steps_done=step)))  # step is 0-based here
         sent += sum(len(b) for b in blobs)
         losses.append(step_loss)
-        to_apply = overlap.exchange(blobs) if overlap is not None else blobs
+        # Parsing is a pure function of the bytes, so it is done once per payload here;
+        # every peer then applies the same parsed results in the same order.
+        received = [decode_payload(b, shapes) for b in blobs]
+        to_apply = overlap.exchange(received) if overlap is not None else received
+        if overlap is not None:
+            in_flight = received
         if to_apply:
-            # Parsing is a pure function of the bytes, so it is done once per payload
-            # here; every peer then applies the same parsed results in the same order.
-            received = [decode_payload(b, shapes) for b in to_apply]
             for opt in opts:
-                opt.apply(received, weights)
+                opt.apply(to_apply, weights)
         if _should_eval(cfg, step):
             loss = evaluate(models[0], val, batches=cfg.eval_batches, batch_size=cfg.eval_batch_size)
             _record(curve, cfg, step, loss, on_eval)
