@@ -847,7 +847,8 @@ class ClientRuntime:
         if self.checkpointed_epoch == s.epoch:
             return
         self.checkpointed_epoch = s.epoch
-        self._serve_model()
+        async with self._lock:  # not mid-step: a step's lookahead moves the weights while it trains
+            self._serve_model()
         if not q.is_checkpointer(s, self.me) or self.checkpoint_dir is None:
             return
         step = self.applied_step

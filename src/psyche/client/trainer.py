@@ -192,8 +192,10 @@ class LocalTrainer:
         own = self._in_flight[1] if self._in_flight is not None and self._in_flight[0] == step - 1 else None
         with contextlib.ExitStack() as ahead:
             if own is not None:
+                self._set_lr(step - 1)  # the LR step - 1's apply will use
                 with self.timer.phase("lookahead"):
                     ahead.enter_context(self.optimizer.lookahead(own))
+                self._set_lr(step)
                 self._weights_changed()
                 ahead.callback(self._weights_changed)  # restored, on leaving the block
             t_fb = time.perf_counter()

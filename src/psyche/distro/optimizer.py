@@ -52,8 +52,8 @@ puts it) so that the weights change only in ``apply``: a peer that trained no
 batch this step, or joined late, still ends bit-identical to the others.
 
 Overlapped mode (:class:`Overlap`): the results applied at step ``t`` are the ones
-generated at step ``t − 1``, so they can travel while step ``t`` trains; the
-``lr`` used is the one current at apply time. Step ``t``'s gradient is then taken on
+generated at step ``t − 1``, so they can travel while step ``t`` trains (a client
+applies them at step ``t − 1``'s LR). Step ``t``'s gradient is then taken on
 weights one update behind the ones its results will be applied to, and with steps
 normalized to a fixed size that staleness costs a lot. :meth:`DisTrO.lookahead`
 takes the gradient instead on the weights with this peer's own step ``t − 1`` results
@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import torch
 
@@ -87,6 +87,8 @@ from psyche.distro.codec import DCTCodec, SparseResult, vote_weights
 
 if TYPE_CHECKING:
     from psyche.config import LRScheduleConfig, OptimizerConfig
+
+T = TypeVar("T")
 
 MatrixUpdate = Literal["orthogonal", "sign"]
 """How ``apply`` turns a weight matrix's aggregate into a step (see the module docstring)."""
@@ -436,7 +438,7 @@ def param_groups(
     return [{"params": ps, "lr_scale": scales[k], "kind": k} for k, ps in members.items() if ps]
 
 
-class Overlap:
+class Overlap(Generic[T]):
     """Holds each step's results back one step: what is applied at ``t`` was generated at ``t−1``.
 
     >>> overlap = Overlap()
@@ -447,14 +449,14 @@ class Overlap:
     """
 
     def __init__(self) -> None:
-        self._pending: list | None = None
+        self._pending: T | None = None
 
-    def exchange(self, current: list) -> list | None:
+    def exchange(self, current: T) -> T | None:
         """Store ``current`` (all peers' results of this step); return the previous step's, or None."""
         previous, self._pending = self._pending, current
         return previous
 
-    def flush(self) -> list | None:
+    def flush(self) -> T | None:
         """The results still held back (e.g. at the end of a run), clearing them."""
         previous, self._pending = self._pending, None
         return previous

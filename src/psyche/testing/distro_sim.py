@@ -4,7 +4,8 @@
 DisTrO momentum. Every step each peer trains on its own batch, ships its results
 as bytes (:func:`psyche.distro.encode_payload`), and every peer decodes and
 applies all peers' payloads, in the same order, so all copies stay bit-identical.
-In overlapped mode the payloads applied at step ``t`` are those of step ``t − 1``, and
+In overlapped mode the payloads applied at step ``t`` are those of step ``t − 1`` (at step
+``t − 1``'s LR, as a client applies them; the last step's are applied at the end), and
 each peer takes step ``t``'s gradient with its own step ``t − 1`` results applied
 (:meth:`DisTrO.lookahead`; ``lookahead=False`` turns that off).
 
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from psyche.distro import DisTrO, Overlap, decode_payload, encode_payload
+from psyche.distro import DisTrO, Overlap, SparseResult, decode_payload, encode_payload
 from psyche.distro.optimizer import param_groups
 
 OnEval = Callable[[str, int, float], None]
@@ -251,35 +252,43 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
     opts = [build_distro(cfg, m) for m in models]
     shapes = opts[0].parameter_shapes()
     lr_cfg = _lr_cfg(cfg, cfg.lr_of_distro)
-    overlap = Overlap() if cfg.overlapped else None
+    Due = tuple[float, list[list[SparseResult]]]  # a step's LR and all peers' parsed results
+    overlap: Overlap[Due] | None = Overlap() if cfg.overlapped else None
     curve = Curve("distro")
     weights = cfg.apply_weights()
     sent = 0
     losses: list[float] = []
-    in_flight: list[list | None] = [None] * cfg.peers  # overlapped: each peer's own results not yet applied
+    # Overlapped: each step's parsed results and LR, applied a step later (a client applies a
+    # step's results at that step's LR); in_flight[peer] is that peer's own share of them.
+    in_flight: list[list[SparseResult] | None] = [None] * cfg.peers
+    in_flight_lr = 0.0
     for step in range(cfg.steps):
         lr = lr_at(step, lr_cfg, cfg.steps)
         blobs = []
         step_loss = 0.0
         for peer, (model, opt) in enumerate(zip(models, opts)):
-            for group in opt.param_groups:
-                group["lr"] = lr
+            _set_lr(opt, in_flight_lr)
             with opt.lookahead(in_flight[peer] if cfg.lookahead else None):
                 stats = compute_gradients(model, train.batch(_indices(cfg, step, peer)),
                                           micro_batch_size=cfg.peer_batches[peer], grad_clip=cfg.grad_clip)
             step_loss += stats.loss / cfg.peers
+            _set_lr(opt, lr)
             blobs.append(encode_payload(opt.generate(steps_done=step)))  # step is 0-based here
         sent += sum(len(b) for b in blobs)
         losses.append(step_loss)
         # Parsing is a pure function of the bytes, so it is done once per payload here;
         # every peer then applies the same parsed results in the same order.
         received = [decode_payload(b, shapes) for b in blobs]
-        to_apply = overlap.exchange(received) if overlap is not None else received
+        due: list[Due] = [(lr, received)]
         if overlap is not None:
-            in_flight = received
-        if to_apply:
+            # The run's end applies the last step too.
+            held = [overlap.exchange((lr, received)), overlap.flush() if step == cfg.steps - 1 else None]
+            due = [d for d in held if d is not None]
+            in_flight, in_flight_lr = list(received), lr
+        for step_lr, results in due:
             for opt in opts:
-                opt.apply(to_apply, weights)
+                _set_lr(opt, step_lr)
+                opt.apply(results, weights)
         if _should_eval(cfg, step):
             loss = evaluate(models[0], val, batches=cfg.eval_batches, batch_size=cfg.eval_batch_size)
             _record(curve, cfg, step, loss, on_eval)
@@ -292,6 +301,11 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
         peers_bit_identical=identical, train_loss_first=losses[0], train_loss_last=losses[-1], models=models,
         optimizers=opts,
     )
+
+
+def _set_lr(opt: DisTrO, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def run_adamw(cfg: SimConfig, lr: float, *, grouped: bool = False, on_eval: OnEval | None = None) -> Curve:
