@@ -276,7 +276,12 @@ class DisTrO(torch.optim.Optimizer):
         # rounds differently on a machine (or a node rank) with another count: every node
         # applies with one thread, so all hold the same weights whatever their cores.
         with _one_cpu_thread(any(p.device.type == "cpu" for _, p in params)):
-            for i, (group, p) in enumerate(params):
+            self._step_weights(results_from_all_peers, votes)
+
+    def _step_weights(self, results_from_all_peers: Sequence[Sequence[SparseResult]], votes: list[float]) -> None:
+        """:meth:`apply`'s update of every parameter, on torch's current threads, unchecked."""
+        with torch.no_grad():
+            for i, (group, p) in enumerate(self._params()):
                 codec = self._codec(group["chunk"])
                 update = codec.decode([peer[i] for peer in results_from_all_peers], p.shape, weights=votes)
                 lr, wd = group["lr"] * group.get("lr_scale", 1.0), group["weight_decay"]
@@ -298,15 +303,19 @@ class DisTrO(torch.optim.Optimizer):
         This is how an overlapped peer trains step ``t`` near the weights step ``t``'s results
         will really be applied to, rather than one step behind them: the gradients computed
         inside the block stay in ``.grad``, and only this peer's gradient depends on it, so the
-        weights every peer holds stay bit-identical. The momentum is not touched.
+        weights every peer holds stay bit-identical. The momentum is not touched. Nothing needs
+        to agree with other peers here, so it runs on all of torch's threads (:meth:`apply` runs
+        on one). ``ValueError`` (before anything changes) if ``own`` has the wrong length.
         """
         if not own:
             yield False
             return
         params = [p for _, p in self._params()]
+        if len(own) != len(params):
+            raise ValueError(f"{len(own)} results for {len(params)} parameters")
         saved = [p.detach().clone() for p in params]
         try:
-            self.apply([own])
+            self._step_weights([own], [1.0])
             yield True
         finally:
             with torch.no_grad():
