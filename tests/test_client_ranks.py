@@ -70,6 +70,26 @@ def test_a_two_rank_node_ends_each_round_with_the_weights_of_a_one_rank_node(cfg
     assert node.save(tmp_path / "node", step=3)[1] == one.save(tmp_path / "one", step=3)[1]
 
 
+def test_an_overlapped_two_rank_node_trains_ahead_like_a_one_rank_node(cfg, node):
+    """Overlapped, each step trains before the previous one is applied: every rank gets rank 0's
+    lookahead weights (its own in-flight results applied) and then the weights restored, so the
+    results and the weights stay those of a one-rank node."""
+    one = _one_rank(cfg)
+    node.init_model()
+    m = cfg.optimizer.micro_batch_size
+    previous = None
+    for step in (1, 2, 3):
+        share = (step * 100, step * 100 + 2 * m)
+        a, b = node.train(step, *share), one.train(step, *share)
+        assert a.payload == b.payload, f"step {step}: the node's result differs from the one-rank node's"
+        if previous is not None:
+            for trainer in (node, one):
+                trainer.apply(step - 1, [previous])
+            assert node.weights_digest() == one.weights_digest(), f"step {step}: weights differ after the apply"
+        previous = a.payload
+    assert node.timer.totals().get("lookahead", 0) > 0
+
+
 def test_an_uneven_share_gives_the_one_rank_gradient_up_to_summation_order(cfg, node):
     """A share of 11 sequences (6 + 5 on two ranks, micro-batches of 8 on one): the summed
     gradient agrees with one rank's to float32 rounding (the stated tolerance)."""

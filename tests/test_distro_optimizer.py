@@ -439,36 +439,44 @@ def test_apply_gives_the_same_weights_whatever_torchs_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(weights[threads], weights[1])), f"{threads} threads differ from 1"
 
 
-def test_lookahead_trains_on_the_weights_with_own_results_applied_then_restores_them_bit_for_bit():
-    model = make_model(3)
+def _peer_with_results(seed):
+    """A model, its DisTrO, the results it just generated, and a copy of its weights."""
+    model = make_model(seed)
     opt = DisTrO(model.parameters(), lr=0.05, chunk=16, topk=4)
     set_grads(model, 1)
     own = opt.generate()
-    before = [p.detach().clone() for p in model.parameters()]
+    return model, opt, own, [p.detach().clone() for p in model.parameters()]
+
+
+def _same(tensors, others):
+    return all(torch.equal(a, b) for a, b in zip(tensors, others, strict=True))
+
+
+def test_lookahead_trains_on_the_weights_with_own_results_applied_then_restores_them_bit_for_bit():
+    model, opt, own, before = _peer_with_results(3)
     momentum = [opt.state[p]["delta"].clone() for p in model.parameters()]
     ahead = copy.deepcopy(model)
     DisTrO(ahead.parameters(), lr=0.05, chunk=16, topk=4).apply([own])
     with opt.lookahead(own) as applied:
         assert applied
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ahead.parameters()))
-        assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert _same(model.parameters(), ahead.parameters())
+        assert not _same(model.parameters(), before)
         set_grads(model, 2)  # what was computed inside stays
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert all(torch.equal(opt.state[p]["delta"], m) for p, m in zip(model.parameters(), momentum))
+    assert _same(model.parameters(), before)
+    assert _same([opt.state[p]["delta"] for p in model.parameters()], momentum)
     g = torch.Generator().manual_seed(2)
-    assert all(torch.equal(p.grad, torch.randn(p.shape, generator=g)) for p in model.parameters())
+    assert _same([p.grad for p in model.parameters()], [torch.randn(p.shape, generator=g) for p in model.parameters()])
 
 
 def test_lookahead_restores_the_weights_when_the_block_fails_and_does_nothing_without_results():
-    model = make_model(4)
-    opt = DisTrO(model.parameters(), lr=0.05, chunk=16, topk=4)
-    set_grads(model, 1)
-    own = opt.generate()
-    before = [p.detach().clone() for p in model.parameters()]
+    model, opt, own, before = _peer_with_results(4)
     with pytest.raises(RuntimeError, match="rank died"), opt.lookahead(own):
         raise RuntimeError("rank died")
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert _same(model.parameters(), before)
     for nothing in (None, []):
         with opt.lookahead(nothing) as applied:
             assert applied is False
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            assert _same(model.parameters(), before)
+    with pytest.raises(ValueError, match="results for"), opt.lookahead(own[:-1]):
+        pass
+    assert _same(model.parameters(), before)
