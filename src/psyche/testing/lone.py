@@ -2,7 +2,8 @@
 
 :func:`lone_trainer` trains one client's share of each step, compresses it, checks
 the payload as a witness would and applies ``clients`` results, as a client of an
-N-client run does, in this process. ``python -m psyche.testing.lone`` runs it as its
+N-client run does, in this process (overlapped as the run's config says: each step
+trains before the previous one is applied). ``python -m psyche.testing.lone`` runs it as its
 own process (for a CPU share of its own on a testbed) and writes the result as JSON;
 :func:`lone_on_testbed` runs it so on testbed nodes.
 """
@@ -40,13 +41,23 @@ def lone_trainer(cfg: RunConfig, *, clients: int, steps: int) -> dict[str, Any]:
     trainer.timer.reset()
     per_client = cfg.coordinator.global_batch_size_start // clients
     times = []
+    held: list[bytes] = []  # overlapped: the step trained last, not yet applied
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         t = time.perf_counter()
         start = (step - 1) * per_client
         out = trainer.train(step, start, start + per_client)
         trainer.check_payload(out.payload)
-        trainer.apply(step, [out.payload] * clients)
+        if cfg.optimizer.overlapped:
+            # As a client does: step t trains (ahead by its own step t-1 results) before
+            # step t-1 is applied; the last step is applied at the end.
+            if held:
+                trainer.apply(step - 1, held)
+            held = [out.payload] * clients
+            if step == steps:
+                trainer.apply(step, held)
+        else:
+            trainer.apply(step, [out.payload] * clients)
         times.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
     fb = trainer.timer.totals()["forward_backward"]
