@@ -49,6 +49,12 @@ def _sum_cross_entropy(model: torch.nn.Module, batch: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
 
 
+def _check_batch(batch: torch.Tensor) -> None:
+    """``ValueError`` unless ``batch`` is ``(B, seq_len+1)`` token ids with ``seq_len >= 1``."""
+    if batch.dim() != 2 or batch.size(1) < 2:
+        raise ValueError(f"batch must be (B, seq_len+1) with seq_len >= 1 (got shape {tuple(batch.shape)})")
+
+
 def accumulate_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batch_size: int, total_tokens: int,
                          autocast_dtype: torch.dtype | None = None, weight: float = 1.0,
                          no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
@@ -62,8 +68,7 @@ def accumulate_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_b
     backward but the last runs under, so a data-parallel model reduces the gradient once.
     ``weight = 0`` gives a zero gradient through the same collectives (a rank with no samples).
     """
-    if batch.dim() != 2 or batch.size(1) < 2:
-        raise ValueError(f"batch must be (B, seq_len+1) with seq_len >= 1 (got shape {tuple(batch.shape)})")
+    _check_batch(batch)
     if micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be > 0 (got {micro_batch_size})")
     device = next(model.parameters()).device
@@ -105,8 +110,7 @@ def compute_gradients(model: torch.nn.Module, batch: torch.Tensor, *, micro_batc
     ``micro_batch_size`` is (up to float rounding), since each micro-batch's summed loss
     is divided by the token count of the whole batch.
     """
-    if batch.dim() != 2 or batch.size(1) < 2:
-        raise ValueError(f"batch must be (B, seq_len+1) with seq_len >= 1 (got shape {tuple(batch.shape)})")
+    _check_batch(batch)
     n_tokens = batch.size(0) * (batch.size(1) - 1)
     model.train()
     model.zero_grad(set_to_none=True)
