@@ -268,15 +268,20 @@ class DisTrO(torch.optim.Optimizer):
         votes = vote_weights(weights, len(results_from_all_peers))
         if not results_from_all_peers:
             return
-        params = self._params()
-        for peer, results in enumerate(results_from_all_peers):
-            if len(results) != len(params):
-                raise ValueError(f"peer {peer} sent {len(results)} results for {len(params)} parameters")
+        params = self._checked_params(results_from_all_peers)
         # On CPU a matmul or a sum cuts its work by the number of intra-op threads, and so
         # rounds differently on a machine (or a node rank) with another count: every node
         # applies with one thread, so all hold the same weights whatever their cores.
         with _one_cpu_thread(any(p.device.type == "cpu" for _, p in params)):
             self._step_weights(results_from_all_peers, votes)
+
+    def _checked_params(self, results_from_all_peers: Sequence[Sequence[SparseResult]]) -> list[tuple[dict, torch.Tensor]]:
+        """The parameters (with their groups); ``ValueError`` if a peer's list has the wrong length."""
+        params = self._params()
+        for peer, results in enumerate(results_from_all_peers):
+            if len(results) != len(params):
+                raise ValueError(f"peer {peer} sent {len(results)} results for {len(params)} parameters")
+        return params
 
     def _step_weights(self, results_from_all_peers: Sequence[Sequence[SparseResult]], votes: list[float]) -> None:
         """:meth:`apply`'s update of every parameter, on torch's current threads, unchecked."""
@@ -310,9 +315,7 @@ class DisTrO(torch.optim.Optimizer):
         if not own:
             yield False
             return
-        params = [p for _, p in self._params()]
-        if len(own) != len(params):
-            raise ValueError(f"{len(own)} results for {len(params)} parameters")
+        params = [p for _, p in self._checked_params([own])]
         saved = [p.detach().clone() for p in params]
         try:
             self._step_weights([own], [1.0])
