@@ -186,7 +186,6 @@ class LocalTrainer:
         """
         assert self.model is not None and self.optimizer is not None
         t0 = time.perf_counter()
-        self._set_lr(step)
         with self.timer.phase("data"):
             batch = self.data.train.batch(self.own_samples(range(start, end)))  # (B, T+1)
         own = self._in_flight[1] if self._in_flight is not None and self._in_flight[0] == step - 1 else None
@@ -195,7 +194,6 @@ class LocalTrainer:
                 self._set_lr(step - 1)  # the LR step - 1's apply will use
                 with self.timer.phase("lookahead"):
                     ahead.enter_context(self.optimizer.lookahead(own))
-                self._set_lr(step)
                 self._weights_changed()
                 ahead.callback(self._weights_changed)  # restored, on leaving the block
             t_fb = time.perf_counter()
@@ -207,6 +205,7 @@ class LocalTrainer:
         self.timer.add("forward_backward", fwd_bwd)
         if not stats.finite:
             self.model.zero_grad(set_to_none=True)
+        self._set_lr(step)
         with self.timer.phase("compress"):
             # The momentum warmup follows the run's step, not a local count: this node may
             # have joined late.
