@@ -79,6 +79,10 @@ class RankFailure(TrainerFailure):
     """A rank of this node died, or a collective among them failed; every rank was stopped."""
 
 
+RANK_ERRORS = (RankFailure, RuntimeError, OSError)
+"""What a step among the ranks raises when one of them dies or a collective fails or times out."""
+
+
 @dataclass(frozen=True)
 class StepOrder:
     """What rank 0 asks of every rank for one step (or, without a share, to get ready for the next)."""
@@ -360,7 +364,7 @@ class NodeTrainer(LocalTrainer):
                              micro_batch_size=self.cfg.optimizer.micro_batch_size, autocast_dtype=self.amp, batch=batch)
             assert self.group is not None
             self.group.finish()
-        except (RankFailure, RuntimeError, OSError) as exc:
+        except RANK_ERRORS as exc:
             self._fail(exc)
         self.failures = 0
         return clip_gradients(self.model, loss, len(samples) * self.data.train.seq_len, self.cfg.optimizer.grad_clip)
@@ -376,7 +380,7 @@ class NodeTrainer(LocalTrainer):
             self._ranks_ready(None)
             assert self.group is not None
             self.group.finish()
-        except (RankFailure, RuntimeError, OSError) as exc:
+        except RANK_ERRORS as exc:
             self._fail(exc)
 
     def _ranks_ready(self, share: tuple[int, int] | None) -> DistributedDataParallel:
