@@ -31,7 +31,7 @@ class Serve:
         self.proc = subprocess.Popen([sys.executable, "-m", "psyche.cli", "serve", "--port", str(self.port),
                                       "--device", "cpu", *args],
                                      stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
         if ready and not wait_serving(self.url, self.proc, timeout=120):
             self.stop()
             raise AssertionError(f"psyche serve did not start:\n{log.read_text()}")

@@ -855,7 +855,9 @@ class ClientRuntime:
         async with self._lock:
             path, sha = await asyncio.to_thread(self.trainer.save, self.checkpoint_dir, step=step)
         self.say(f"checkpoint after step {step} written to {path}")
-        await self._submit(Checkpoint(step=step, location=str(path), sha256=sha), quiet=True)
+        if not await self._submit(Checkpoint(step=step, location=str(path), sha256=sha)):
+            # Too late (the cooldown ended) or refused: the file is kept, but the run does not list it.
+            self.say(f"the coordinator did not record the checkpoint of step {step} (see the log for why)")
 
     async def _finish_pending(self) -> None:
         """At Finished: nothing left to train; make sure a checkpointer's last save happened."""

@@ -52,6 +52,18 @@ def small_config(name: str, *, data: Path, model: dict | None = None, **coordina
     })
 
 
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to ``proc``'s process group (its children too), or to ``proc`` alone when
+    it leads no group of its own; a process already gone is left alone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
 def healthy(url: str) -> bool:
     """Whether a psyche server answers ``GET /healthz`` at ``url`` now."""
     try:
@@ -231,13 +243,11 @@ class Network:
         """SIGINT every process still running, then SIGKILL what has not exited after 10 s."""
         for p in self.procs.values():
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
+                _signal(p, signal.SIGINT)
         deadline = time.time() + 10
         for p in self.procs.values():
             try:
                 p.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                _signal(p, signal.SIGKILL)
+                p.wait()
