@@ -91,7 +91,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
     # One copy of the weights (every honest peer holds the same), one DisTrO momentum per peer.
     opts = [build_distro(cfg, model) for _ in range(setup.peers)]
     params = [(p, g["chunk"]) for g in opts[0].param_groups for p in g["params"]]
-    shapes = opts[0].parameter_shapes()
+    layouts = opts[0].result_layouts()
     out_index = output_parameter(model, [p for p, _ in params])
     out_chunk = params[out_index][1]
     lr_cfg = _lr_cfg(cfg, cfg.lr_of_distro)
@@ -129,7 +129,7 @@ def run(setup: Setup, *, kind: str | None = None, bad: int = 0, liar: bool = Fal
                               micro_batch_size=setup.per_peer, grad_clip=cfg.grad_clip)
             for g in opts[peer].param_groups:
                 g["lr"] = lr
-            results[peer] = decode_payload(encode_payload(opts[peer].generate(steps_done=step - 1)), shapes)
+            results[peer] = decode_payload(encode_payload(opts[peer].generate(steps_done=step - 1)), layouts)
             model.zero_grad(set_to_none=True)
             if peer >= bad:
                 outcome.train_seconds += time.perf_counter() - t0

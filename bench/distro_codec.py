@@ -75,9 +75,9 @@ def main() -> None:
         lambda: [codec.decode([peer[i] for peer in peers], r.shape) for i, r in enumerate(results)], args.repeats
     )
     blob = encode_payload(results)
-    shapes = [tuple(p.shape) for p in params]
+    layouts = [r.layout for r in results]
     to_bytes_ms = _median_ms(lambda: encode_payload(results), args.repeats)
-    from_bytes_ms = _median_ms(lambda: decode_payload(blob, shapes), args.repeats)
+    from_bytes_ms = _median_ms(lambda: decode_payload(blob, layouts), args.repeats)
 
     adamw = torch.optim.AdamW(params, lr=1e-4)
     adamw_ms = _median_ms(adamw.step, args.repeats)

@@ -269,7 +269,7 @@ def test_a_two_gpu_node_trains_like_one_gpu(cfg):
         one.init_model()
         a, b = node.train(1, 0, 16), one.train(1, 0, 16)
         assert a.loss == pytest.approx(b.loss, rel=1e-3)
-        ra, rb = decode_payload(a.payload, node.shapes), decode_payload(b.payload, one.shapes)
+        ra, rb = decode_payload(a.payload, node.layouts), decode_payload(b.payload, one.layouts)
         same = sum(int((x.indices == y.indices).sum()) for x, y in zip(ra, rb, strict=True))
         assert same >= 0.9 * sum(x.indices.numel() for x in ra)
         node.apply(1, [a.payload, b.payload])

@@ -356,7 +356,7 @@ def test_a_node_publishing_negated_results_is_condemned_by_its_verifiers_and_nev
 
             def train(step: int, start: int, end: int) -> TrainOutput:
                 out = honest_train(step, start, end)
-                return dataclasses.replace(out, payload=negate_payload(out.payload, cheat.trainer.shapes))
+                return dataclasses.replace(out, payload=negate_payload(out.payload, cheat.trainer.layouts))
 
             cheat.trainer.train = train  # type: ignore[method-assign]
             for c in clients:

@@ -1,13 +1,15 @@
 """DisTrO optimizer: error feedback, sign step, determinism, checkpoints, payloads."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psyche.distro import DCTCodec, DisTrO, Overlap, SparseResult, decode_payload, encode_payload
+from psyche.distro import DCTCodec, DisTrO, Overlap, ResultLayout, SparseResult, decode_payload, encode_payload
+from psyche.distro.payload import layout_tag
 from psyche.distro.optimizer import momentum_warmup_factor, orthogonalize, param_groups, param_kind, warmup_decay
 
 # Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine.
@@ -174,7 +176,7 @@ def test_two_optimizers_with_same_state_end_bit_identical(peers, one_bit, topk, 
             set_grads(m, seed * 100 + step * 10 + i)  # each peer its own gradient
             blobs.append(encode_payload(o.generate()))
         for o in opts:
-            o.apply([decode_payload(b, o.parameter_shapes()) for b in blobs])
+            o.apply([decode_payload(b, o.result_layouts()) for b in blobs])
     for m in nodes[1:]:
         for a, b in zip(nodes[0].parameters(), m.parameters()):
             assert torch.equal(a, b)
@@ -287,27 +289,41 @@ def test_payload_rejects_mismatches():
     opt = DisTrO(model.parameters(), lr=0.1)
     set_grads(model, 0)
     blob = encode_payload(opt.generate())
-    shapes = opt.parameter_shapes()
-    assert len(decode_payload(blob, shapes)) == len(shapes)
-    with pytest.raises(ValueError, match="expected 3"):
-        decode_payload(blob, shapes[:3])
-    with pytest.raises(ValueError, match="result 0 has shape"):
-        decode_payload(blob, [(1, 2)] + shapes[1:])
+    layouts = opt.result_layouts()
+    assert len(decode_payload(blob, layouts)) == len(layouts)
+    with pytest.raises(ValueError, match="other parameters or codec settings than these 3"):
+        decode_payload(blob, layouts[:3])
+    with pytest.raises(ValueError, match="other parameters"):
+        decode_payload(blob, [dataclasses.replace(layouts[0], shape=(1, 2))] + layouts[1:])
+    with pytest.raises(ValueError, match="other parameters"):
+        decode_payload(blob, [dataclasses.replace(layouts[0], topk=9)] + layouts[1:])
     with pytest.raises(ValueError, match="magic"):
-        decode_payload(b"XXXX" + blob[4:], shapes)
-    with pytest.raises(ValueError):
-        decode_payload(blob[:-1], shapes)
+        decode_payload(b"XXXX" + blob[4:], layouts)
+    with pytest.raises(ValueError, match="runs past the end"):
+        decode_payload(blob[:-1], layouts)
     with pytest.raises(ValueError, match="trailing"):
-        decode_payload(blob + b"\0", shapes)
+        decode_payload(blob + b"\0", layouts)
+
+
+def test_a_payload_carries_no_headers():
+    # Every byte beyond the 8 of magic, version and layout tag is coefficients.
+    model = make_model()
+    opt = DisTrO(model.parameters(), lr=0.1)
+    set_grads(model, 0)
+    results = opt.generate()
+    assert len(encode_payload(results)) == 8 + sum(r.layout.body_size for r in results)
+    assert [r.layout for r in results] == opt.result_layouts()
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=120))
 def test_fuzzed_payloads_only_raise_value_error(blob):
-    try:
-        decode_payload(b"PDP\x01" + blob, [(24, 64), (64,)])
-    except ValueError as exc:
-        assert str(exc)
+    layouts = [ResultLayout((24, 64), torch.float32, 64, 8, True), ResultLayout((64,), torch.float32, 64, 8, True)]
+    for head in (b"PDP\x02", b"PDP\x02" + layout_tag(tuple(layouts))):
+        try:
+            decode_payload(head + blob, layouts)
+        except ValueError as exc:
+            assert str(exc)
 
 
 def test_single_peer_training_reduces_loss():

@@ -47,7 +47,7 @@ def results_of(setup, step: int = 0):
         start = (step * cfg.peers + peer) * cfg.batch_per_peer
         compute_gradients(model, train.batch(range(start, start + cfg.batch_per_peer)),
                           micro_batch_size=cfg.batch_per_peer, grad_clip=1.0)
-        out.append(decode_payload(encode_payload(opt.generate(steps_done=step)), opt.parameter_shapes()))
+        out.append(decode_payload(encode_payload(opt.generate(steps_done=step)), opt.result_layouts()))
         model.zero_grad(set_to_none=True)
     return out
 

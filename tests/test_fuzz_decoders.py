@@ -53,7 +53,7 @@ from solders.signature import Signature
 from psyche.coordinator import BloomFilter, Coordinator, CoordinatorError, CoordinatorSettings, HealthCheck, Join
 from psyche.coordinator import Pause, Resume, RunState, Tick, Withdraw, decode_instruction, encode_instruction
 from psyche.coordinator.state import decode_state, encode_state
-from psyche.distro import DCTCodec, decode_payload, encode_payload
+from psyche.distro import DCTCodec, ResultLayout, decode_payload, encode_payload
 from psyche.distro.codec import SparseResult, _put_uvarint
 from psyche.identity import Identity
 from psyche.ledger.base import InstructionRefused, LedgerError, LedgerUnavailable
@@ -338,13 +338,18 @@ def test_gossip_admits_or_drops_every_envelope_and_never_raises(data):
 
 SHAPES = [(16, 24), (40,), (3, 5, 7), (2,)]
 CODECS = [(8, 3), (8, 3), (4, 2), (8, 3)]
+VARIANTS = ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16))
+
+
+def layouts(one_bit: bool, dtype: torch.dtype) -> list[ResultLayout]:
+    return [ResultLayout(shape, dtype, chunk, topk, one_bit) for shape, (chunk, topk) in zip(SHAPES, CODECS)]
 
 
 @functools.cache
 def payloads() -> list[bytes]:
     gen = torch.Generator().manual_seed(0)
     out = []
-    for one_bit, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
+    for one_bit, dtype in VARIANTS:
         results = [DCTCodec(chunk).encode(torch.randn(shape, generator=gen).to(dtype), topk, one_bit=one_bit)
                    for shape, (chunk, topk) in zip(SHAPES, CODECS)]
         out.append(encode_payload(results))
@@ -372,18 +377,20 @@ PAYLOAD_PEAK = 1 << 20
 @given(st.data())
 def test_payloads_decode_or_raise_value_error_in_bounded_memory(data):
     corpus = payloads()
-    decode_payload(corpus[0], SHAPES, expected_codecs=CODECS)  # index tables cached before measuring
+    variant = data.draw(st.integers(0, len(VARIANTS) - 1))
+    expected = layouts(*VARIANTS[variant])
+    decode_payload(corpus[variant], expected)  # index tables cached before measuring
     _, raw = fuzzed(data, corpus)
-    results = decodes_or_refuses(lambda b: decode_payload(b, SHAPES, expected_codecs=CODECS), raw, ValueError)
+    results = decodes_or_refuses(lambda b: decode_payload(b, expected), raw, ValueError)
     if results is not None:
         assert encode_payload(results) == raw  # anything accepted is canonical
-    assert _peak_bytes(lambda: decode_payload(raw, SHAPES, expected_codecs=CODECS)) < PAYLOAD_PEAK
+    assert _peak_bytes(lambda: decode_payload(raw, expected)) < PAYLOAD_PEAK
 
 
 @fuzz
 @given(st.data())
 def test_results_decode_or_raise_value_error(data):
-    blobs = [r.to_bytes() for p in payloads() for r in decode_payload(p, SHAPES)]
+    blobs = [r.to_bytes() for p, v in zip(payloads(), VARIANTS) for r in decode_payload(p, layouts(*v))]
     _, raw = fuzzed(data, blobs)
     result = decodes_or_refuses(SparseResult.from_bytes, raw, ValueError)
     if result is not None:
@@ -391,43 +398,38 @@ def test_results_decode_or_raise_value_error(data):
 
 
 def _result_header(chunk: int, topk: int, shape: list[int], body: bytes = b"") -> bytes:
-    out = bytearray([1, 0, 1])  # version 1, not one-bit, float32
+    out = bytearray([2, 0, 1])  # version 2, not one-bit, float32
     for v in (chunk, topk, len(shape), *shape):
         _put_uvarint(out, v)
     return bytes(out) + body
 
 
-def _payload_of(*blobs: bytes, count: int | None = None) -> bytes:
-    out = bytearray(b"PDP\x01")
-    _put_uvarint(out, len(blobs) if count is None else count)
-    for b in blobs:
-        _put_uvarint(out, len(b))
-        out += b
-    return bytes(out)
-
-
 PRIME = 1_099_511_627_689  # the largest prime below 2**40
 
 
-@pytest.mark.parametrize(("payload", "shapes", "message"), [
-    # A result whose header claims 2**40 elements, for a model expecting (16, 24).
-    (_payload_of(_result_header(64, 8, [1 << 20, 1 << 20])), [(16, 24)], "has shape"),
-    # More than 2**40 elements.
-    (_payload_of(_result_header(64, 8, [1 << 21, 1 << 20])), [(16, 24)], "exceeds"),
-    # A count of 2**63 results, and a result length of 2**62 bytes.
-    (_payload_of(count=2**63), [(16, 24)], "holds"),
-    (b"PDP\x01\x01" + b"\x80" * 8 + b"\x40", [(16, 24)], "runs past the end"),
-    # A prime dimension with a chunk just below it (counting down to a divisor took ~2**40 steps).
-    (_payload_of(_result_header(PRIME - 1, 1, [PRIME])), [(PRIME,)], "expected"),
-    # The expected shape, but a (chunk, topk) that makes a 2**20-coefficient tile, whose index
-    # table took 8 s and 140 MB to build from an 18-byte result.
-    (_payload_of(_result_header(1 << 20, 1, [1 << 20], bytes(7))), [(1 << 20,)], "chunk 1048576 and topk 1"),
+def test_a_payload_for_other_layouts_is_refused_before_its_bodies_are_read():
+    # A payload sends no shapes: one made for another model, or another (chunk, topk), or a
+    # hostile one, is told apart by its layout tag, and nothing is sized by its bytes.
+    payload = payloads()[0]
+    mine = layouts(False, torch.float32)
+    for other in ([ResultLayout((1 << 20, 1 << 20), torch.float32, 64, 8, False)] + mine[1:],
+                  mine[:3], [ResultLayout(SHAPES[0], torch.float32, 8, 4, False)] + mine[1:],
+                  layouts(True, torch.float32)):
+        with pytest.raises(ValueError, match="other parameters or codec settings"):
+            decode_payload(payload, other)
+        assert _peak_bytes(lambda: decode_payload(payload, other)) < PAYLOAD_PEAK
+    with pytest.raises(ValueError, match="version 1"):
+        decode_payload(b"PDP\x01" + payload[4:], mine)  # the format before headers were dropped
+
+
+@pytest.mark.parametrize(("blob", "message"), [
+    (_result_header(64, 8, [1 << 21, 1 << 20]), "exceeds"),  # more than 2**40 elements
+    (_result_header(64, 8, [1 << 20, 1 << 20]), "body is 0 bytes"),  # 2**40 elements claimed by 11 bytes
 ])
-def test_hostile_payload_headers_are_refused_cheaply(payload, shapes, message):
-    codecs = [(64, 8)] * len(shapes)
+def test_hostile_result_headers_are_refused_cheaply(blob, message):
     with pytest.raises(ValueError, match=message):
-        decode_payload(payload, shapes, expected_codecs=codecs)
-    assert _peak_bytes(lambda: decode_payload(payload, shapes, expected_codecs=codecs)) < PAYLOAD_PEAK
+        SparseResult.from_bytes(blob)
+    assert _peak_bytes(lambda: SparseResult.from_bytes(blob)) < PAYLOAD_PEAK
 
 
 def test_a_result_with_a_prime_dimension_just_above_its_chunk_is_refused_quickly():

@@ -24,7 +24,7 @@ import torch
 
 from psyche.client.timing import PhaseTimer
 from psyche.config import RunConfig
-from psyche.distro import DisTrO, SparseResult, decode_payload, encode_payload
+from psyche.distro import DisTrO, ResultLayout, SparseResult, decode_payload, encode_payload
 from psyche.distro.verify import Reference, output_parameter, output_references, score_checks
 from psyche.train.checkpoint import save_checkpoint
 from psyche.train.model import build_model, count_parameters, load_pretrained, weights_sha256
@@ -79,9 +79,8 @@ class LocalTrainer:
         self.eval_batch_size = eval_batch_size
         self.model: PreTrainedModel | None = None
         self.optimizer: DisTrO | None = None
-        self.shapes: list[tuple[int, ...]] = []
-        self.codecs: list[tuple[int, int]] = []
-        """Each parameter's ``(chunk, topk)``: a peer's result with others is refused from its header."""
+        self.layouts: list[ResultLayout] = []
+        """Each parameter's result layout: a peer's payload is read with these (and refused when made for others)."""
         # Payloads parsed when verified, kept for the apply a step later: parsing (the
         # position codes) is most of the cost of both, and each result is needed twice.
         self._parsed: OrderedDict[bytes, tuple[list[SparseResult], int]] = OrderedDict()
@@ -133,8 +132,7 @@ class LocalTrainer:
         self._in_flight = None
         # Every peer builds it the same way (results travel in parameter-group order).
         self.optimizer = DisTrO.from_config(model, self.cfg.optimizer, self.cfg.lr)
-        self.shapes = self.optimizer.parameter_shapes()
-        self.codecs = self.optimizer.result_codecs()
+        self.layouts = self.optimizer.result_layouts()
         params = [(g, p) for g in self.optimizer.param_groups for p in g["params"]]
         self._output_index = output_parameter(model, [p for _, p in params])
         self._output_chunk = params[self._output_index][0]["chunk"]
@@ -240,7 +238,7 @@ class LocalTrainer:
         """Raise ``ValueError`` unless ``payload`` decodes to results for our parameters."""
         with self.timer.phase("verify"):
             key = hashlib.blake2b(payload, digest_size=16).digest()
-            results = decode_payload(payload, self.shapes, expected_codecs=self.codecs)
+            results = decode_payload(payload, self.layouts)
         size = sum(r.indices.nbytes + r.values.nbytes for r in results)
         with self._parsed_lock:
             if key in self._parsed or size > PARSED_CACHE_BYTES:
@@ -261,7 +259,7 @@ class LocalTrainer:
                 if not keep:
                     self._parsed_bytes -= hit[1]
                 return hit[0]
-        return decode_payload(payload, self.shapes, expected_codecs=self.codecs)
+        return decode_payload(payload, self.layouts)
 
     # -- verification --------------------------------------------------------
 

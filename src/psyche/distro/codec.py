@@ -1,21 +1,29 @@
 """The DisTrO codec: tensor ⇄ top-k of its chunked DCT (:class:`SparseResult`) ⇄ bytes.
 
 ``DCTCodec(chunk).encode(t, topk)`` keeps, in every DCT tile of ``t`` (see
-:mod:`psyche.distro.dct`), the ``topk`` coefficients of largest magnitude (all of
-them when the tile is smaller). ``decode(results, shape)`` scatters every
+:mod:`psyche.distro.dct`), the coefficients of largest magnitude: ``topk`` of a
+full ``chunk × chunk`` tile, and of a smaller 2-D tile (a dimension ``chunk`` does
+not divide) as many as keep the same density, at least one (:func:`kept_per_tile`);
+a 1-D tile keeps ``topk`` (all of them when it is smaller). ``decode(results, shape)`` scatters every
 result's coefficients back into the tile grid, averages each coefficient over
 the results that chose it, and applies the inverse DCT. ``decode(..., weights=w)``
 makes that a weighted mean (result ``i`` counts ``w[i]`` times; :func:`vote_weights`
 is the rule ``w`` must follow).
 
-Wire form of one result (``SparseResult.to_bytes``), version 1::
+Wire form of one result (``SparseResult.to_bytes``), version 2::
 
-    u8 version (=1) | u8 flags (bit 0: one_bit) | u8 dtype (1 f32, 2 bf16, 3 f16)
+    u8 version (=2) | u8 flags (bit 0: one_bit) | u8 dtype (1 f32, 2 bf16, 3 f16)
     uvarint chunk | uvarint topk | uvarint ndim | uvarint dim × ndim
+    body (SparseResult.body, whose size the header fixes: ResultLayout.body_size):
     index block  : every tile's sorted kept positions, ceil(log2 C(n, k)) bits a tile
                    (:mod:`psyche.distro.indexcode`), zero-padded to a byte
     value block  : one_bit → one sign bit per kept coefficient (1 = negative), zero-padded;
                    else the values, little-endian, in the recorded dtype
+
+(Version 1 kept ``min(topk, n)`` in every tile whatever its size.) A receiver that
+already knows a result's :class:`ResultLayout` reads the body alone
+(:meth:`SparseResult.from_body`): a peer's payload sends no headers
+(:mod:`psyche.distro.payload`).
 
 ``from_bytes`` accepts exactly the bytes ``to_bytes`` produces (the encoding is
 canonical) and raises ``ValueError`` naming the problem for anything else.
@@ -32,7 +40,7 @@ import torch
 
 from psyche.distro import dct, indexcode
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 _FLAG_ONE_BIT = 0x01
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -42,13 +50,76 @@ _MAX_NUMEL = 1 << 40  # sanity bound on a header's claimed tensor size
 _MIN_VOTE = 1e-30  # smallest weight / largest in a weighted decode (float32's normal range ends at 1.2e-38)
 
 
+def kept_per_tile(grid: dct.TileGrid, chunk: int, topk: int) -> int:
+    """Coefficients a result keeps in each tile of ``grid`` (cut with ``chunk``) for ``topk``.
+
+    A 1-D tile keeps ``min(topk, n)``. A 2-D tile keeps ``topk`` per ``chunk × chunk``
+    coefficients, rounded half up, at least 1 and at most the tile: a tensor whose
+    dimensions ``chunk`` does not divide is cut into smaller tiles, and keeping ``topk``
+    in each would send more per parameter than the rest of the model (a 352-wide MLP
+    in 44 × 64 tiles, 45 % more).
+
+    >>> kept_per_tile(dct.tile_grid((128, 128), 64), 64, 8), kept_per_tile(dct.tile_grid((352, 128), 64), 64, 8)
+    (8, 6)
+    """
+    n = grid.tile_numel
+    if len(grid.tile) == 1:
+        return min(topk, n)
+    full = chunk * chunk
+    return max(1, min(n, (2 * topk * n + full) // (2 * full)))
+
+
+@dataclass(frozen=True)
+class ResultLayout:
+    """What fixes the form of one parameter's result: everything but its coefficients.
+
+    Every peer of a run derives the same layouts from the model and the optimizer
+    (:meth:`psyche.distro.DisTrO.result_layouts`), so a payload need not carry them.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunk: int
+    topk: int
+    one_bit: bool
+
+    @property
+    def grid(self) -> dct.TileGrid:
+        """The tiling the coefficients live in."""
+        return dct.tile_grid(self.shape, self.chunk)
+
+    @property
+    def kept(self) -> int:
+        """Coefficients kept per tile (:func:`kept_per_tile`)."""
+        return kept_per_tile(self.grid, self.chunk, self.topk)
+
+    def header(self) -> bytes:
+        """The header of :meth:`SparseResult.to_bytes` for a result of this layout."""
+        out = bytearray([WIRE_VERSION, _FLAG_ONE_BIT if self.one_bit else 0, _DTYPE_CODES[self.dtype]])
+        for v in (self.chunk, self.topk, len(self.shape), *self.shape):
+            _put_uvarint(out, v)
+        return bytes(out)
+
+    @property
+    def body_size(self) -> int:
+        """Bytes of :meth:`SparseResult.body` for this layout."""
+        grid, k = self.grid, self.kept
+        t = grid.num_tiles
+        index = indexcode.packed_size(t, grid.tile_numel, k)
+        return index + ((t * k + 7) // 8 if self.one_bit else t * k * _element_size(self.dtype))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
 @dataclass(frozen=True, eq=False)
 class SparseResult:
     """One tensor's top-k DCT coefficients, as sent by one peer.
 
     ``indices`` ``(T, k)`` int64: positions inside each tile, strictly increasing per
     row; ``values`` ``(T, k)`` in ``dtype``: the coefficients (``±1`` when
-    ``one_bit``). ``k = min(topk, tile size)``; ``T`` and the tile size follow from
+    ``one_bit``). ``k`` is :func:`kept_per_tile`; ``T`` and the tile size follow from
     ``shape`` and ``chunk`` (:func:`psyche.distro.dct.tile_grid`).
     """
 
@@ -70,11 +141,17 @@ class SparseResult:
         signs = torch.where(torch.signbit(self.values), -1.0, 1.0).to(self.dtype)
         return SparseResult(self.shape, self.dtype, self.chunk, self.topk, True, self.indices, signs)
 
+    @property
+    def layout(self) -> ResultLayout:
+        """Everything of this result but its coefficients."""
+        return ResultLayout(self.shape, self.dtype, self.chunk, self.topk, self.one_bit)
+
     def to_bytes(self) -> bytes:
-        """The canonical wire form (see the module docstring)."""
-        header = bytearray([WIRE_VERSION, _FLAG_ONE_BIT if self.one_bit else 0, _DTYPE_CODES[self.dtype]])
-        for v in (self.chunk, self.topk, len(self.shape), *self.shape):
-            _put_uvarint(header, v)
+        """The canonical wire form: a header, then :meth:`body` (see the module docstring)."""
+        return self.layout.header() + self.body()
+
+    def body(self) -> bytes:
+        """The coefficients alone (index block, value block): :attr:`layout` says how to read them back."""
         grid = self.grid
         idx = self.indices.detach().cpu().numpy()
         index_block = indexcode.pack(idx, grid.tile_numel)
@@ -87,13 +164,21 @@ class SparseResult:
             if self.dtype == torch.bfloat16:
                 vals = vals.view(torch.int16)
             value_block = vals.numpy().astype(_NUMPY_VIEW[self.dtype], copy=False).tobytes()
-        return bytes(header) + index_block + value_block
+        return index_block + value_block
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> SparseResult:
         """Parse :meth:`to_bytes` output; ``ValueError`` saying what is wrong for anything else."""
+        view = memoryview(bytes(data))
+        header = read_header(view)
+        return cls.from_body(view[header.size:], header.layout)
+
+    @classmethod
+    def from_body(cls, data: bytes | bytearray | memoryview, layout: ResultLayout) -> SparseResult:
+        """Parse :meth:`body` output of a result of ``layout``; ``ValueError`` saying what is
+        wrong for anything else (a size other than ``layout.body_size`` included)."""
         try:
-            return _parse(memoryview(bytes(data)))
+            return _parse_body(memoryview(bytes(data)), layout)
         except ValueError:
             raise
         except Exception as exc:  # a bug-shaped failure on hostile bytes is still bad input
@@ -132,11 +217,7 @@ def _get_uvarint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
 class ResultHeader:
     """What the header of a result's wire form says, read without looking at its body."""
 
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    chunk: int
-    topk: int
-    one_bit: bool
+    layout: ResultLayout
     size: int
     """Bytes of the header: the body starts there."""
 
@@ -175,25 +256,20 @@ def read_header(data: bytes | bytearray | memoryview) -> ResultHeader:
         shape.append(d)
         if math.prod(shape) > _MAX_NUMEL:
             raise ValueError(f"shape {shape} exceeds {_MAX_NUMEL} elements")
-    return ResultHeader(tuple(shape), _CODE_DTYPES[code], chunk, topk, bool(flags & _FLAG_ONE_BIT), pos)
+    layout = ResultLayout(tuple(shape), _CODE_DTYPES[code], chunk, topk, bool(flags & _FLAG_ONE_BIT))
+    return ResultHeader(layout, pos)
 
 
-def _parse(data: memoryview) -> SparseResult:
-    header = read_header(data)
-    shape, dtype, chunk, topk, one_bit = header.shape, header.dtype, header.chunk, header.topk, header.one_bit
-    pos = header.size
-    grid = dct.tile_grid(shape, chunk)
-    n, t = grid.tile_numel, grid.num_tiles
-    k = min(topk, n)
+def _parse_body(data: memoryview, layout: ResultLayout) -> SparseResult:
+    shape, dtype, chunk, topk, one_bit = layout.shape, layout.dtype, layout.chunk, layout.topk, layout.one_bit
+    grid = layout.grid
+    n, t, k = grid.tile_numel, grid.num_tiles, layout.kept
     index_size = indexcode.packed_size(t, n, k)
-    value_size = (t * k + 7) // 8 if one_bit else t * k * torch.tensor([], dtype=dtype).element_size()
-    if len(data) - pos != index_size + value_size:
-        raise ValueError(
-            f"body is {len(data) - pos} bytes, expected {index_size + value_size} "
-            f"for shape {shape}, chunk {chunk}, topk {topk}"
-        )
-    positions = indexcode.unpack(data[pos : pos + index_size], t, n, k)
-    raw = np.frombuffer(data[pos + index_size :], dtype=np.uint8)
+    if len(data) != layout.body_size:
+        raise ValueError(f"body is {len(data)} bytes, expected {layout.body_size} "
+                         f"for shape {shape}, chunk {chunk}, topk {topk}")
+    positions = indexcode.unpack(data[:index_size], t, n, k)
+    raw = np.frombuffer(data[index_size:], dtype=np.uint8)
     if one_bit:
         bits = np.unpackbits(raw, bitorder="little")
         if bits[t * k :].any():
@@ -258,7 +334,8 @@ class DCTCodec:
         self.chunk = chunk
 
     def encode(self, t: torch.Tensor, topk: int, one_bit: bool = False) -> SparseResult:
-        """Keep the ``topk`` largest-magnitude DCT coefficients of every tile of ``t``.
+        """Keep the largest-magnitude DCT coefficients of every tile of ``t``: ``topk`` of a
+        ``chunk × chunk`` tile (:func:`kept_per_tile` for other tiles).
 
         Values are stored in ``t``'s dtype (float32, bfloat16 or float16), or only
         their signs when ``one_bit``. Deterministic for a given input on CPU.
@@ -269,7 +346,7 @@ class DCTCodec:
             raise ValueError(f"topk must be >= 1, got {topk}")
         grid = dct.tile_grid(t.shape, self.chunk)
         coeffs = dct.forward(t, grid)  # (T, n) float32
-        k = min(topk, grid.tile_numel)
+        k = kept_per_tile(grid, self.chunk, topk)
         if k == grid.tile_numel:
             idx = torch.arange(k, device=coeffs.device).expand(grid.num_tiles, k).contiguous()
         else:

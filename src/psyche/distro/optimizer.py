@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import torch
 
-from psyche.distro.codec import DCTCodec, SparseResult, vote_weights
+from psyche.distro.codec import DCTCodec, ResultLayout, SparseResult, vote_weights
 
 if TYPE_CHECKING:
     from psyche.config import LRScheduleConfig, OptimizerConfig
@@ -206,10 +206,11 @@ class DisTrO(torch.optim.Optimizer):
         """Shapes of all parameters in the order results are produced and expected."""
         return [tuple(p.shape) for _, p in self._params()]
 
-    def result_codecs(self) -> list[tuple[int, int]]:
-        """The ``(chunk, topk)`` of every parameter's result, in :meth:`parameter_shapes` order:
-        what :func:`~psyche.distro.payload.decode_payload` checks a peer's headers against."""
-        return [(g["chunk"], g["topk"]) for g, _ in self._params()]
+    def result_layouts(self) -> list[ResultLayout]:
+        """The layout of every parameter's result, in :meth:`parameter_shapes` order: what
+        :func:`~psyche.distro.payload.decode_payload` reads a peer's payload with (results
+        are float32, whatever the parameters' dtype)."""
+        return [ResultLayout(tuple(p.shape), torch.float32, g["chunk"], g["topk"], g["one_bit"]) for g, p in self._params()]
 
     @torch.no_grad()
     def generate(self, *, steps_done: int | None = None) -> list[SparseResult]:

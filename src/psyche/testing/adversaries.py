@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from psyche.distro.codec import SparseResult
+from psyche.distro.codec import ResultLayout, SparseResult
 from psyche.distro.payload import decode_payload, encode_payload
 
 KINDS = ("negate", "random", "other_data", "copy", "stale", "adaptive")
@@ -40,9 +40,9 @@ def negate(results: Sequence[SparseResult]) -> list[SparseResult]:
     return [_with_values(r, -r.values) for r in results]
 
 
-def negate_payload(payload: bytes, shapes: Sequence[Sequence[int]]) -> bytes:
-    """A result payload (parameters of ``shapes``) with every value's sign flipped."""
-    return encode_payload(negate(decode_payload(payload, shapes)))
+def negate_payload(payload: bytes, layouts: Sequence[ResultLayout]) -> bytes:
+    """A result payload (results of ``layouts``) with every value's sign flipped."""
+    return encode_payload(negate(decode_payload(payload, layouts)))
 
 
 def random_signs(results: Sequence[SparseResult], generator: torch.Generator) -> list[SparseResult]:
@@ -82,7 +82,7 @@ def _negating_client(argv: list[str]) -> None:
 
     def train(self, step: int, start: int, end: int) -> trainer_module.TrainOutput:
         out = honest_train(self, step, start, end)
-        return dataclasses.replace(out, payload=negate_payload(out.payload, self.shapes))
+        return dataclasses.replace(out, payload=negate_payload(out.payload, self.layouts))
 
     trainer_module.LocalTrainer.train = train  # type: ignore[method-assign]
     sys.argv = ["psyche", *argv]

@@ -250,7 +250,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
     mcfg = _model_cfg(cfg, vocab)
     models: list[torch.nn.Module] = [build_model(mcfg) for _ in range(cfg.peers)]  # same seed: identical copies
     opts = [build_distro(cfg, m) for m in models]
-    shapes = opts[0].parameter_shapes()
+    layouts = opts[0].result_layouts()
     lr_cfg = _lr_cfg(cfg, cfg.lr_of_distro)
     Due = tuple[float, list[list[SparseResult]]]  # a step's LR and all peers' parsed results
     overlap: Overlap[Due] | None = Overlap() if cfg.overlapped else None
@@ -278,7 +278,7 @@ def run_distro(cfg: SimConfig, *, on_eval: OnEval | None = None) -> DistroRun:
         losses.append(step_loss)
         # Parsing is a pure function of the bytes, so it is done once per payload here;
         # every peer then applies the same parsed results in the same order.
-        received = [decode_payload(b, shapes) for b in blobs]
+        received = [decode_payload(b, layouts) for b in blobs]
         due: list[Due] = [(lr, received)]
         if overlap is not None:
             # The run's end applies the last step too.
