@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CI-sized run")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=None, help="DCT coefficients kept per chunk² (default: DisTrO's)")
     ap.add_argument("--full-precision", action="store_true", help="send values, not signs")
     ap.add_argument("--overlapped", action="store_true", help="apply step t-1's results at step t")
     ap.add_argument("--lr", type=float, default=None, help="DisTrO peak LR (default: DisTrO.DEFAULT_LR)")
@@ -44,9 +44,8 @@ def main() -> None:
     from psyche.testing.distro_sim import FULL_STEPS, QUICK_STEPS, bench, config_from
 
     steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
-    overrides = dict(steps=steps, peers=args.peers, topk=args.topk, one_bit=not args.full_precision,
-                     overlapped=args.overlapped)
-    for key, value in (("distro_lr", args.lr), ("compression_decay", args.decay), ("matrix_update", args.matrix_update),
+    overrides = dict(steps=steps, peers=args.peers, one_bit=not args.full_precision, overlapped=args.overlapped)
+    for key, value in (("topk", args.topk), ("distro_lr", args.lr), ("compression_decay", args.decay), ("matrix_update", args.matrix_update),
                        ("embedding_lr_scale", args.embedding_lr_scale), ("matrix_lr_scale", args.matrix_lr_scale)):
         if value is not None:
             overrides[key] = value

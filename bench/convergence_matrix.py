@@ -232,7 +232,9 @@ def main() -> None:
             job = futures[done]
             rec = done.result()
             results[_key(job)] = rec
-            (log if job[0] == "adamw" else distro_log).write(json.dumps({**rec, "job": _cache_key(job)}) + "\n")
+            out = log if job[0] == "adamw" else distro_log
+            out.write(json.dumps({**rec, "job": _cache_key(job)}) + "\n")
+            out.flush()  # a run stopped midway keeps every finished one
             print(f"{_key(job)}: {rec['val']:.4f} ({rec['seconds']} s)", file=sys.stderr, flush=True)
     if args.adamw_only:
         return

@@ -1,11 +1,11 @@
 """DisTrO codec cost and size on a LLaMA-shaped model, against an AdamW step in the same run.
 
-Prints one JSON line: bytes per parameter per step (chunk 64, top-8, 1-bit by
+Prints one JSON line: bytes per parameter per step (chunk 32, top-2, 1-bit by
 default), the ratio to fp32 (4 bytes), and the CPU time of encode, decode,
 serialisation and a full generate/apply, each per million parameters, next to a
 ``torch.optim.AdamW`` step on the same parameters (``*_over_adamw`` ratios).
 
-    python bench/distro_codec.py [--layers 8 --hidden 512 --chunk 64 --topk 8 --threads 1]
+    python bench/distro_codec.py [--layers 8 --hidden 512 --chunk 32 --topk 2 --threads 1]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--full-precision", action="store_true", help="send values, not signs")
     ap.add_argument("--peers", type=int, default=4, help="results decoded together in decode_peers_ms")
     ap.add_argument("--repeats", type=int, default=5)

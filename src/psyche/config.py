@@ -102,8 +102,8 @@ class OptimizerConfig(_Section):
 
     kind: Literal["distro", "adamw"] = "distro"
     compression_decay: float | None = Field(None, ge=0, lt=1, description="Momentum decay β of DisTrO (unset: DisTrO's default).")
-    chunk: int = Field(64, gt=0, description="DCT tile edge (largest divisor of each dim <= chunk).")
-    topk: int = Field(8, gt=0, description="Coefficients kept per DCT tile.")
+    chunk: int | None = Field(None, gt=0, description="DCT tile edge (largest divisor of each dim <= chunk) (unset: DisTrO's default, 32).")
+    topk: int | None = Field(None, gt=0, description="Coefficients kept per chunk × chunk DCT tile (unset: DisTrO's default, 2).")
     one_bit: bool = Field(True, description="Send only the sign of each kept coefficient.")
     weight_decay: float = Field(0.0, ge=0)
     embedding_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for token embeddings and the output head (unset: DisTrO's default).")
