@@ -154,9 +154,6 @@ def _rank_main(conn: Connection) -> int:
         dev = torch.device(setup["device"])
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        # Built while starting (bounded by the start timeout), not on the first order: rank 0
-        # then waits on the replica's collectives, bounded by the much shorter rank timeout.
-        spare: torch.nn.Module | None = build_model(cfg.model).to(dev)  # type: ignore[arg-type]
         conn.send("ready")
     except (EOFError, OSError):
         return 0  # rank 0 is gone
@@ -177,8 +174,7 @@ def _rank_main(conn: Connection) -> int:
                 return 0
             if order.rebuild or ddp is None:
                 ddp = None  # the old replica goes before the new one is built
-                model, spare = (spare if spare is not None else build_model(cfg.model).to(dev)), None  # type: ignore[arg-type]
-                ddp = _wrap(model, dev)
+                ddp = _wrap(build_model(cfg.model).to(dev), dev)  # type: ignore[arg-type]
             elif order.sync:
                 _broadcast_weights(ddp.module)
             if order.share is not None:
