@@ -31,6 +31,7 @@ canonical) and raises ``ValueError`` naming the problem for anything else.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,15 +84,22 @@ class ResultLayout:
     topk: int
     one_bit: bool
 
-    @property
+    # Cached: a payload is read with the same layouts every step, and each is asked for
+    # its tiling and sizes several times per result.
+    @functools.cached_property
     def grid(self) -> dct.TileGrid:
         """The tiling the coefficients live in."""
         return dct.tile_grid(self.shape, self.chunk)
 
-    @property
+    @functools.cached_property
     def kept(self) -> int:
         """Coefficients kept per tile (:func:`kept_per_tile`)."""
         return kept_per_tile(self.grid, self.chunk, self.topk)
+
+    @functools.cached_property
+    def index_size(self) -> int:
+        """Bytes of the body's index block."""
+        return indexcode.packed_size(self.grid.num_tiles, self.grid.tile_numel, self.kept)
 
     def header(self) -> bytes:
         """The header of :meth:`SparseResult.to_bytes` for a result of this layout."""
@@ -100,17 +108,11 @@ class ResultLayout:
             _put_uvarint(out, v)
         return bytes(out)
 
-    @property
+    @functools.cached_property
     def body_size(self) -> int:
         """Bytes of :meth:`SparseResult.body` for this layout."""
-        grid, k = self.grid, self.kept
-        t = grid.num_tiles
-        index = indexcode.packed_size(t, grid.tile_numel, k)
-        return index + ((t * k + 7) // 8 if self.one_bit else t * k * _element_size(self.dtype))
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
+        values = self.grid.num_tiles * self.kept
+        return self.index_size + ((values + 7) // 8 if self.one_bit else values * self.dtype.itemsize)
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,8 +265,7 @@ def read_header(data: bytes | bytearray | memoryview) -> ResultHeader:
 def _parse_body(data: memoryview, layout: ResultLayout) -> SparseResult:
     shape, dtype, chunk, topk, one_bit = layout.shape, layout.dtype, layout.chunk, layout.topk, layout.one_bit
     grid = layout.grid
-    n, t, k = grid.tile_numel, grid.num_tiles, layout.kept
-    index_size = indexcode.packed_size(t, n, k)
+    n, t, k, index_size = grid.tile_numel, grid.num_tiles, layout.kept, layout.index_size
     if len(data) != layout.body_size:
         raise ValueError(f"body is {len(data)} bytes, expected {layout.body_size} "
                          f"for shape {shape}, chunk {chunk}, topk {topk}")

@@ -202,12 +202,8 @@ class DisTrO(torch.optim.Optimizer):
     def _params(self) -> list[tuple[dict, torch.Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"]]
 
-    def parameter_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of all parameters in the order results are produced and expected."""
-        return [tuple(p.shape) for _, p in self._params()]
-
     def result_layouts(self) -> list[ResultLayout]:
-        """The layout of every parameter's result, in :meth:`parameter_shapes` order: what
+        """The layout of every parameter's result, in the order results are produced and expected: what
         :func:`~psyche.distro.payload.decode_payload` reads a peer's payload with (results
         are float32, whatever the parameters' dtype)."""
         return [ResultLayout(tuple(p.shape), torch.float32, g["chunk"], g["topk"], g["one_bit"]) for g, p in self._params()]
