@@ -57,7 +57,7 @@ demo: install
 
 # The architecture and the types are checked before the tests (see check).
 test: check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: install $(BENCH_DEB_STAMP)
 	$(BIN)/python bench/distro_codec.py

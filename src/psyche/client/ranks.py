@@ -10,7 +10,9 @@ optimizer); ranks 1..N-1 are child processes that only compute gradients. Per st
    through a collective, so an idle rank can wait for the next round without a
    collective timing out;
 2. if the weights changed (an apply, a model loaded or fetched), rank 0 broadcasts them
-   (a rebuilt model is synchronised by ``DistributedDataParallel`` itself);
+   (a rebuilt model is synchronised by ``DistributedDataParallel`` itself, once every rank
+   has said over its pipe that its replica is built: a build may take long, a collective's
+   timeout is short);
 3. the share is cut into contiguous parts (:func:`~psyche.train.step.contiguous_part`), one per rank; each rank
    runs forward and backward over its part in micro-batches under DDP, which *sums* the
    ranks' gradients (:func:`sum_hook`) once, at the last backward. Each part's loss is
@@ -174,7 +176,11 @@ def _rank_main(conn: Connection) -> int:
                 return 0
             if order.rebuild or ddp is None:
                 ddp = None  # the old replica goes before the new one is built
-                ddp = _wrap(build_model(cfg.model).to(dev), dev)  # type: ignore[arg-type]
+                model = build_model(cfg.model).to(dev)
+                # Said before DDP's first collective, so rank 0 waits out the build (which may take
+                # long) on the pipe and the collective's short timeout only covers the copy.
+                conn.send("built")
+                ddp = _wrap(model, dev)  # type: ignore[arg-type]
             elif order.sync:
                 _broadcast_weights(ddp.module)
             if order.share is not None:
@@ -277,6 +283,14 @@ class RankGroup:
                 conn.send(order)
             except OSError as exc:
                 raise RankFailure(f"rank {r} exited (code {self.procs[r - 1].poll()})") from exc
+
+    def built(self) -> None:
+        """Wait (up to :data:`START_TIMEOUT`) for every rank to have built the replica a rebuild
+        order asked for; :class:`RankFailure` if one exits or stays silent."""
+        for r, conn in enumerate(self.conns, start=1):
+            said = self._receive(r, conn, START_TIMEOUT, "build its replica")
+            if said != "built":
+                raise RankFailure(f"rank {r} said {said!r} where it should have built its replica")
 
     def finish(self) -> None:
         """Wait for every rank to end the step it was given."""
@@ -392,6 +406,7 @@ class NodeTrainer(LocalTrainer):
         order = StepOrder(share, rebuild=self._ddp is None, sync=self._stale)
         self.group.send(order)
         if order.rebuild:
+            self.group.built()
             self._ddp = _wrap(self.model, self.device)
         elif order.sync:
             _broadcast_weights(self.model)
@@ -404,7 +419,6 @@ class NodeTrainer(LocalTrainer):
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if self.group is not None and (dead := self.group.dead()) is not None:
             why = dead  # the cause, rather than what the collective saw of it
-        self._ddp = None
         self._stale = False
         self.close()
         self.failures += 1
@@ -413,7 +427,8 @@ class NodeTrainer(LocalTrainer):
                                                                   if fatal else ""), fatal=fatal) from exc
 
     def close(self) -> None:
-        """Stop the node's ranks."""
+        """Stop the node's ranks (the next step starts them again and rebuilds their replicas)."""
+        self._ddp = None
         if self.group is not None:
             self.group.stop()
             self.group = None
