@@ -176,11 +176,11 @@ def _rank_main(conn: Connection) -> int:
                 return 0
             if order.rebuild or ddp is None:
                 ddp = None  # the old replica goes before the new one is built
-                model = build_model(cfg.model).to(dev)
+                model = build_model(cfg.model).to(dev)  # type: ignore[arg-type]
                 # Said before DDP's first collective, so rank 0 waits out the build (which may take
                 # long) on the pipe and the collective's short timeout only covers the copy.
                 conn.send("built")
-                ddp = _wrap(model, dev)  # type: ignore[arg-type]
+                ddp = _wrap(model, dev)
             elif order.sync:
                 _broadcast_weights(ddp.module)
             if order.share is not None:
