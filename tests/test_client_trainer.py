@@ -68,7 +68,7 @@ def test_trainer_single_machine_loop_and_simulation_build_the_same_distro(cfg):
 
     def described(opt):
         return [(g["kind"], g["lr"], g["lr_scale"], g["compression_decay"], g["topk"], g["one_bit"], g["chunk"],
-                 g["weight_decay"], g["matrix_update"], len(g["params"])) for g in opt.param_groups] + [opt.warmup_steps]
+                 g["weight_decay"], g["matrix_update"], g["embedding_update"], len(g["params"])) for g in opt.param_groups] + [opt.warmup_steps]
 
     t = LocalTrainer(cfg)
     t.init_model()

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from psyche.distro import DCTCodec, DisTrO, Overlap, ResultLayout, SparseResult, decode_payload, encode_payload
 from psyche.distro.payload import layout_tag
-from psyche.distro.optimizer import momentum_warmup_factor, orthogonalize, param_groups, param_kind, warmup_decay
+from psyche.distro.optimizer import (
+    momentum_warmup_factor,
+    orthogonalize,
+    param_groups,
+    param_kind,
+    row_normalize,
+    warmup_decay,
+)
 
 # Tiny tensors: intra-op threads only add barrier waits on a shared 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -407,6 +414,40 @@ def test_named_parameters_get_the_per_kind_defaults():
         DisTrO(model.parameters(), 0.1, matrix_lr_scale=0.5)
     with pytest.raises(ValueError, match="matrix_update"):
         DisTrO.for_model(model, matrix_update="adam")
+
+
+@pytest.mark.parametrize("embedding_update", ["row_rms", "sign"])
+def test_embeddings_step_each_token_row_at_rms_lr_or_by_sign(embedding_update):
+    """row_rms (the default): every row of an embedding or output head that the aggregate touches
+    moves by RMS lr·scale, in the aggregate's direction within the row (sizes vary inside a row);
+    sign: every element moves by exactly lr·scale. Other kinds step as before either way."""
+    model = _llama_like()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    options = {} if embedding_update == "row_rms" else {"embedding_update": "sign"}
+    opt = DisTrO.for_model(model, 0.01, chunk=8, topk=2, **options)
+    set_grads(model, 0)
+    opt.apply([opt.generate()])
+    lr = 0.01 * DisTrO.DEFAULT_KIND_SCALES["embedding"]
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        step = dict(model.named_parameters())[name].detach() - before[name]
+        if embedding_update == "sign":
+            assert torch.allclose(step.abs(), torch.full_like(step, lr), atol=1e-6)
+            continue
+        rms = step.pow(2).mean(dim=1).sqrt()
+        assert torch.allclose(rms, torch.full_like(rms, lr), rtol=1e-4), "each token's row moves by RMS lr"
+        assert step.abs().max() > 1.01 * lr, "not a sign step: sizes vary within a row"
+    norm = model.norm.weight.detach() - before["norm.weight"]
+    assert torch.allclose(norm.abs(), torch.full_like(norm, 0.01 * DisTrO.DEFAULT_KIND_SCALES["vector"]), atol=1e-6)
+    with pytest.raises(ValueError, match="embedding_update"):
+        DisTrO.for_model(model, embedding_update="rms")
+
+
+def test_row_normalize_leaves_zero_rows_alone():
+    m = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 2.0]])
+    out = row_normalize(m)
+    assert torch.equal(out[0], torch.zeros(3))
+    assert out[1].pow(2).mean().sqrt().item() == pytest.approx(1.0)
+    assert torch.equal(torch.sign(out[1]), torch.sign(m[1]))
 
 
 def test_warmup_steps_shorten_the_momentum_by_the_optimizers_own_count():
