@@ -57,14 +57,14 @@ VARIANTS: dict[str, dict] = {
     # DisTrO options on top of the defaults, for the ablations.
     "default": {},
     "sign": {"matrix_update": "sign"},              # DeMo's sign step for matrices too (before this matrix)
-    "embedding_sign": {"embedding_update": "sign"},  # embeddings step by their sign, not row by row (before)
+    "embedding_rows": {"embedding_update": "row_rms"},  # embeddings step row by row (each token's row at RMS lr)
     "uncompressed": {"topk": 4096, "one_bit": False},  # every coefficient, full values: no compression
     "no_one_bit": {"one_bit": False},               # top-k, values sent in full
     "no_topk": {"topk": 4096},                      # every coefficient, signs only
     "overlapped": {"overlapped": True, "lookahead": True},   # step t applies step t-1's results (the network's default)
     "overlapped_stale": {"overlapped": True, "lookahead": False},  # ... with gradients one update behind (before)
 }
-ABLATIONS = ("sign", "embedding_sign", "uncompressed", "no_one_bit", "no_topk", "overlapped", "overlapped_stale")
+ABLATIONS = ("sign", "embedding_rows", "uncompressed", "no_one_bit", "no_topk", "overlapped", "overlapped_stale")
 """Run with ``--ablations`` on the short-horizon cells of the small model."""
 
 

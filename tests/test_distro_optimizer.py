@@ -418,12 +418,12 @@ def test_named_parameters_get_the_per_kind_defaults():
 
 @pytest.mark.parametrize("embedding_update", ["row_rms", "sign"])
 def test_embeddings_step_each_token_row_at_rms_lr_or_by_sign(embedding_update):
-    """row_rms (the default): every row of an embedding or output head that the aggregate touches
-    moves by RMS lr·scale, in the aggregate's direction within the row (sizes vary inside a row);
-    sign: every element moves by exactly lr·scale. Other kinds step as before either way."""
+    """row_rms: every row of an embedding or output head that the aggregate touches moves by
+    RMS lr·scale, in the aggregate's direction within the row (sizes vary inside a row); sign
+    (the default): every element moves by exactly lr·scale. Other kinds step the same either way."""
     model = _llama_like()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    options = {} if embedding_update == "row_rms" else {"embedding_update": "sign"}
+    options = {"embedding_update": "row_rms"} if embedding_update == "row_rms" else {}
     opt = DisTrO.for_model(model, 0.01, chunk=8, topk=2, **options)
     set_grads(model, 0)
     opt.apply([opt.generate()])

@@ -110,7 +110,7 @@ class OptimizerConfig(_Section):
     matrix_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for the other weight matrices (unset: DisTrO's default).")
     vector_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for 1-D tensors, norm weights and biases (unset: DisTrO's default).")
     matrix_update: Literal["orthogonal", "sign"] | None = Field(None, description="How DisTrO steps weight matrices: 'orthogonal' (Muon-style) or 'sign' (DeMo) (unset: DisTrO's default, orthogonal).")
-    embedding_update: Literal["row_rms", "sign"] | None = Field(None, description="How DisTrO steps token embeddings and the output head: 'row_rms' (each token's row at RMS 1) or 'sign' (DeMo) (unset: DisTrO's default, row_rms).")
+    embedding_update: Literal["row_rms", "sign"] | None = Field(None, description="How DisTrO steps token embeddings and the output head: 'sign' (DeMo) or 'row_rms' (each token's row at RMS 1) (unset: DisTrO's default, sign).")
     momentum_warmup: bool = Field(True, description="Shorten DisTrO's momentum memory during the LR warmup (as Psyche does).")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0 = off).")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one device.")
