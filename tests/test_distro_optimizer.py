@@ -431,7 +431,11 @@ def test_embeddings_step_each_token_row_at_rms_lr_or_by_sign(embedding_update):
     for name in ("embed_tokens.weight", "lm_head.weight"):
         step = dict(model.named_parameters())[name].detach() - before[name]
         if embedding_update == "sign":
-            assert torch.allclose(step.abs(), torch.full_like(step, lr), atol=1e-6)
+            # Every element moves by exactly lr·scale, or not at all where the aggregate is exactly 0
+            # (one peer's signs: two kept coefficients of equal size can cancel at an element).
+            moved = (step.abs() - lr).abs() < 1e-6
+            assert torch.all(moved | (step == 0)), step
+            assert moved.float().mean() > 0.9, moved.float().mean()
             continue
         rms = step.pow(2).mean(dim=1).sqrt()
         assert torch.allclose(rms, torch.full_like(rms, lr), rtol=1e-4), "each token's row moves by RMS lr"

@@ -41,10 +41,12 @@ def alive(pid: int) -> bool:
 
 
 def test_a_two_rank_node_trains_beside_one_rank_nodes_and_a_dead_rank_takes_it_out_until_it_rejoins(network):
-    # Epochs end by the clock, so the node can rejoin at a later epoch however fast this machine is.
+    # Epochs end by the clock, so the node rejoins at a later epoch, and enough steps that the run
+    # outlasts the first one however fast this machine is: with 30, the two one-rank nodes once
+    # trained every step left (0.1 s each) before the 20 s epoch ended, and the node never rejoined.
     # The warmup leaves a slow machine room to start the node's ranks again (spawned processes
     # importing torch): missing it drops the node, and the run may finish before another epoch.
-    steps = 30
+    steps = 80
     net = network("e2e-node", total_steps=steps, epoch_time=20, warmup_time=12, max_round_train_time=10, min_clients=2)
     net.start_server()
     net.start_client(0, "--nproc-per-node", "2")
