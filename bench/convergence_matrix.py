@@ -61,10 +61,14 @@ VARIANTS: dict[str, dict] = {
     "uncompressed": {"topk": 4096, "one_bit": False},  # every coefficient, full values: no compression
     "no_one_bit": {"one_bit": False},               # top-k, values sent in full
     "no_topk": {"topk": 4096},                      # every coefficient, signs only
+    # Compression's cost by kind of tensor: every DCT coefficient (signs) of one kind, top-2 of the rest.
+    "matrices_whole": {"kinds": {"matrix": {"topk": 1024}}},
+    "embeddings_whole": {"kinds": {"embedding": {"topk": 1024}}},
     "overlapped": {"overlapped": True, "lookahead": True},   # step t applies step t-1's results (the network's default)
     "overlapped_stale": {"overlapped": True, "lookahead": False},  # ... with gradients one update behind (before)
 }
-ABLATIONS = ("sign", "embedding_rows", "uncompressed", "no_one_bit", "no_topk", "overlapped", "overlapped_stale")
+ABLATIONS = ("sign", "embedding_rows", "uncompressed", "no_one_bit", "no_topk", "matrices_whole", "embeddings_whole",
+             "overlapped", "overlapped_stale")
 """Run with ``--ablations`` on the short-horizon cells of the small model."""
 
 
@@ -233,9 +237,9 @@ def main() -> None:
             job = futures[done]
             rec = done.result()
             results[_key(job)] = rec
-            out = log if job[0] == "adamw" else distro_log
-            out.write(json.dumps({**rec, "job": _cache_key(job)}) + "\n")
-            out.flush()  # a run stopped midway keeps every finished one
+            sink = log if job[0] == "adamw" else distro_log
+            sink.write(json.dumps({**rec, "job": _cache_key(job)}) + "\n")
+            sink.flush()  # a run stopped midway keeps every finished one
             print(f"{_key(job)}: {rec['val']:.4f} ({rec['seconds']} s)", file=sys.stderr, flush=True)
     if args.adamw_only:
         return

@@ -86,6 +86,14 @@ def test_trainer_single_machine_loop_and_simulation_build_the_same_distro(cfg):
     t2.init_model()
     scales = {g["kind"]: g["lr_scale"] for g in t2.optimizer.param_groups}
     assert scales["matrix"] == 0.5 and scales["embedding"] == DisTrO.DEFAULT_KIND_SCALES["embedding"]
+    # Codec options for one kind of tensor reach that kind's groups, and only theirs.
+    from psyche.config import KindCodecConfig
+
+    per_kind = cfg.optimizer.model_copy(update={"kinds": {"matrix": KindCodecConfig(topk=7, one_bit=False)}})
+    groups = DisTrO.from_config(build_model(cfg.model), per_kind, cfg.lr).param_groups
+    expected = {(kind, 7, False) if kind == "matrix" else (kind, topk, one_bit)
+                for kind, _, _, _, topk, one_bit, *_ in reference[:-1]}
+    assert {(g["kind"], g["topk"], g["one_bit"]) for g in groups} == expected
     # Without the momentum warmup, DisTrO keeps β from the first step.
     off = cfg.optimizer.model_copy(update={"momentum_warmup": False})
     assert DisTrO.from_config(build_model(cfg.model), off, cfg.lr).warmup_steps == 0

@@ -541,3 +541,33 @@ def test_lookahead_restores_the_weights_when_the_block_fails_and_does_nothing_wi
     with pytest.raises(ValueError, match="results for"), opt.lookahead(own[:-1]):
         pass
     assert _same(model.parameters(), before)
+
+
+def test_kinds_set_codec_options_for_one_kind_and_name_what_is_wrong():
+    """kinds={"matrix": {"topk": ...}}: the matrices' results keep that many per tile, every other
+    tensor the constructor's; two peers built alike still end bit-identical; a wrong kind, option or
+    value is refused naming it, and so is kinds without named parameters."""
+    model = _llama_like()
+    opt = DisTrO.for_model(model, 0.01, chunk=8, topk=2, kinds={"matrix": {"topk": 5, "one_bit": False}})
+    by_kind = {g["kind"]: (g["topk"], g["one_bit"]) for g in opt.param_groups}
+    assert by_kind == {"embedding": (2, True), "matrix": (5, False), "vector": (2, True)}
+    layouts = {tuple(p.shape): layout for (_, p), layout in zip(opt._params(), opt.result_layouts())}
+    assert (layouts[(16, 16)].kept, layouts[(16, 16)].one_bit) == (5, False)  # q_proj: 8×8 tiles at 5 of 64
+    assert (layouts[(40, 16)].kept, layouts[(40, 16)].one_bit) == (2, True)
+    other = _llama_like()
+    twin = DisTrO.for_model(other, 0.01, chunk=8, topk=2, kinds={"matrix": {"topk": 5, "one_bit": False}})
+    set_grads(model, 1)
+    set_grads(other, 2)
+    mine, theirs = opt.generate(), twin.generate()
+    opt.apply([mine, theirs])
+    twin.apply([mine, theirs])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    for kinds, message in [({"matrx": {"topk": 4}}, "unknown kind 'matrx'"),
+                           ({"matrix": {"lr": 4}}, "kinds.matrix: unknown option"),
+                           ({"matrix": {"topk": 0}}, "kinds.matrix.topk must be an integer >= 1"),
+                           ({"embedding": {"compression_decay": 1.5}}, "kinds.embedding.compression_decay must be in"),
+                           ({"vector": {"one_bit": 1}}, "kinds.vector.one_bit must be true or false")]:
+        with pytest.raises(ValueError, match=message):
+            DisTrO.for_model(model, kinds=kinds)
+    with pytest.raises(ValueError, match="need named parameters"):
+        DisTrO(model.parameters(), 0.01, kinds={"matrix": {"topk": 4}})

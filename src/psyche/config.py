@@ -97,6 +97,15 @@ class LRScheduleConfig(_Section):
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of steps spent decaying.")
 
 
+class KindCodecConfig(_Section):
+    """DisTrO's codec options for one kind of tensor (``[optimizer.kinds.matrix]`` and so on), over the section's."""
+
+    compression_decay: float | None = Field(None, ge=0, lt=1, description="Momentum decay β for this kind.")
+    chunk: int | None = Field(None, gt=0, description="DCT tile edge for this kind.")
+    topk: int | None = Field(None, gt=0, description="Coefficients kept per chunk × chunk DCT tile for this kind.")
+    one_bit: bool | None = Field(None, description="Send only the sign of each kept coefficient of this kind.")
+
+
 class OptimizerConfig(_Section):
     """The optimizer each client runs; ``distro`` exchanges compressed results between peers."""
 
@@ -111,6 +120,9 @@ class OptimizerConfig(_Section):
     vector_lr_scale: float | None = Field(None, gt=0, description="DisTrO LR multiplier for 1-D tensors, norm weights and biases (unset: DisTrO's default).")
     matrix_update: Literal["orthogonal", "sign"] | None = Field(None, description="How DisTrO steps weight matrices: 'orthogonal' (Muon-style) or 'sign' (DeMo) (unset: DisTrO's default, orthogonal).")
     embedding_update: Literal["row_rms", "sign"] | None = Field(None, description="How DisTrO steps token embeddings and the output head: 'sign' (DeMo) or 'row_rms' (each token's row at RMS 1) (unset: DisTrO's default, sign).")
+    kinds: dict[Literal["embedding", "matrix", "vector"], KindCodecConfig] | None = Field(
+        None, description="DisTrO codec options for one kind of tensor only: embedding (token embeddings and the output "
+        "head), matrix (the other weight matrices), vector (norms, biases); e.g. [optimizer.kinds.matrix] topk = 4.")
     momentum_warmup: bool = Field(True, description="Shorten DisTrO's momentum memory during the LR warmup (as Psyche does).")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0 = off).")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one device.")
@@ -122,7 +134,10 @@ class OptimizerConfig(_Section):
         """The options this config sets for ``DisTrO.for_model`` (unset ones keep DisTrO's defaults)."""
         keys = ("compression_decay", "chunk", "topk", "one_bit", "weight_decay", "embedding_lr_scale",
                 "matrix_lr_scale", "vector_lr_scale", "matrix_update", "embedding_update")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        options = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.kinds:
+            options["kinds"] = {kind: c.model_dump(exclude_none=True) for kind, c in self.kinds.items()}
+        return options
 
 
 class RunConfig(_Section):

@@ -87,7 +87,7 @@ Two knobs beyond the DeMo core:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import torch
@@ -103,6 +103,20 @@ MatrixUpdate = Literal["orthogonal", "sign"]
 """How ``apply`` turns a weight matrix's aggregate into a step (see the module docstring)."""
 EmbeddingUpdate = Literal["row_rms", "sign"]
 """How ``apply`` turns an embedding's (or output head's) aggregate into a step (see the module docstring)."""
+KIND_OPTIONS = ("compression_decay", "chunk", "topk", "one_bit")
+"""The options :class:`DisTrO`'s ``kinds`` may set for one kind of tensor."""
+
+
+def _check_codec_options(where: str, **options: Any) -> None:
+    """``ValueError`` naming the first of ``options`` (``compression_decay``, ``chunk``, ``topk``,
+    ``one_bit``) that breaks its rule; ``where`` prefixes the name."""
+    for name, value in options.items():
+        if name == "compression_decay" and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{where}compression_decay must be in [0, 1], got {value!r}")
+        if name in ("chunk", "topk") and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{where}{name} must be an integer >= 1, got {value!r}")
+        if name == "one_bit" and not isinstance(value, bool):
+            raise ValueError(f"{where}one_bit must be true or false, got {value!r}")
 
 
 class DisTrO(torch.optim.Optimizer):
@@ -126,6 +140,11 @@ class DisTrO(torch.optim.Optimizer):
     outside the ``embedding`` kind counts as a weight matrix for ``matrix_update``;
     ``embedding_update`` applies to 2-D tensors of the ``embedding`` kind (groups built
     from named parameters), whose rows are tokens.
+
+    ``kinds`` sets codec options (:data:`KIND_OPTIONS`) for one kind of tensor only, over the
+    constructor's, e.g. ``kinds={"matrix": {"topk": 1024}}`` sends every DCT coefficient of
+    the weight matrices and top-2 of everything else (how the README splits compression's
+    cost by kind of tensor). Like the LR scales, it needs named parameters.
     """
 
     DEFAULT_LR = 1e-2
@@ -152,13 +171,11 @@ class DisTrO(torch.optim.Optimizer):
         warmup_steps: int = 0,
         matrix_update: MatrixUpdate = "orthogonal",
         embedding_update: EmbeddingUpdate = "sign",
+        kinds: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0.0 <= compression_decay <= 1.0:
-            raise ValueError(f"compression_decay must be in [0, 1], got {compression_decay}")
-        if chunk < 1 or topk < 1:
-            raise ValueError(f"chunk and topk must be >= 1, got chunk={chunk}, topk={topk}")
+        _check_codec_options("", compression_decay=compression_decay, chunk=chunk, topk=topk)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if warmup_steps < 0:
@@ -171,11 +188,21 @@ class DisTrO(torch.optim.Optimizer):
         named = bool(items) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items)
         scales = {"embedding": embedding_lr_scale, "matrix": matrix_lr_scale, "vector": vector_lr_scale}
         if named:
-            kinds = {k: (self.DEFAULT_KIND_SCALES[k] if v is None else v) for k, v in scales.items()}
-            items = param_groups(items, **{f"{k}_lr_scale": v for k, v in kinds.items()})
-        elif any(v is not None for v in scales.values()):
-            raise ValueError("embedding/matrix/vector_lr_scale need named parameters "
+            kind_scales = {k: (self.DEFAULT_KIND_SCALES[k] if v is None else v) for k, v in scales.items()}
+            items = param_groups(items, **{f"{k}_lr_scale": v for k, v in kind_scales.items()})
+        elif any(v is not None for v in scales.values()) or kinds:
+            raise ValueError("embedding/matrix/vector_lr_scale and kinds need named parameters "
                              "(pass model.named_parameters(), or use DisTrO.for_model)")
+        for kind, options in (kinds or {}).items():
+            if kind not in scales:
+                raise ValueError(f"kinds: unknown kind {kind!r} (known: {', '.join(scales)})")
+            unknown = set(options) - set(KIND_OPTIONS)
+            if unknown:
+                raise ValueError(f"kinds.{kind}: unknown option(s) {', '.join(sorted(unknown))} "
+                                 f"(known: {', '.join(KIND_OPTIONS)})")
+            _check_codec_options(f"kinds.{kind}.", **options)
+        for group in items if named else ():
+            group.update((kinds or {}).get(group["kind"], {}))
         defaults = dict(
             lr=lr, compression_decay=compression_decay, chunk=chunk, topk=topk,
             one_bit=one_bit, weight_decay=weight_decay, lr_scale=1.0, matrix_update=matrix_update,
