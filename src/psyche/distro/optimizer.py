@@ -201,8 +201,9 @@ class DisTrO(torch.optim.Optimizer):
                 raise ValueError(f"kinds.{kind}: unknown option(s) {', '.join(sorted(unknown))} "
                                  f"(known: {', '.join(KIND_OPTIONS)})")
             _check_codec_options(f"kinds.{kind}.", **options)
-        for group in items if named else ():
-            group.update((kinds or {}).get(group["kind"], {}))
+        if kinds:  # so the groups are named ones (refused above otherwise)
+            for group in items:
+                group.update(kinds.get(group["kind"], {}))
         defaults = dict(
             lr=lr, compression_decay=compression_decay, chunk=chunk, topk=topk,
             one_bit=one_bit, weight_decay=weight_decay, lr_scale=1.0, matrix_update=matrix_update,
