@@ -27,6 +27,7 @@ are cached in ``bench/out/matrix_runs.jsonl`` (they do not depend on DisTrO);
     python bench/convergence_matrix.py                 # the whole matrix (about an hour on 2 cores)
     python bench/convergence_matrix.py --quick         # tuning cells only, short horizon
     python bench/convergence_matrix.py --variant no_topk --variant no_one_bit   # ablations
+    python bench/convergence_matrix.py --quick --frontier   # what more bytes buy, up to the matrices sent whole
 """
 
 from __future__ import annotations
@@ -64,12 +65,18 @@ VARIANTS: dict[str, dict] = {
     # Compression's cost by kind of tensor: every DCT coefficient (signs) of one kind, top-2 of the rest.
     "matrices_whole": {"kinds": {"matrix": {"topk": 1024}}},
     "embeddings_whole": {"kinds": {"embedding": {"topk": 1024}}},
+    # What more bytes buy: the matrices at a higher top-k of each 32x32 tile, the rest at the default top-2.
+    "matrices_top8": {"kinds": {"matrix": {"topk": 8}}},
+    "matrices_top32": {"kinds": {"matrix": {"topk": 32}}},
+    "matrices_top128": {"kinds": {"matrix": {"topk": 128}}},
     "overlapped": {"overlapped": True, "lookahead": True},   # step t applies step t-1's results (the network's default)
     "overlapped_stale": {"overlapped": True, "lookahead": False},  # ... with gradients one update behind (before)
 }
 ABLATIONS = ("sign", "embedding_rows", "uncompressed", "no_one_bit", "no_topk", "matrices_whole", "embeddings_whole",
              "overlapped", "overlapped_stale")
 """Run with ``--ablations`` on the short-horizon cells of the small model."""
+FRONTIER = ("default", "matrices_top8", "matrices_top32", "matrices_top128", "matrices_whole")
+"""Run with ``--frontier``: ratio against bytes, from today's payload to the matrices sent whole."""
 
 
 @dataclass(frozen=True)
@@ -190,18 +197,22 @@ def main() -> None:
     ap.add_argument("--adamw-only", action="store_true", help="only compute (and cache) the AdamW baselines")
     ap.add_argument("--ablations", action="store_true",
                     help=f"also run {', '.join(ABLATIONS)} on the small model's short-horizon cells")
+    ap.add_argument("--frontier", action="store_true",
+                    help=f"run the variants {', '.join(FRONTIER)}: what each multiple of the bytes buys")
     ap.add_argument("--reuse-distro", action="store_true",
                     help="reuse DisTrO runs cached by earlier calls (same cell, name and options)")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     variants = []
-    for v in args.variant or ["default"]:
+    for v in args.variant or ([] if args.frontier else ["default"]):
         name, _, options = v.partition("=")
         if options:
             VARIANTS[name] = json.loads(options)
         elif name not in VARIANTS:
             sys.exit(f"--variant {name}: unknown (known: {', '.join(VARIANTS)}; or NAME=JSON)")
         variants.append(name)
+    if args.frontier:
+        variants += [v for v in FRONTIER if v not in variants]
     todo = [c for c in cells(args.quick) if args.cells in c.name]
     for corpus in sorted({c.corpus for c in todo}):
         corpus_dir(corpus)  # build once, before the workers start
@@ -282,6 +293,7 @@ def summarize(todo: list[Cell], variants: list[str], results: dict[str, dict]) -
             "worst_ratio": max(held) if held else None,
             "mean_ratio": round(sum(held) / len(held), 4) if held else None,
             "tuning_worst_ratio": max(tuned) if tuned else None,
+            "worst_ratio_all": max(r[v]["ratio"] for r in mine),
             "mean_ratio_all": round(sum(r[v]["ratio"] for r in mine) / len(mine), 4),
             "max_bytes_per_param_step": max(r[v]["bytes_per_param_step"] for r in mine),
             "bit_identical": all(r[v]["bit_identical"] for r in mine),
