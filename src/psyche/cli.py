@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 import typer.core
 
-from psyche.console import console, err_console, fail, fail_config, load_node_key
+from psyche.console import console, err_console, fail, fail_config, line_printer, load_node_key
 from psyche.httplimits import Limits, Rate, parse_rate
 
 if TYPE_CHECKING:
@@ -599,7 +599,7 @@ def serve_cmd(
             assert run_id is not None
             source = SolanaSource(follow_solana or "", run_id)
         follower = Follower(source, engine, name=name, poll_s=poll,
-                            say=lambda line: console.print(f"serve: {line}", highlight=False))
+                            say=line_printer("serve:", console))
         background = follower.run
         what = f"the newest checkpoint of {source.describe()}" if checkpoint is None else f"{what}, watched"
     url = f"http://{host}:{port}"

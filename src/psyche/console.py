@@ -12,6 +12,7 @@ modules sit above it, and none of them imports another for its helpers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -36,6 +37,22 @@ console = make_console()
 """Where a command's results and progress go (stdout)."""
 err_console = make_console(stderr=True)
 """Where refusals and failed checks go (stderr)."""
+
+
+def line_printer(prefix: str, out: Console | None = None) -> Callable[[str], None]:
+    """A function that prints one progress line ``PREFIX MESSAGE`` on ``out`` (default: :data:`console`).
+
+    ``prefix`` may hold rich markup (``[dim]ab12cd34[/]``); a message is always plain text. It
+    carries what others wrote, an exception's text or a server's answer: gloo's
+    ``[/path/pair.cc:537]`` would otherwise read as a closing tag, and printing it would raise
+    instead of saying it.
+    """
+    target = console if out is None else out
+
+    def say(message: str) -> None:
+        target.print(f"{prefix} {escape(message)}", highlight=False)
+
+    return say
 
 
 def _say_error(message: str) -> None:

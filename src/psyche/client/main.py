@@ -18,7 +18,7 @@ import httpx
 from rich.console import Console
 
 from psyche.config import ConfigError, RunConfig, parse_config
-from psyche.console import fail, fail_config, load_node_key
+from psyche.console import fail, fail_config, line_printer, load_node_key
 from psyche.ledger.base import Ledger
 from psyche.ledger.remote import server_url_problem, unreachable_message
 
@@ -141,7 +141,7 @@ async def _run_node(args: dict, console: Console, cfg: RunConfig, identity: Iden
     from psyche.p2p.node import describe_address, endpoint_answers
 
     me = identity if identity is not None else load_node_key(key_path, create=True)
-    say = lambda msg: console.print(f"[dim]{me.public_key.hex()[:8]}[/] {msg}", highlight=False)  # noqa: E731
+    say = line_printer(f"[dim]{me.public_key.hex()[:8]}[/]", console)
     if ledger is None:
         from psyche.ledger.remote import ServerLedger
 
