@@ -55,9 +55,8 @@ def line_printer(prefix: str, out: Console | None = None) -> Callable[[str], Non
     return say
 
 
-def _say_error(message: str) -> None:
-    # A message is plain text: "[coordinator]" must print, not vanish as markup.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+# A message is plain text: "[coordinator]" must print, not vanish as markup.
+_say_error = line_printer("[bold red]error:[/]", err_console)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
